@@ -1,0 +1,207 @@
+"""Readers for each dataset kind."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gpu_ops.data.base import ArrayDataset, BadImageError, Dataset, hash_array, hash_strings
+from gpu_ops.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _split_ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}/{i:07d}" for i in range(n)]
+
+
+def _concat_splits(name: str, parts: list[tuple[str, np.ndarray, np.ndarray | None]],
+                   class_names: list[str] | None = None) -> ArrayDataset:
+    """Join (split, items, labels) parts in order; ids are ``split/index``."""
+    items = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    has_labels = all(p[2] is not None for p in parts)
+    labels = np.concatenate([p[2] for p in parts]) if has_labels else None  # type: ignore[misc]
+    ids = [i for split, arr, _ in parts for i in _split_ids(split, len(arr))]
+    content = hash_strings([hash_array(items), hash_array(labels) if labels is not None else "nolabels"])
+    return ArrayDataset(name, items, labels, ids, content, class_names)
+
+
+def digits(split: str) -> ArrayDataset:
+    """scikit-learn's bundled digits: 1,797 images of 8x8, 10 classes; no train/test split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    return _concat_splits("digits", [("digits", images, bunch.target.astype(np.int32))],
+                          [str(c) for c in bunch.target_names])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into an array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read IDX file ({exc})") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise InputError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise InputError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) * np.dtype(dtypes[dtype_code]).itemsize
+    if len(data) - offset != expected:
+        raise InputError(f"{path}: IDX header says shape {dims} but the file holds {len(data) - offset} bytes of data")
+    return np.frombuffer(data, dtype=dtypes[dtype_code], offset=offset).reshape(dims).astype(dtypes[dtype_code][1:])
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def idx(directory: Path, split: str) -> ArrayDataset:
+    """MNIST-style IDX files: ``train-images-idx3-ubyte[.gz]`` / ``t10k-images-idx3-ubyte[.gz]``
+    and the matching label files (labels optional)."""
+    if not directory.is_dir():
+        raise InputError(f"{directory}: IDX dataset directory does not exist")
+    wanted = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
+    parts = []
+    for prefix in wanted:
+        images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
+        if images_path is None:
+            raise InputError(f"{directory}: no {prefix}-images-idx3-ubyte[.gz] file for split {split!r}")
+        images = read_idx(images_path).astype(np.uint8)
+        labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+        labels = read_idx(labels_path).astype(np.int32) if labels_path else None
+        if labels is not None and len(labels) != len(images):
+            raise InputError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
+        parts.append(("train" if prefix == "train" else "test", images, labels))
+    return _concat_splits(f"idx:{directory}", parts)
+
+
+def usps(path: Path, split: str) -> ArrayDataset:
+    """USPS digits in the common HDF5 layout (train/data, train/target, test/...), 16x16."""
+    import h5py
+
+    if not path.is_file():
+        raise InputError(f"{path}: USPS file does not exist")
+    parts = []
+    with h5py.File(path, "r") as fh:
+        for name in {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[split]:
+            data = np.asarray(fh[name]["data"], dtype=np.float32).reshape(-1, 16, 16)
+            images = np.round(np.clip(data, 0, 1) * 255).astype(np.uint8)
+            parts.append((name, images, np.asarray(fh[name]["target"], dtype=np.int32)))
+    return _concat_splits(f"usps:{path}", parts)
+
+
+def arrays(path: Path) -> ArrayDataset:
+    """``.npz`` with ``X`` (n x h x w [x c] images or n x d vectors) and optional ``y``; or a ``.npy`` of X."""
+    if not path.is_file():
+        raise InputError(f"{path}: array file does not exist")
+    try:
+        if path.suffix == ".npy":
+            X, y = np.load(path, allow_pickle=False), None
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                if "X" not in npz.files:
+                    raise InputError(f"{path}: .npz has no array 'X' (found: {', '.join(npz.files) or 'nothing'})")
+                X = npz["X"]
+                y = npz["y"] if "y" in npz.files else None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read arrays ({exc})") from exc
+    if X.ndim not in (2, 3, 4) or len(X) == 0:
+        raise InputError(f"{path}: X must be n x d vectors or n x h x w [x c] images; got shape {X.shape}")
+    if X.ndim == 4 and X.shape[-1] not in (1, 3, 4):
+        raise InputError(f"{path}: images must be n x h x w x c with c in 1, 3 or 4; got shape {X.shape}")
+    if y is not None and (y.ndim != 1 or len(y) != len(X)):
+        raise InputError(f"{path}: y must hold one label per row of X ({len(X)}); got shape {y.shape}")
+    if X.ndim == 2:
+        X = X.astype(np.float32)
+    elif X.dtype != np.uint8:
+        X = np.round(np.clip(X.astype(np.float32), 0, 1) * 255).astype(np.uint8) if X.max() <= 1.0 else np.clip(X, 0, 255).astype(np.uint8)
+    labels = None if y is None else np.asarray(y).astype(np.int32)
+    return _concat_splits(f"npz:{path}", [(path.stem, X, labels)])
+
+
+class FolderDataset(Dataset):
+    """Images in a folder tree. Labels come from class-named subfolders when every image sits in
+    one (``root/cat/1.jpg``); otherwise there are none. Ids are paths relative to the root."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.exists():
+            raise InputError(f"{root}: image folder does not exist")
+        if not root.is_dir():
+            raise InputError(f"{root}: expected a folder of images, found a file")
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not paths:
+            raise InputError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        self.root = root
+        self.name = f"folder:{root}"
+        self.paths = paths
+        self.image_ids = [p.relative_to(root).as_posix() for p in paths]
+        top = [p.relative_to(root).parts for p in paths]
+        if all(len(parts) == 2 for parts in top) and len({parts[0] for parts in top}) > 1:
+            self.class_names = sorted({parts[0] for parts in top})
+            index = {c: i for i, c in enumerate(self.class_names)}
+            self.labels = np.array([index[parts[0]] for parts in top], dtype=np.int32)
+        else:
+            self.class_names, self.labels = None, None
+
+    def load(self, index: int) -> np.ndarray:
+        """Decode to (h, w, 3) uint8 RGB; grayscale, palette and RGBA are converted."""
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.paths[index]
+        try:
+            if path.stat().st_size == 0:
+                raise BadImageError("empty file (0 bytes)")
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                    background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(background, im)
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except BadImageError:
+            raise
+        except UnidentifiedImageError:
+            raise BadImageError("not a recognised image format") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadImageError(f"cannot decode image ({exc})") from None
+
+    def source(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def fingerprint(self) -> str:
+        parts = []
+        for p in self.paths:
+            st = p.stat()
+            parts.append(f"{p.relative_to(self.root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
+        return hash_strings(parts)
+
+
+def parquet_embeddings(directory: Path) -> ArrayDataset:
+    """Embeddings already in the store format (``embedding`` column, ``image_id``, optional ``label``)."""
+    from gpu_ops.store import read_embeddings
+
+    if not directory.exists():
+        raise InputError(f"{directory}: Parquet embeddings path does not exist")
+    table = read_embeddings(directory)
+    labels = table.labels if table.labels is not None and (table.labels >= 0).all() else None
+    content = hash_strings([hash_array(table.embeddings), *table.image_ids[:1], str(len(table.image_ids))])
+    return ArrayDataset(f"parquet:{directory}", table.embeddings, labels, table.image_ids, content)
+
+
+def env_path(raw: str) -> Path:
+    """Expand ~ and environment variables in a user-given path."""
+    return Path(os.path.expandvars(os.path.expanduser(raw)))

@@ -1,0 +1,201 @@
+"""Backend registry: one table of (op, backend) -> estimator factory, resolved in one place.
+
+Every op (``kmeans``, ``agglomerative``, ``tsne``, ``umap``, ``pca``) has backends that speak the
+scikit-learn estimator protocol: ``__init__`` stores parameters, ``fit(X)`` returns ``self``,
+results land in ``labels_`` / ``cluster_centers_`` / ``inertia_`` / ``embedding_``.
+
+``backend`` may be ``"auto"`` (GPU when usable, else CPU), ``"gpu"``, ``"cpu"`` or a backend's
+own name (``"faiss-cpu"``). A GPU backend that is not usable, or that does not support the
+requested parameters, falls back to the best CPU backend; the reason is logged and kept in the
+returned :class:`Resolution` so the run can record which backend actually ran and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from gpu_ops.device import cuda_available, package_status
+from gpu_ops.errors import InputError, choice_error
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["gpu", "cpu"]
+Availability = Callable[[], tuple[bool, str]]
+SupportCheck = Callable[[dict[str, Any]], "str | None"]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One registered backend of one op."""
+
+    op: str
+    name: str
+    kind: Kind
+    priority: int
+    factory: Callable[..., Any]
+    availability: Availability
+    unsupported: SupportCheck
+    description: str = ""
+
+    def usable(self) -> tuple[bool, str]:
+        """(usable here, why)."""
+        return self.availability()
+
+
+@dataclass
+class Resolution:
+    """Which backend was picked for an op, and why; JSON-friendly via :meth:`as_dict`."""
+
+    op: str
+    requested: str
+    backend: str
+    kind: Kind
+    reason: str
+    fallbacks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "requested": self.requested,
+            "backend": self.backend,
+            "kind": self.kind,
+            "reason": self.reason,
+            "fallbacks": list(self.fallbacks),
+        }
+
+
+_REGISTRY: dict[str, dict[str, BackendSpec]] = {}
+
+
+def requires(*modules: str, gpu: bool = False) -> Availability:
+    """Availability check: every module is usable (and, if ``gpu``, CUDA is usable).
+
+    GPU packages are really imported (they can fail for driver or CUDA-version reasons); CPU
+    packages are only looked up, which keeps ``auto`` cheap.
+    """
+
+    def check() -> tuple[bool, str]:
+        if gpu and not cuda_available():
+            return False, "no CUDA device visible"
+        for module in modules:
+            if gpu:
+                ok, why = package_status(module)
+            else:
+                ok = importlib.util.find_spec(module) is not None
+                why = f"{module} not installed"
+            if not ok:
+                return False, why
+        return True, ("CUDA device and " if gpu else "") + ", ".join(modules) + " importable"
+
+    return check
+
+
+def _supports_everything(_params: dict[str, Any]) -> str | None:
+    return None
+
+
+def register_backend(
+    op: str,
+    name: str,
+    *,
+    kind: Kind,
+    priority: int,
+    availability: Availability,
+    unsupported: SupportCheck = _supports_everything,
+    description: str = "",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``factory(**params) -> estimator`` as backend ``name`` of ``op``.
+
+    Lower ``priority`` wins under ``auto``. ``unsupported(params)`` returns a reason string when
+    the backend cannot honour the parameters (that triggers a logged fallback), else None.
+    """
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY.setdefault(op, {})[name] = BackendSpec(
+            op, name, kind, priority, factory, availability, unsupported, description
+        )
+        return factory
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    # Backends register themselves when their op modules are imported.
+    import gpu_ops.cluster  # noqa: F401
+    import gpu_ops.reduce  # noqa: F401
+
+
+def list_ops() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def list_backends(op: str) -> list[BackendSpec]:
+    """Backends of ``op``, best first (GPU before CPU, then by priority)."""
+    _ensure_loaded()
+    if op not in _REGISTRY:
+        raise choice_error("op", op, list(_REGISTRY))
+    return sorted(_REGISTRY[op].values(), key=lambda s: (s.kind != "gpu", s.priority))
+
+
+def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None) -> tuple[BackendSpec, Resolution]:
+    """Pick the backend for ``op``; the single place where auto/gpu/cpu is decided.
+
+    Raises :class:`InputError` for an unknown name, or a named backend that is not usable here.
+    """
+    params = params or {}
+    specs = list_backends(op)
+    names = [s.name for s in specs]
+    if backend not in ("auto", "gpu", "cpu") and backend not in names:
+        raise choice_error(f"{op} backend", backend, ["auto", "gpu", "cpu", *names])
+
+    fallbacks: list[str] = []
+
+    if backend not in ("auto", "gpu", "cpu"):
+        spec = next(s for s in specs if s.name == backend)
+        ok, why = spec.usable()
+        if not ok:
+            raise InputError(f"{op} backend {backend!r} is not usable here: {why}")
+        problem = spec.unsupported(params)
+        if problem is None:
+            return spec, Resolution(op, backend, spec.name, spec.kind, f"requested by name; {why}")
+        fallbacks.append(f"{spec.name}: {problem}")
+        candidates = [s for s in specs if s.kind == "cpu"]
+    elif backend == "cpu":
+        candidates = [s for s in specs if s.kind == "cpu"]
+    else:
+        candidates = specs
+
+    for spec in candidates:
+        ok, why = spec.usable()
+        if not ok:
+            fallbacks.append(f"{spec.name}: {why}")
+            continue
+        problem = spec.unsupported(params)
+        if problem is not None:
+            fallbacks.append(f"{spec.name}: {problem}")
+            continue
+        reason = why if not fallbacks else f"{why}; skipped " + "; ".join(fallbacks)
+        res = Resolution(op, backend, spec.name, spec.kind, reason, fallbacks)
+        gpu_skipped = [f for f in fallbacks if _is_gpu(op, f.split(":")[0])]
+        # On a machine without CUDA, "auto" choosing CPU is the plan, not a fallback.
+        if spec.kind == "cpu" and gpu_skipped and (backend != "auto" or cuda_available()):
+            log.warning("%s: falling back to CPU backend %r: %s", op, spec.name, "; ".join(gpu_skipped))
+        else:
+            log.info("%s: using backend %r (%s)", op, spec.name, reason)
+        return spec, res
+    raise InputError(f"no usable {op} backend here: " + "; ".join(fallbacks))
+
+
+def _is_gpu(op: str, name: str) -> bool:
+    spec = _REGISTRY.get(op, {}).get(name)
+    return bool(spec and spec.kind == "gpu")
+
+
+def create_estimator(op: str, backend: str = "auto", **params: Any) -> tuple[Any, Resolution]:
+    """Resolve the backend for ``op`` and build its estimator with ``params``."""
+    spec, resolution = resolve_backend(op, backend, params)
+    return spec.factory(**params), resolution
