@@ -55,6 +55,7 @@ class Resolution:
     kind: Kind
     reason: str
     fallbacks: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class Resolution:
             "kind": self.kind,
             "reason": self.reason,
             "fallbacks": list(self.fallbacks),
+            "skipped": list(self.skipped),
         }
 
 
@@ -162,6 +164,7 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
         problem = spec.unsupported(params)
         if problem is None:
             return spec, Resolution(op, backend, spec.name, spec.kind, f"requested by name; {why}")
+        # A named GPU backend that cannot honour the parameters is a fallback whatever the machine.
         fallbacks.append(f"{spec.name}: {problem}")
         candidates = [s for s in specs if s.kind == "cpu"]
     elif backend == "cpu":
@@ -179,10 +182,11 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
             fallbacks.append(f"{spec.name}: {problem}")
             continue
         reason = why if not fallbacks else f"{why}; skipped " + "; ".join(fallbacks)
-        res = Resolution(op, backend, spec.name, spec.kind, reason, fallbacks)
         gpu_skipped = [f for f in fallbacks if _is_gpu(op, f.split(":")[0])]
         # On a machine without CUDA, "auto" choosing CPU is the plan, not a fallback.
-        if spec.kind == "cpu" and gpu_skipped and (backend != "auto" or cuda_available()):
+        is_fallback = spec.kind == "cpu" and bool(gpu_skipped) and (backend != "auto" or cuda_available())
+        res = Resolution(op, backend, spec.name, spec.kind, reason, gpu_skipped if is_fallback else [], fallbacks)
+        if is_fallback:
             log.warning("%s: falling back to CPU backend %r: %s", op, spec.name, "; ".join(gpu_skipped))
         else:
             log.info("%s: using backend %r (%s)", op, spec.name, reason)

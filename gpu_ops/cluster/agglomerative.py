@@ -2,6 +2,8 @@
 
 After ``fit(X)``: ``labels_`` (n,), ``children_`` (n-1, 2) and ``distances_`` (n-1,) when the
 full tree was built, and ``linkage_matrix_`` (n-1, 4) in scipy's format for dendrograms.
+The cuML backend (single linkage only) may leave ``distances_`` and ``linkage_matrix_`` as None:
+see :class:`CumlAgglomerative`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix, check_n_clusters
+from gpu_ops.cluster.kmeans import to_host
 from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
 
@@ -60,6 +63,114 @@ class SklearnAgglomerative:
         return self
 
 
+#: Above this many points the CPU linkage matrix for the cuML backend is skipped: scipy's
+#: single linkage needs the condensed distance matrix, n*(n-1)/2 float64 (1.6 GB at 20 000).
+CPU_LINKAGE_MAX_N = 20_000
+#: ``connectivity="auto"`` builds the exact pairwise graph up to this many points (n*n float32 on
+#: the GPU: 1.6 GB at 20 000), and cuML's kNN graph beyond.
+PAIRWISE_MAX_N = 20_000
+CONNECTIVITIES = ("auto", "pairwise", "knn")
+
+
+class CumlAgglomerative:
+    """cuML ``AgglomerativeClustering`` on the GPU: single linkage, Euclidean, built from an MST.
+
+    Parameters
+    ----------
+    n_clusters : int
+    linkage : {"single"}
+        cuML implements single linkage only; the registry sends other linkages to the CPU
+        backend (and logs why) before this class is ever built.
+    connectivity : {"auto", "pairwise", "knn"}
+        cuML's graph: "pairwise" is exact single linkage (O(n^2) GPU memory), "knn" sparsifies
+        it for large n (cuML connects the kNN graph's components, so the tree can differ slightly
+        from the exact one). "auto" is "pairwise" up to ``PAIRWISE_MAX_N`` points, else "knn".
+    linkage_matrix_max_n : int
+        Largest n for which the CPU linkage matrix is computed (see ``linkage_matrix_``).
+
+    Attributes
+    ----------
+    labels_ : np.ndarray of shape (n,), int64
+    children_ : np.ndarray of shape (n-1, 2), int64
+        cuML's merge tree in scikit-learn's convention: row i merges two nodes into node n + i;
+        ids below n are points.
+    distances_ : np.ndarray of shape (n-1,) or None
+        Merge heights. cuML 26.10 does not expose them (its single-linkage MST weights stay
+        internal), so this is None unless the installed cuML accepts ``compute_distances``.
+    linkage_matrix_ : np.ndarray of shape (n-1, 4) or None
+        scipy linkage matrix for dendrograms. Built from ``children_`` and ``distances_`` when cuML
+        gives distances; otherwise computed on the CPU with
+        ``scipy.cluster.hierarchy.linkage(X, "single")`` when n <= ``linkage_matrix_max_n``
+        (the same single-linkage tree, up to the order of tied merges), else None.
+    connectivity_ : str
+        The graph actually used ("pairwise" or "knn").
+    """
+
+    def __init__(self, n_clusters: int = 8, linkage: str = "single", connectivity: str = "auto",
+                 linkage_matrix_max_n: int = CPU_LINKAGE_MAX_N, **_: object) -> None:
+        self.n_clusters = n_clusters
+        self.linkage = linkage
+        self.connectivity = connectivity
+        self.linkage_matrix_max_n = linkage_matrix_max_n
+
+    def fit(self, X: np.ndarray) -> "CumlAgglomerative":
+        """Fit on ``X`` of shape (n, d)."""
+        problem = _cuml_linkage_unsupported({"linkage": self.linkage})
+        if problem is not None:
+            raise InputError(problem)
+        if self.connectivity not in CONNECTIVITIES:
+            raise InputError(f"unknown connectivity {self.connectivity!r}; expected one of: {', '.join(CONNECTIVITIES)}")
+        X = as_float32_matrix(X)
+        n = X.shape[0]
+        check_n_clusters(self.n_clusters, n)
+        if n < 2:
+            raise InputError(f"agglomerative clustering needs at least 2 points; got {n}")
+        connectivity = self.connectivity
+        if connectivity == "auto":
+            connectivity = "pairwise" if n <= PAIRWISE_MAX_N else "knn"
+        from cuml.cluster import AgglomerativeClustering
+
+        # linkage is left at cuML's default ("single"): cuML 25.x tests it with `is not "single"`.
+        kwargs: dict[str, object] = {}
+        wants_distances = "compute_distances" in AgglomerativeClustering._get_param_names()
+        if wants_distances:
+            kwargs["compute_distances"] = True
+        model = AgglomerativeClustering(
+            n_clusters=int(self.n_clusters),
+            metric="euclidean",
+            connectivity=connectivity,
+            output_type="numpy",
+            **kwargs,
+        ).fit(X)
+        self.connectivity_ = connectivity
+        self.labels_ = to_host(model.labels_).astype(np.int64)
+        self.children_ = _cuml_children(to_host(model.children_), n)
+        distances = getattr(model, "distances_", None) if wants_distances else None
+        self.distances_ = None
+        self.linkage_matrix_ = None
+        if distances is not None and to_host(distances).shape == (n - 1,):
+            self.distances_ = to_host(distances).astype(np.float64)
+            self.linkage_matrix_ = linkage_matrix(self.children_, self.distances_, n)
+        elif n <= int(self.linkage_matrix_max_n):
+            from scipy.cluster.hierarchy import linkage as scipy_linkage
+
+            self.linkage_matrix_ = scipy_linkage(X, method="single", metric="euclidean")
+        return self
+
+
+def _cuml_children(children: np.ndarray, n: int) -> np.ndarray:
+    """cuML's ``children_`` as an (n-1, 2) int64 array.
+
+    cuML 26.x returns (n-1, 2). cuML 25.x returns its raw (2, n) Fortran-ordered buffer, into
+    which the C++ code wrote the merges as consecutive pairs: column i is merge i.
+    """
+    if children.shape == (n - 1, 2):
+        return children.astype(np.int64)
+    if children.shape == (2, n):
+        return np.ascontiguousarray(children[:, : n - 1].T, dtype=np.int64)
+    raise RuntimeError(f"unexpected cuML children_ shape {children.shape} for {n} points")
+
+
 def _cuml_linkage_unsupported(params: dict[str, object]) -> str | None:
     linkage = params.get("linkage", "ward")
     if linkage != "single":
@@ -73,3 +184,12 @@ def _cuml_linkage_unsupported(params: dict[str, object]) -> str | None:
 )
 def _sklearn(**params: object) -> SklearnAgglomerative:
     return SklearnAgglomerative(**params)
+
+
+@register_backend(
+    "agglomerative", "cuml", kind="gpu", priority=0, availability=requires("cuml", gpu=True),
+    unsupported=_cuml_linkage_unsupported,
+    description="cuML AgglomerativeClustering on the GPU (single linkage only)",
+)
+def _cuml(**params: object) -> CumlAgglomerative:
+    return CumlAgglomerative(**params)

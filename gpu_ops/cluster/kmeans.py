@@ -2,16 +2,92 @@
 
 Every backend takes ``n_clusters, max_iter, n_init, seed`` and after ``fit(X)`` exposes
 ``labels_`` (n,), ``cluster_centers_`` (k, d), ``inertia_`` (sum of squared distances to the
-nearest centre, float) and ``n_iter_``.
+nearest centre, float) and ``n_iter_``. Results are always host (numpy) arrays, whichever
+device computed them. GPU packages are imported inside ``fit``, so a CPU install imports cleanly.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix, check_n_clusters
 from gpu_ops.device import faiss_has_gpu
+from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A numpy copy of ``a``; device arrays (CuPy, anything with ``__cuda_array_interface__``) are copied back."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asnumpy(a)
+    if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
+        return np.asarray(a.to_numpy())
+    return np.asarray(a)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer; got {value!r}")
+
+
+class CumlKMeans:
+    """cuML ``KMeans`` on the GPU (scalable k-means++ / k-means|| init, Lloyd iterations).
+
+    Parameters
+    ----------
+    n_clusters : int
+    max_iter : int
+        Lloyd iterations per restart.
+    n_init : int
+        Restarts with different seeds; the run with the lowest inertia is kept. One is
+        usually enough with k-means|| initialisation (cuML's own ``"auto"`` picks 1).
+    seed : int
+        cuML ``random_state``.
+
+    Attributes
+    ----------
+    labels_ : np.ndarray of shape (n,), int64
+    cluster_centers_ : np.ndarray of shape (k, d), float32
+    inertia_ : float
+        Sum of squared distances to the nearest centre (cuML accumulates it in float32).
+    n_iter_ : int
+    """
+
+    def __init__(self, n_clusters: int = 8, max_iter: int = 300, n_init: int = 1, seed: int = 0, **_: object) -> None:
+        self.n_clusters = n_clusters
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.seed = seed
+
+    def fit(self, X: np.ndarray) -> "CumlKMeans":
+        """Fit on ``X`` of shape (n, d); the data is copied to the GPU once."""
+        X = as_float32_matrix(X)
+        check_n_clusters(self.n_clusters, X.shape[0])
+        _check_positive_int("max_iter", self.max_iter)
+        _check_positive_int("n_init", self.n_init)
+        from cuml.cluster import KMeans
+
+        self._km = KMeans(
+            n_clusters=int(self.n_clusters),
+            max_iter=int(self.max_iter),
+            n_init=int(self.n_init),
+            random_state=int(self.seed),
+            init="scalable-k-means++",
+            output_type="numpy",
+        ).fit(X)
+        self.labels_ = to_host(self._km.labels_).astype(np.int64)
+        self.cluster_centers_ = to_host(self._km.cluster_centers_).astype(np.float32)
+        self.inertia_ = float(self._km.inertia_)
+        self.n_iter_ = int(self._km.n_iter_)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Nearest centre for each row of ``X`` (n, d) -> (n,)."""
+        return to_host(self._km.predict(as_float32_matrix(X))).astype(np.int64)
 
 
 class FaissKMeans:
@@ -113,6 +189,14 @@ class SklearnKMeans:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self._km.predict(as_float32_matrix(X)).astype(np.int64)
+
+
+@register_backend(
+    "kmeans", "cuml", kind="gpu", priority=0, availability=requires("cuml", gpu=True),
+    description="cuML KMeans on the GPU (k-means|| init)",
+)
+def _cuml(**params: object) -> CumlKMeans:
+    return CumlKMeans(**params)
 
 
 @register_backend(

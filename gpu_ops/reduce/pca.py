@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix
@@ -14,6 +16,61 @@ def check_components(n_components: int, X: np.ndarray) -> None:
     limit = min(X.shape)
     if not 1 <= int(n_components) <= limit:
         raise InputError(f"n_components={n_components} must be between 1 and min(n_samples, n_features)={limit}")
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A numpy copy of ``a``; device arrays (CuPy, anything with ``__cuda_array_interface__``) are copied back."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asnumpy(a)
+    if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
+        return np.asarray(a.to_numpy())
+    return np.asarray(a)
+
+
+class CumlPCA:
+    """cuML PCA on the GPU (eigendecomposition of the covariance matrix).
+
+    Parameters
+    ----------
+    n_components : int
+    seed : int
+        Accepted for a common interface; cuML's PCA has no random_state parameter.
+    whiten : bool
+        Scale the projections to unit variance.
+
+    Attributes
+    ----------
+    embedding_ : np.ndarray of shape (n, n_components), float32
+    explained_variance_ratio_ : np.ndarray of shape (n_components,)
+        Fraction of the total variance carried by each component.
+    """
+
+    def __init__(self, n_components: int = 2, seed: int = 0, whiten: bool = False, **_: object) -> None:
+        self.n_components = n_components
+        self.seed = seed
+        self.whiten = whiten
+
+    def fit(self, X: np.ndarray) -> "CumlPCA":
+        """Fit on ``X`` of shape (n, d) and project it."""
+        X = as_float32_matrix(X)
+        check_components(self.n_components, X)
+        if min(X.shape) < 2:
+            raise InputError(f"cuML PCA needs at least 2 samples and 2 features; got shape {X.shape}")
+        from cuml.decomposition import PCA
+
+        self._pca = PCA(n_components=int(self.n_components), whiten=bool(self.whiten), output_type="numpy")
+        self.embedding_ = to_host(self._pca.fit_transform(X)).astype(np.float32)
+        self.explained_variance_ratio_ = to_host(self._pca.explained_variance_ratio_).astype(np.float64)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Project ``X`` (m, d) -> (m, n_components) with the fitted components."""
+        return to_host(self._pca.transform(as_float32_matrix(X))).astype(np.float32)
+
+    def fit_transform(self, X: np.ndarray) -> np.ndarray:
+        return self.fit(X).embedding_
 
 
 class SklearnPCA:
@@ -39,6 +96,12 @@ class SklearnPCA:
 
     def fit_transform(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).embedding_
+
+
+@register_backend("pca", "cuml", kind="gpu", priority=0, availability=requires("cuml", gpu=True),
+                  description="cuML PCA on the GPU")
+def _cuml(**params: object) -> CumlPCA:
+    return CumlPCA(**params)
 
 
 @register_backend("pca", "sklearn", kind="cpu", priority=0, availability=requires("sklearn"),

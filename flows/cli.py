@@ -1,0 +1,201 @@
+"""``gpuclust`` command line: ``run``, ``backends``.
+
+Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what and where);
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import flows  # noqa: F401  (sets Prefect environment defaults before Prefect is imported)
+from gpu_ops.errors import InputError
+
+log = logging.getLogger("gpuclust")
+
+
+def _backend_arg(raw: str) -> dict[str, Any]:
+    """``auto|gpu|cpu`` for every op, and/or ``op=name`` overrides: ``cpu,kmeans=sklearn``."""
+    out: dict[str, Any] = {}
+    overrides = {}
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        if "=" in part:
+            op, name = part.split("=", 1)
+            overrides[op.strip()] = name.strip()
+        else:
+            out["backend"] = part
+    if overrides:
+        out["backends"] = overrides
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpuclust", description="Cluster image collections without labels.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and gpuclust's info logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="extract, cluster, map and evaluate a dataset (a Prefect flow)")
+    run.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+    run.add_argument("--dataset", help="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
+    run.add_argument("--split", choices=["train", "test", "all"])
+    run.add_argument("--limit", type=int)
+    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50")
+    run.add_argument("--weights", help="none | imagenet | PATH")
+    run.add_argument("--image-size", type=int, dest="image_size")
+    run.add_argument("--batch-size", type=int, dest="batch_size")
+    run.add_argument("--algorithm", dest="algorithms", help="comma-separated: umap-kmeans, kmeans, agglomerative")
+    run.add_argument("--k", help="number of clusters, or auto")
+    run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")
+    run.add_argument("--reducer", help="umap | tsne | pca | none")
+    run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
+
+    sub.add_parser("backends", help="list every op's backends, which are usable here, and what auto picks")
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace) -> "Any":
+    from gpu_ops.config import load_config_file, make_config
+
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "algorithms",
+                "linkage", "reducer", "seed", "out"):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if args.k is not None:
+        if args.k == "auto":
+            values["k"] = "auto"
+        else:
+            try:
+                values["k"] = int(args.k)
+            except ValueError:
+                raise InputError(f"--k must be a positive integer or auto; got {args.k!r}") from None
+    if args.backend:
+        values.update(args.backend)
+    return make_config(**values)
+
+
+def preflight(cfg: Any) -> None:
+    """Fail fast, before any work, on what can be checked cheaply: names, paths, k vs n."""
+    from gpu_ops.data import load_dataset
+    from gpu_ops.device import BACKEND_CHOICES
+    from gpu_ops.errors import choice_error
+    from gpu_ops.features import EXTRACTORS
+    from gpu_ops.registry import list_backends, list_ops, resolve_backend
+
+    if cfg.backend not in BACKEND_CHOICES:
+        raise choice_error("backend", cfg.backend, BACKEND_CHOICES)
+    for op, name in cfg.backends.items():
+        if op == "extract":
+            continue
+        if op not in list_ops():
+            raise choice_error("op in --backend", op, list_ops())
+        resolve_backend(op, name)
+    if cfg.extractor not in EXTRACTORS:
+        raise choice_error("extractor", cfg.extractor, EXTRACTORS)
+    dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
+    if cfg.k != "auto" and cfg.k > len(dataset):
+        raise InputError(f"k={cfg.k} is larger than the number of images ({len(dataset)}) in {cfg.dataset}")
+    del list_backends
+
+
+def print_metrics(doc: dict[str, Any]) -> None:
+    """The table printed at the end of a run."""
+    print(f"\n{doc['dataset']}: n={doc['n']}  run directory: {doc['run_dir']}")
+    if doc.get("quarantined"):
+        print(f"skipped {doc['quarantined']} unreadable item(s): see {Path(doc['store']) / 'quarantine.csv'}")
+    header = f"{'algorithm':<16}{'k':>5}{'ACC':>8}{'NMI':>8}{'ARI':>8}  backend"
+    print(header)
+    print("-" * len(header))
+    for name, m in doc["algorithms"].items():
+        cells = "".join(f"{m[key]:>8.4f}" if key in m else f"{'-':>8}" for key in ("acc", "nmi", "ari"))
+        print(f"{name:<16}{m['k']:>5}{cells}  {m['backend']}")
+    for fallback in doc.get("fallbacks", []):
+        print(f"fallback: {fallback}")
+    print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in doc["timings_s"].items()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = run_config_from_args(args)
+    preflight(cfg)
+    from flows.pipeline import cluster_images
+
+    doc = cluster_images(cfg)
+    print_metrics(doc)
+    return 0
+
+
+def cmd_backends(_args: argparse.Namespace) -> int:
+    from gpu_ops.device import cuda_available, installed_faiss_distributions
+    from gpu_ops.registry import list_backends, list_ops, resolve_backend
+
+    print(f"CUDA available: {cuda_available()}")
+    faiss = installed_faiss_distributions()
+    if len(faiss) > 1:
+        print(f"WARNING: several faiss distributions installed ({', '.join(faiss)}): keep only one")
+    for op in list_ops():
+        spec, res = resolve_backend(op, "auto")
+        print(f"\n{op}: auto -> {spec.name} ({res.reason})")
+        for s in list_backends(op):
+            ok, why = s.usable()
+            print(f"  {'+' if ok else '-'} {s.name:<11} {s.kind:<4} {'usable' if ok else 'unusable'}: {why}")
+    return 0
+
+
+class _HideInputErrorTracebacks(logging.Filter):
+    """Bad input is reported by the CLI in one line; drop the engine's tracebacks for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InputError):
+            return False
+        return "InputError" not in record.getMessage()
+
+
+def _configure_logging(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_HideInputErrorTracebacks())
+    root = logging.getLogger("gpu_ops")
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.addHandler(handler)
+    root.propagate = False
+
+
+def _filter_prefect_handlers() -> None:
+    if "prefect" not in sys.modules:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_HideInputErrorTracebacks())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        if args.command == "run":
+            import prefect  # noqa: F401  (configure its handlers, then filter them)
+
+            _filter_prefect_handlers()
+            return cmd_run(args)
+        return cmd_backends(args)
+    except InputError as exc:
+        print(f"gpuclust: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpuclust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Typed run configuration (pydantic v2): what the CLI, YAML files and the flow all share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpu_ops.errors import InputError
+
+ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative")
+REDUCERS = ("umap", "tsne", "pca", "none")
+
+
+def default_cache_root() -> Path:
+    """Where embedding stores and model checkpoints live: ``$GPUCLUST_CACHE`` or ~/.cache/gpuclust."""
+    env = os.environ.get("GPUCLUST_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpuclust"
+
+
+class RunConfig(BaseModel):
+    """Everything one ``gpuclust run`` needs. Defaults are the settings that cluster well on
+    the embedded default (digits): raw pixels, UMAP to 10-d then k-means, a UMAP map."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("digits", description="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
+    split: Literal["train", "test", "all"] = "all"
+    limit: int | None = Field(None, ge=1, description="use only the first N items")
+    extractor: str = "raw"
+    weights: str = Field("none", description="none | imagenet | PATH to a state_dict")
+    image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
+    batch_size: int = Field(256, ge=1)
+    num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
+    algorithms: list[str] = Field(default_factory=lambda: ["umap-kmeans"])
+    k: int | Literal["auto"] = 10
+    k_range: tuple[int, int] = (2, 20)
+    linkage: Literal["ward", "average", "complete", "single"] = "ward"
+    n_init: int = Field(10, ge=1)
+    max_iter: int = Field(100, ge=1)
+    umap_dims: int = Field(10, ge=1, description="dimensions of the UMAP space umap-kmeans clusters in")
+    reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
+    backend: str = Field("auto", description="auto | gpu | cpu, for every op")
+    backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}")
+    seed: int = 0
+    out: Path | None = None
+    cache_dir: Path | None = None
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _split_algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is needed")
+        for name in value:
+            if name not in ALGORITHMS:
+                raise ValueError(f"unknown algorithm {name!r}; expected one of: {', '.join(ALGORITHMS)}")
+        return list(dict.fromkeys(value))
+
+    def backend_for(self, op: str) -> str:
+        """The backend setting for ``op`` (per-op override, else the global one)."""
+        return self.backends.get(op, self.backend)
+
+    def cache_root(self) -> Path:
+        return self.cache_dir or default_cache_root()
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line from pydantic's error: the field, the bad value, what was expected."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg} (got {err.get('input')!r})" if "input" in err and err["type"] != "value_error" else f"{where}: {msg}"
+
+
+def make_config(**values: object) -> RunConfig:
+    """Build a RunConfig, turning validation errors into one-line InputErrors."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise InputError(validation_message(exc)) from None
+
+
+def load_config_file(path: Path) -> dict[str, object]:
+    """Read a YAML config into a dict (validated later, merged with command-line flags)."""
+    if not path.is_file():
+        raise InputError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    return data

@@ -1,0 +1,25 @@
+"""Feature extractors, created by name (``create_extractor``), and batched extraction."""
+
+from __future__ import annotations
+
+from gpu_ops.errors import choice_error
+from gpu_ops.features.base import Extractor
+
+EXTRACTORS = ("raw", "resnet18", "resnet34", "resnet50")
+
+
+def create_extractor(name: str, *, weights: str = "none", image_size: int | None = None,
+                     device: str = "cpu", seed: int = 0) -> Extractor:
+    """Build extractor ``name``; an unknown name raises InputError listing the valid ones."""
+    if name == "raw":
+        from gpu_ops.features.raw import RawPixels
+
+        return RawPixels(image_size=image_size)
+    if name in ("resnet18", "resnet34", "resnet50"):
+        from gpu_ops.features.torchvision_models import ResNetFeatures
+
+        return ResNetFeatures(name, weights=weights, image_size=image_size or 224, device=device, seed=seed)
+    raise choice_error("extractor", name, EXTRACTORS)
+
+
+__all__ = ["EXTRACTORS", "Extractor", "create_extractor"]

@@ -1,0 +1,155 @@
+"""Batched, streaming extraction of a dataset into the Parquet embedding store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from gpu_ops.data.base import BadImageError, Dataset
+from gpu_ops.errors import InputError
+from gpu_ops.features.base import Extractor
+from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
+
+log = logging.getLogger(__name__)
+
+ShardCallback = Callable[[int, int], None]
+
+
+class _Items(torch.utils.data.Dataset):
+    """Map-style view that preprocesses item ``i`` and turns read errors into a reason string."""
+
+    def __init__(self, dataset: Dataset, extractor: Extractor, indices: list[int]) -> None:
+        self.dataset, self.extractor, self.indices = dataset, extractor, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> tuple[int, torch.Tensor | None, str]:
+        index = self.indices[pos]
+        try:
+            return index, self.extractor.preprocess(self.dataset.load(index)), ""
+        except BadImageError as exc:
+            return index, None, str(exc)
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, why) for i, t, why in batch if t is None]
+    tensor = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], tensor, bad
+
+
+def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
+    """``<root>/<dataset>-<fingerprint>/<extractor>-<key>``: one directory per data x extractor x weights."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.name.split(":", 1)[-1]).name)[-40:] or "data"
+    kind = dataset.name.split(":", 1)[0]
+    return Path(store_root) / f"{kind}-{slug}-{dataset.fingerprint()}" / f"{extractor.name}-{extractor.store_key()}"
+
+
+def default_workers(dataset: Dataset) -> int:
+    """Decode files in worker processes; in-memory arrays need none."""
+    if not hasattr(dataset, "paths"):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, batch_size: int = 256,
+                     num_workers: int | None = None, shard_rows: int = 50_000, progress: bool = True,
+                     on_shard: ShardCallback | None = None) -> StoreSummary:
+    """Embed every item of ``dataset`` into a store under ``store_root``; resume if one exists.
+
+    Unreadable items are quarantined (source + reason) and the run goes on. Returns the summary
+    of the finished store. Raises InputError when no item at all could be read.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size}")
+    metadata = {
+        **extractor.metadata(),
+        "store_key": extractor.store_key(),
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "versions": str(library_versions()),
+    }
+    store = EmbeddingStore(store_directory(store_root, dataset, extractor), metadata, len(dataset), shard_rows)
+    pending = store.pending_shards()
+    if not pending:
+        log.info("store %s is complete: nothing to extract", store.directory)
+        return store.finish()
+    indices = [i for s in pending for i in store.shard_range(s)]
+    workers = default_workers(dataset) if num_workers is None else num_workers
+    loader = DataLoader(_Items(dataset, extractor, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate, pin_memory=extractor.device == "cuda", persistent_workers=False)
+    log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending), extractor.name,
+             extractor.device, store.directory)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {extractor.name}", disable=not progress)
+    buffer = _ShardBuffer(store, dataset)
+    for good, tensor, bad in loader:
+        emb = extractor.embed(tensor) if tensor is not None else None
+        buffer.add(good, emb, bad)
+        bar.update(len(good) + len(bad))
+        for done_shard in buffer.flush_finished():
+            if on_shard:
+                on_shard(store.n_shards - len(store.pending_shards()), store.n_shards)
+            log.debug("shard %d written", done_shard)
+    bar.close()
+    buffer.flush_all()
+    summary = store.finish()
+    if on_shard:
+        on_shard(store.n_shards, store.n_shards)
+    if summary.rows == 0:
+        raise InputError(f"{dataset.name}: no readable image among {len(dataset)} files "
+                         f"(see {Path(summary.directory) / 'quarantine.csv'})")
+    if summary.quarantined:
+        log.warning("%d unreadable item(s) skipped; listed in %s", summary.quarantined,
+                    Path(summary.directory) / "quarantine.csv")
+    return summary
+
+
+class _ShardBuffer:
+    """Collects embedded items in dataset order and writes each shard once it is whole."""
+
+    def __init__(self, store: EmbeddingStore, dataset: Dataset) -> None:
+        self.store, self.dataset = store, dataset
+        self.rows: dict[int, np.ndarray] = {}
+        self.bad: dict[int, str] = {}
+        self.queue = list(store.pending_shards())
+
+    def add(self, good: list[int], emb: np.ndarray | None, bad: list[tuple[int, str]]) -> None:
+        for pos, index in enumerate(good):
+            self.rows[index] = emb[pos]  # type: ignore[index]
+        self.bad.update(bad)
+
+    def _complete(self, shard: int) -> bool:
+        return all(i in self.rows or i in self.bad for i in self.store.shard_range(shard))
+
+    def flush_finished(self) -> list[int]:
+        written = []
+        while self.queue and self._complete(self.queue[0]):
+            written.append(self._write(self.queue.pop(0)))
+        return written
+
+    def flush_all(self) -> None:
+        while self.queue:
+            shard = self.queue.pop(0)
+            if not self._complete(shard):
+                raise RuntimeError(f"shard {shard} is incomplete after the loader finished")
+            self._write(shard)
+
+    def _write(self, shard: int) -> int:
+        ds = self.dataset
+        idx = [i for i in self.store.shard_range(shard) if i in self.rows]
+        emb = np.stack([self.rows.pop(i) for i in idx]) if idx else np.zeros((0, 0), np.float32)
+        labels = None if ds.labels is None else ds.labels[idx]
+        quarantined = [(ds.source(i), self.bad.pop(i)) for i in self.store.shard_range(shard) if i in self.bad]
+        for source, reason in quarantined:
+            log.warning("skipped %s: %s", source, reason)
+        self.store.write_shard(shard, [ds.image_ids[i] for i in idx], [ds.source(i) for i in idx], labels, emb, quarantined)
+        return shard

@@ -1,0 +1,170 @@
+"""The pipeline's stages as plain functions: each takes paths and configs and returns a small
+JSON-friendly dict. :mod:`flows.tasks` wraps each one in a Prefect task; nothing here knows Prefect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from gpu_ops.cluster.choose_k import choose_k
+from gpu_ops.config import RunConfig
+from gpu_ops.data import load_dataset
+from gpu_ops.data.readers import FolderDataset
+from gpu_ops.device import torch_device
+from gpu_ops.errors import InputError
+from gpu_ops.features import create_extractor
+from gpu_ops.features.extract import extract_to_store
+from gpu_ops.metrics import evaluate
+from gpu_ops.registry import create_estimator
+from gpu_ops.report.figures import scatter_map
+from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def extract_params(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
+    keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed")
+    params = {k: getattr(cfg, k) for k in keys}
+    params["device"] = torch_device(cfg.backend_for("extract") if cfg.backend_for("extract") in ("auto", "gpu", "cpu") else "auto")
+    params["cache_root"] = str(cfg.cache_root())
+    return params
+
+
+def dataset_fingerprint(params: dict[str, Any]) -> str:
+    """Content hash of the dataset selection an extract run would read."""
+    return load_dataset(params["dataset"], params["split"], params["limit"]).fingerprint()
+
+
+def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Embed the dataset into the Parquet store (resuming a partial one); return its summary."""
+    t0 = time.perf_counter()
+    dataset = load_dataset(params["dataset"], params["split"], params["limit"])
+    image_size = params["image_size"]
+    if params["extractor"] == "raw" and image_size is None and isinstance(dataset, FolderDataset):
+        image_size = 32  # a folder's images differ in size: raw pixels need one size
+    extractor = create_extractor(params["extractor"], weights=params["weights"], image_size=image_size,
+                                 device=params["device"], seed=params["seed"])
+    summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores",
+                               batch_size=params["batch_size"], num_workers=params["num_workers"],
+                               on_shard=on_shard, progress=progress)
+    return {"store": summary.directory, "rows": summary.rows, "dim": summary.dim,
+            "quarantined": summary.quarantined, "device": params["device"], "extractor": params["extractor"],
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _k_for(cfg: RunConfig, X: np.ndarray, staging: Path) -> int:
+    if cfg.k != "auto":
+        return int(cfg.k)
+    selection = choose_k(X, *cfg.k_range, backend=cfg.backend_for("kmeans"), seed=cfg.seed)
+    atomic_write_json(staging / "k_selection.json", selection.as_dict())
+    log.info("k=auto chose k=%d (silhouette); elbow at k=%d", selection.chosen_k, selection.elbow_k)
+    return selection.chosen_k
+
+
+def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
+    """Cluster the store's embeddings with ``algorithm``; labels go to ``staging/labels-<algo>.npy``."""
+    t0 = time.perf_counter()
+    X = read_embeddings(Path(store)).embeddings
+    k = _k_for(cfg, X, Path(staging))
+    if k > X.shape[0]:
+        raise InputError(f"k={k} is larger than the number of images ({X.shape[0]})")
+    resolutions = []
+    space = X
+    if algorithm == "umap-kmeans":
+        reducer, res = create_estimator("umap", cfg.backend_for("umap"), n_components=min(cfg.umap_dims, X.shape[1]),
+                                        n_neighbors=min(15, X.shape[0] - 1), min_dist=0.0, seed=cfg.seed)
+        resolutions.append(res.as_dict())
+        space = reducer.fit(X).embedding_
+    if algorithm in ("kmeans", "umap-kmeans"):
+        est, res = create_estimator("kmeans", cfg.backend_for("kmeans"), n_clusters=k, n_init=cfg.n_init,
+                                    max_iter=cfg.max_iter, seed=cfg.seed)
+    else:
+        est, res = create_estimator("agglomerative", cfg.backend_for("agglomerative"), n_clusters=k, linkage=cfg.linkage)
+    resolutions.append(res.as_dict())
+    est.fit(space)
+    labels_path = Path(staging) / f"labels-{algorithm}.npy"
+    np.save(labels_path, est.labels_.astype(np.int64))
+    extra = {}
+    if getattr(est, "linkage_matrix_", None) is not None:
+        np.save(Path(staging) / f"linkage-{algorithm}.npy", est.linkage_matrix_)
+        extra["linkage"] = str(Path(staging) / f"linkage-{algorithm}.npy")
+    return {"algorithm": algorithm, "labels": str(labels_path), "k": k, "backend": res.backend,
+            "resolutions": resolutions, "seconds": round(time.perf_counter() - t0, 3), **extra}
+
+
+def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
+    """2-D map of the store's embeddings with ``cfg.reducer``; saved to ``staging/map2d.npy``."""
+    t0 = time.perf_counter()
+    if cfg.reducer == "none":
+        return {"map": None, "backend": None, "resolutions": [], "seconds": 0.0}
+    X = read_embeddings(Path(store)).embeddings
+    params: dict[str, Any] = {"n_components": 2, "seed": cfg.seed}
+    if cfg.reducer == "umap":
+        params.update(n_neighbors=min(15, X.shape[0] - 1), min_dist=0.1)
+    elif cfg.reducer == "tsne":
+        params.update(perplexity=min(30.0, max(2.0, (X.shape[0] - 1) / 3.5)))
+    est, res = create_estimator(cfg.reducer, cfg.backend_for(cfg.reducer), **params)
+    xy = est.fit(X).embedding_
+    path = Path(staging) / "map2d.npy"
+    np.save(path, xy.astype(np.float32))
+    return {"map": str(path), "backend": res.backend, "resolutions": [res.as_dict()],
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def evaluate_stage(store: str, clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """ACC / NMI / ARI per algorithm when the store has labels; k, backend and cluster sizes always."""
+    labels_true = read_embeddings(Path(store)).labels
+    out: dict[str, dict[str, Any]] = {}
+    for c in clusters:
+        pred = np.load(c["labels"])
+        entry: dict[str, Any] = {"k": c["k"], "backend": c["backend"],
+                                 "cluster_sizes": np.bincount(pred).tolist()}
+        if labels_true is not None and (labels_true >= 0).all():
+            entry = {**evaluate(labels_true, pred), **entry}
+        out[c["algorithm"]] = entry
+    return out
+
+
+def finalize_run(cfg: RunConfig, store: dict[str, Any], clusters: list[dict[str, Any]], reduced: dict[str, Any],
+                 metrics: dict[str, dict[str, Any]], staging: str, timings: dict[str, float]) -> dict[str, Any]:
+    """Write the run directory's files into ``staging``; return metrics.json's content."""
+    stage = Path(staging)
+    table = read_embeddings(Path(store["store"]))
+    columns: dict[str, Any] = {"image_id": pa.array(table.image_ids, pa.string())}
+    for c in clusters:
+        columns[c["algorithm"]] = pa.array(np.load(c["labels"]).astype(np.int32))
+    atomic_write_table(stage / "assignments.parquet", pa.table(columns))
+    xy = np.load(reduced["map"]) if reduced["map"] else np.zeros((len(table.image_ids), 2), np.float32)
+    atomic_write_table(stage / "map2d.parquet", pa.table({"image_id": pa.array(table.image_ids, pa.string()),
+                                                           "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1])}))
+    if reduced["map"]:
+        primary = clusters[0]
+        scatter_map(xy, np.load(primary["labels"]), stage / "map.png",
+                    f"{cfg.dataset} · {primary['algorithm']} (k={primary['k']}) · {cfg.reducer} map")
+    (stage / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    resolutions = [r for c in clusters for r in c["resolutions"]] + reduced["resolutions"]
+    doc = {
+        "dataset": cfg.dataset,
+        "n": len(table.image_ids),
+        "quarantined": store["quarantined"],
+        "store": store["store"],
+        "extract": {"extractor": cfg.extractor, "device": store["device"], "dim": store["dim"]},
+        "algorithms": metrics,
+        "reducer": {"name": cfg.reducer, "backend": reduced["backend"]},
+        "backends": resolutions,
+        "fallbacks": [f"{r['op']}: {f}" for r in resolutions for f in r["fallbacks"]],
+        "timings_s": timings,
+    }
+    atomic_write_json(stage / "metrics.json", doc)
+    for tmp in list(stage.glob("labels-*.npy")) + list(stage.glob("map2d.npy")):
+        tmp.unlink()
+    return doc
