@@ -171,12 +171,11 @@ def _configure_logging(verbose: bool) -> None:
     root.propagate = False
 
 
-def _filter_prefect_handlers() -> None:
-    if "prefect" not in sys.modules:
-        return
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine", ""):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_HideInputErrorTracebacks())
+def _filter_prefect_loggers() -> None:
+    # Filters on the loggers themselves (not their handlers) survive Prefect re-configuring
+    # its handlers when a flow starts.
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect"):
+        logging.getLogger(name).addFilter(_HideInputErrorTracebacks())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,9 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         if args.command == "run":
-            import prefect  # noqa: F401  (configure its handlers, then filter them)
-
-            _filter_prefect_handlers()
+            _filter_prefect_loggers()
             return cmd_run(args)
         return cmd_backends(args)
     except InputError as exc:

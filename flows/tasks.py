@@ -25,13 +25,7 @@ def _dataset_content_key(_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
 
 def _retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
     """Retry transient I/O failures only; bad input fails at once."""
-    try:
-        state.result()
-    except InputError:
-        return False
-    except Exception:  # noqa: BLE001
-        return True
-    return False
+    return not isinstance(state.result(raise_on_failure=False), InputError)
 
 
 @task(

@@ -82,7 +82,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     pending = store.pending_shards()
     if not pending:
         log.info("store %s is complete: nothing to extract", store.directory)
-        return store.finish()
+        return _checked(store.finish(), dataset)
     indices = [i for s in pending for i in store.shard_range(s)]
     workers = default_workers(dataset) if num_workers is None else num_workers
     loader = DataLoader(_Items(dataset, extractor, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -104,6 +104,11 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     summary = store.finish()
     if on_shard:
         on_shard(store.n_shards, store.n_shards)
+    return _checked(summary, dataset)
+
+
+def _checked(summary: StoreSummary, dataset: Dataset) -> StoreSummary:
+    """Fail on a store with no rows at all; report quarantined items."""
     if summary.rows == 0:
         raise InputError(f"{dataset.name}: no readable image among {len(dataset)} files "
                          f"(see {Path(summary.directory) / 'quarantine.csv'})")
@@ -150,6 +155,6 @@ class _ShardBuffer:
         labels = None if ds.labels is None else ds.labels[idx]
         quarantined = [(ds.source(i), self.bad.pop(i)) for i in self.store.shard_range(shard) if i in self.bad]
         for source, reason in quarantined:
-            log.warning("skipped %s: %s", source, reason)
+            log.info("skipped %s: %s", source, reason)
         self.store.write_shard(shard, [ds.image_ids[i] for i in idx], [ds.source(i) for i in idx], labels, emb, quarantined)
         return shard

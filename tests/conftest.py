@@ -1,0 +1,117 @@
+"""Shared fixtures: an isolated Prefect home and cache per session, real data paths, a Prefect
+test harness, a real `prefect server` on 127.0.0.1, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpuclust-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+os.environ["PREFECT_LOGGING_LEVEL"] = os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["GPUCLUST_CACHE"] = str(_SESSION_DIR / "cache")
+os.environ.pop("PREFECT_API_URL", None)
+
+
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (or $GPUCLUST_DATA)."""
+    for candidate in (os.environ.get("GPUCLUST_DATA"), REPO / "shared" / "data", REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    pytest.skip("shared data directory not found (set GPUCLUST_DATA)")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return shared_data()
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 real CIFAR-10 test JPEGs (20 per class) in class-named subfolders."""
+    out = tmp_path_factory.mktemp("cifar")
+    per_class: dict[str, int] = {}
+    with tarfile.open(data_dir / "cifar10_jpg" / "cifar10_test_jpg.tar.gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3:
+                continue
+            if per_class.get(parts[1], 0) >= 20:
+                continue
+            per_class[parts[1]] = per_class.get(parts[1], 0) + 1
+            target = out / parts[1] / parts[2]
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (temporary database + server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; stopped by PID."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("prefect server did not become healthy in 180 s")
+    yield {"url": url, "home": home, "pid": proc.pid}
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
+
+
+def run_cli(args: list[str], *, api_url: str | None = None, cwd: Path | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``gpuclust`` command; against ``api_url`` when given, else ephemeral."""
+    env = dict(os.environ)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    exe = Path(sys.executable).parent / "gpuclust"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)

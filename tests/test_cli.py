@@ -1,0 +1,114 @@
+"""The `gpuclust` command: real subprocesses, real data, against a real Prefect server and in
+ephemeral mode (no server at all)."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+
+from gpu_ops.data import load_dataset
+from gpu_ops.metrics import evaluate
+
+from conftest import run_cli
+
+
+def test_demo_default_in_ephemeral_mode(tmp_path):
+    """What `make demo` runs: no server configured, no files, ACC >= 0.85 on digits."""
+    result = run_cli(["run", "--out", str(tmp_path / "demo")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["dataset"] == "digits" and metrics["n"] == 1797
+    assert metrics["algorithms"]["umap-kmeans"]["acc"] >= 0.85
+    assert "umap-kmeans" in result.stdout and "ACC" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def mnist_sklearn_reference(data_dir) -> float:
+    ds = load_dataset(f"idx:{data_dir / 'mnist'}", "test")
+    X = ds.items.reshape(len(ds), -1).astype(np.float32) / 255
+    labels = KMeans(n_clusters=10, n_init=10, random_state=0).fit_predict(X)
+    return evaluate(ds.labels, labels)["acc"]
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "faiss-cpu"), ("cpu,kmeans=sklearn", "sklearn")])
+def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mnist_sklearn_reference, backend, expected):
+    out = tmp_path / "run"
+    result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--extractor", "raw",
+                      "--algorithm", "kmeans", "--k", "10", "--reducer", "none", "--backend", backend,
+                      "--out", str(out)], api_url=prefect_server["url"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    km = metrics["algorithms"]["kmeans"]
+    assert km["backend"] == expected
+    assert abs(km["acc"] - mnist_sklearn_reference) <= 0.02, (km["acc"], mnist_sklearn_reference)
+    assert set(km) >= {"acc", "nmi", "ari", "k", "backend"} and km["k"] == 10
+    assert set(metrics["timings_s"]) >= {"extract", "cluster:kmeans"}
+
+
+def _unreadable_folder(tmp_path):
+    folder = tmp_path / "unreadable"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_text("plain text")
+    return folder
+
+
+BAD_INPUTS = [
+    (["--dataset", "folder:/no/such/dir"], "gpuclust: error: /no/such/dir: image folder does not exist"),
+    (["--dataset", "idx:/no/such/dir"], "gpuclust: error: /no/such/dir: IDX dataset directory does not exist"),
+    (["--dataset", "cifar"], "gpuclust: error: unknown dataset 'cifar'; expected digits or KIND:PATH with KIND one of: idx, folder, npz, npy, usps, parquet"),
+    (["--extractor", "vgg"], "gpuclust: error: unknown extractor 'vgg'; expected one of: raw, resnet18, resnet34, resnet50"),
+    (["--backend", "tpu"], "gpuclust: error: unknown backend 'tpu'; expected one of: auto, cpu, gpu"),
+    (["--backend", "kmeans=nope"], "gpuclust: error: unknown kmeans backend 'nope'; expected one of: auto, cpu, cuml, faiss-cpu, faiss-gpu, gpu, sklearn"),
+    (["--algorithm", "spectral"], "gpuclust: error: algorithms: unknown algorithm 'spectral'; expected one of:"),
+    (["--k", "5000"], "gpuclust: error: k=5000 is larger than the number of images (1797) in digits"),
+    (["--k", "ten"], "gpuclust: error: --k must be a positive integer or auto; got 'ten'"),
+    (["--config", "/no/such.yaml"], "gpuclust: error: /no/such.yaml: config file does not exist"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli(["run", *args, "--out", str(tmp_path / "run")])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_folder_and_unreadable_folder(prefect_server, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["run", "--dataset", f"folder:{tmp_path / 'empty'}", "--out", str(tmp_path / "r1")])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"gpuclust: error: {tmp_path / 'empty'}: no image files (.jpg, .jpeg, .png, .bmp, .gif, .tif, .tiff, .webp) in the folder"
+
+    folder = _unreadable_folder(tmp_path)
+    result = run_cli(["run", "--dataset", f"folder:{folder}", "--k", "2", "--out", str(tmp_path / "r2")],
+                     api_url=prefect_server["url"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gpuclust: error: folder:{folder}: no readable image among 2 files"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_yaml_config_with_flag_override(prefect_server, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: digits\nalgorithms: [kmeans]\nk: 8\nreducer: pca\nlimit: 500\n")
+    result = run_cli(["run", "--config", str(cfg), "--k", "10", "--out", str(tmp_path / "run")],
+                     api_url=prefect_server["url"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n"] == 500 and metrics["algorithms"]["kmeans"]["k"] == 10
+    assert "k: 10" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_backends_lists_every_op_and_what_auto_picks():
+    result = run_cli(["backends"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("kmeans: auto -> faiss-cpu", "agglomerative: auto -> sklearn", "tsne: auto -> opentsne",
+                 "umap: auto -> umap-learn", "pca: auto -> sklearn"):
+        assert line in out
+    assert "- cuml" in out and "no CUDA device visible" in out
