@@ -45,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
     run.add_argument("--split", choices=["train", "test", "all"])
     run.add_argument("--limit", type=int)
-    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50")
+    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50 | efficientnet_lite0")
     run.add_argument("--weights", help="none | imagenet | PATH")
     run.add_argument("--image-size", type=int, dest="image_size")
     run.add_argument("--batch-size", type=int, dest="batch_size")
+    run.add_argument("--num-workers", type=int, dest="num_workers", help="loader worker processes")
+    run.add_argument("--gpu-decode", action="store_true", default=None, dest="decode_on_device",
+                     help="decode JPEGs in batches on the GPU (nvJPEG)")
     run.add_argument("--algorithm", dest="algorithms", help="comma-separated: umap-kmeans, kmeans, agglomerative")
     run.add_argument("--k", help="number of clusters, or auto")
     run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
 
     sub.add_parser("backends", help="list every op's backends, which are usable here, and what auto picks")
+
+    report = sub.add_parser("report", help="(re)build report.html and its figures for a finished run directory")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--embed-images", action="store_true", help="one self-contained HTML file (data URIs)")
     return parser
 
 
@@ -65,7 +72,8 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
     from gpu_ops.config import load_config_file, make_config
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "algorithms",
+    for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers",
+                "decode_on_device", "algorithms",
                 "linkage", "reducer", "seed", "out"):
         value = getattr(args, key)
         if value is not None:
@@ -110,6 +118,8 @@ def preflight(cfg: Any) -> None:
 def print_metrics(doc: dict[str, Any]) -> None:
     """The table printed at the end of a run."""
     print(f"\n{doc['dataset']}: n={doc['n']}  run directory: {doc['run_dir']}")
+    if doc.get("report"):
+        print(f"report: {doc['report']}")
     if doc.get("quarantined"):
         print(f"skipped {doc['quarantined']} unreadable item(s): see {Path(doc['store']) / 'quarantine.csv'}")
     header = f"{'algorithm':<16}{'k':>5}{'ACC':>8}{'NMI':>8}{'ARI':>8}  backend"
@@ -130,6 +140,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     doc = cluster_images(cfg)
     print_metrics(doc)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gpu_ops.report import build_report
+
+    result = build_report(args.run_dir, embed_images=args.embed_images)
+    for missing in result.missing:
+        print(f"gpuclust: warning: {missing}", file=sys.stderr)
+    print(result.html)
     return 0
 
 
@@ -185,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             _filter_prefect_loggers()
             return cmd_run(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_backends(args)
     except InputError as exc:
         print(f"gpuclust: error: {exc}", file=sys.stderr)

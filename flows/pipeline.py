@@ -1,4 +1,4 @@
-"""The ``cluster-images`` flow: extract -> cluster -> reduce -> evaluate -> write the run."""
+"""The ``cluster-images`` flow: extract -> cluster -> reduce -> evaluate -> write the run -> report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import cluster, evaluate, extract_features, reduce_to_2d, write_run
+from flows.tasks import build_report, cluster, evaluate, extract_features, reduce_to_2d, write_run
 from gpu_ops import pipeline
 from gpu_ops.config import RunConfig
 from gpu_ops.rundir import commit_run, default_run_dir, start_run
@@ -32,8 +32,9 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         timings["reduce"] = reduced["seconds"]
         metrics = evaluate(store["store"], clusters)
         doc = write_run(config, store, clusters, reduced, metrics, str(staging), timings)
+        report = build_report(str(staging), str(out.absolute()))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_run(staging, out)
-    return {**doc, "run_dir": str(out.absolute())}
+    return {**doc, "run_dir": str(out.absolute()), "report": report["html"]}

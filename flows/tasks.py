@@ -6,7 +6,14 @@ import uuid
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from pathlib import Path
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
@@ -74,3 +81,14 @@ def write_run(config: RunConfig, store: dict[str, Any], clusters: list[dict[str,
               metrics: dict[str, dict[str, Any]], staging: str, timings: dict[str, float]) -> dict[str, Any]:
     """The run directory's files (assignments, map, metrics, figures, config)."""
     return pipeline.finalize_run(config, store, clusters, reduced, metrics, staging, timings)
+
+
+@task(name="report")
+def build_report(staging: str, run_dir: str) -> dict[str, Any]:
+    """report.html and its figures; a markdown artifact summarises the run and links the report."""
+    from gpu_ops.report import build_report as build, summary_markdown
+
+    result = build(Path(staging))
+    markdown = summary_markdown(Path(staging), result).replace(str(Path(staging)), str(Path(run_dir)))
+    create_markdown_artifact(markdown=markdown, key="run-report", description="Run summary and figures")
+    return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing]}

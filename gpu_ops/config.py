@@ -33,10 +33,11 @@ class RunConfig(BaseModel):
     split: Literal["train", "test", "all"] = "all"
     limit: int | None = Field(None, ge=1, description="use only the first N items")
     extractor: str = "raw"
-    weights: str = Field("none", description="none | imagenet | PATH to a state_dict")
+    weights: str | None = Field(None, description="none | imagenet | PATH to a state_dict (unset: the extractor's default, ImageNet for pretrained networks)")
     image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
     batch_size: int = Field(256, ge=1)
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
+    decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")
     algorithms: list[str] = Field(default_factory=lambda: ["umap-kmeans"])
     k: int | Literal["auto"] = 10
     k_range: tuple[int, int] = (2, 20)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
-    keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed")
+    keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
+            "decode_on_device")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = torch_device(cfg.backend_for("extract") if cfg.backend_for("extract") in ("auto", "gpu", "cpu") else "auto")
     params["cache_root"] = str(cfg.cache_root())
@@ -55,7 +56,8 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
                                  device=params["device"], seed=params["seed"])
     summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores",
                                batch_size=params["batch_size"], num_workers=params["num_workers"],
-                               on_shard=on_shard, progress=progress)
+                               on_shard=on_shard, progress=progress,
+                               decode_on_device=bool(params.get("decode_on_device")) and params["device"] == "cuda")
     return {"store": summary.directory, "rows": summary.rows, "dim": summary.dim,
             "quarantined": summary.quarantined, "device": params["device"], "extractor": params["extractor"],
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -64,8 +66,11 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
 def _k_for(cfg: RunConfig, X: np.ndarray, staging: Path) -> int:
     if cfg.k != "auto":
         return int(cfg.k)
+    saved = staging / "k_selection.json"
+    if saved.is_file():  # chosen once per run, shared by every algorithm
+        return int(json.loads(saved.read_text())["chosen_k"])
     selection = choose_k(X, *cfg.k_range, backend=cfg.backend_for("kmeans"), seed=cfg.seed)
-    atomic_write_json(staging / "k_selection.json", selection.as_dict())
+    atomic_write_json(saved, selection.as_dict())
     log.info("k=auto chose k=%d (silhouette); elbow at k=%d", selection.chosen_k, selection.elbow_k)
     return selection.chosen_k
 
@@ -82,14 +87,14 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> d
     if algorithm == "umap-kmeans":
         reducer, res = create_estimator("umap", cfg.backend_for("umap"), n_components=min(cfg.umap_dims, X.shape[1]),
                                         n_neighbors=min(15, X.shape[0] - 1), min_dist=0.0, seed=cfg.seed)
-        resolutions.append(res.as_dict())
+        resolutions.append({**res.as_dict(), "stage": algorithm})
         space = reducer.fit(X).embedding_
     if algorithm in ("kmeans", "umap-kmeans"):
         est, res = create_estimator("kmeans", cfg.backend_for("kmeans"), n_clusters=k, n_init=cfg.n_init,
                                     max_iter=cfg.max_iter, seed=cfg.seed)
     else:
         est, res = create_estimator("agglomerative", cfg.backend_for("agglomerative"), n_clusters=k, linkage=cfg.linkage)
-    resolutions.append(res.as_dict())
+    resolutions.append({**res.as_dict(), "stage": algorithm})
     est.fit(space)
     labels_path = Path(staging) / f"labels-{algorithm}.npy"
     np.save(labels_path, est.labels_.astype(np.int64))
@@ -116,7 +121,7 @@ def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
     xy = est.fit(X).embedding_
     path = Path(staging) / "map2d.npy"
     np.save(path, xy.astype(np.float32))
-    return {"map": str(path), "backend": res.backend, "resolutions": [res.as_dict()],
+    return {"map": str(path), "backend": res.backend, "resolutions": [{**res.as_dict(), "stage": "map"}],
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -164,7 +169,7 @@ def finalize_run(cfg: RunConfig, store: dict[str, Any], clusters: list[dict[str,
         "fallbacks": [f"{r['op']}: {f}" for r in resolutions for f in r["fallbacks"]],
         "timings_s": timings,
     }
-    atomic_write_json(stage / "metrics.json", doc)
+    atomic_write_json(stage / "metrics.json", doc, sort_keys=False)
     for tmp in list(stage.glob("labels-*.npy")) + list(stage.glob("map2d.npy")):
         tmp.unlink()
     return doc

@@ -38,8 +38,8 @@ def test_round_trip_is_exact_and_carries_the_contract(tmp_path):
 def test_different_extractors_never_share_a_store(tmp_path):
     ds = load_dataset("digits", limit=64)
     a = extract_to_store(ds, create_extractor("raw"), tmp_path, progress=False)
-    b = extract_to_store(ds, create_extractor("resnet18", image_size=32), tmp_path, progress=False)
-    c = extract_to_store(ds, create_extractor("resnet18", image_size=32, seed=1), tmp_path, progress=False)
+    b = extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), tmp_path, progress=False)
+    c = extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32, seed=1), tmp_path, progress=False)
     assert len({a.directory, b.directory, c.directory}) == 3
     assert (a.dim, b.dim) == (64, 512)
 
@@ -60,7 +60,7 @@ _EXTRACT_SCRIPT = textwrap.dedent("""
     from gpu_ops.features import create_extractor
     from gpu_ops.features.extract import extract_to_store
     ds = load_dataset(sys.argv[1], "test", limit=2000)
-    extract_to_store(ds, create_extractor("resnet18", image_size=32), Path(sys.argv[2]),
+    extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), Path(sys.argv[2]),
                      batch_size=50, shard_rows=100, progress=False)
 """)
 
@@ -118,7 +118,7 @@ def _bad_folder(root: Path, good_jpeg: Path) -> dict[str, str]:
 def test_bad_images_are_quarantined_and_odd_ones_converted(cifar_folder, tmp_path):
     expected = _bad_folder(tmp_path / "imgs", next((cifar_folder / "cat").glob("*.jpg")))
     ds = load_dataset(f"folder:{tmp_path / 'imgs'}")
-    summary = extract_to_store(ds, create_extractor("resnet18", image_size=32), tmp_path / "store", progress=False)
+    summary = extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), tmp_path / "store", progress=False)
     assert (summary.rows, summary.quarantined) == (7, 3)
     table = read_embeddings(Path(summary.directory))
     assert {"good/gray.png", "good/rgba.png", "good/palette.png"} <= set(table.image_ids)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from gpu_ops.errors import choice_error
 from gpu_ops.features.base import Extractor
 
-EXTRACTORS = ("raw", "resnet18", "resnet34", "resnet50")
+EXTRACTORS = ("raw", "resnet18", "resnet34", "resnet50", "efficientnet_lite0")
 
 
-def create_extractor(name: str, *, weights: str = "none", image_size: int | None = None,
+def create_extractor(name: str, *, weights: str | None = None, image_size: int | None = None,
                      device: str = "cpu", seed: int = 0) -> Extractor:
-    """Build extractor ``name``; an unknown name raises InputError listing the valid ones."""
+    """Build extractor ``name``; an unknown name raises InputError listing the valid ones.
+
+    ``weights`` None means the extractor's default: ImageNet for the pretrained networks.
+    """
     if name == "raw":
         from gpu_ops.features.raw import RawPixels
 
@@ -18,7 +21,12 @@ def create_extractor(name: str, *, weights: str = "none", image_size: int | None
     if name in ("resnet18", "resnet34", "resnet50"):
         from gpu_ops.features.torchvision_models import ResNetFeatures
 
-        return ResNetFeatures(name, weights=weights, image_size=image_size or 224, device=device, seed=seed)
+        return ResNetFeatures(name, weights=weights or "imagenet", image_size=image_size or 224, device=device, seed=seed)
+    if name == "efficientnet_lite0":
+        from gpu_ops.features.efficientnet import EfficientNetLite0Features
+
+        return EfficientNetLite0Features(weights=weights or "imagenet", image_size=image_size or 224, device=device,
+                                         seed=seed)
     raise choice_error("extractor", name, EXTRACTORS)
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
+from gpu_ops.features import jpeg
 from gpu_ops.features.base import Extractor
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
 
@@ -24,27 +25,71 @@ ShardCallback = Callable[[int, int], None]
 
 
 class _Items(torch.utils.data.Dataset):
-    """Map-style view that preprocesses item ``i`` and turns read errors into a reason string."""
+    """Map-style view that preprocesses item ``i`` (or, when decoding on the device, only reads
+    its bytes) and turns read errors into a reason string."""
 
-    def __init__(self, dataset: Dataset, extractor: Extractor, indices: list[int]) -> None:
-        self.dataset, self.extractor, self.indices = dataset, extractor, indices
+    def __init__(self, dataset: Dataset, extractor: Extractor, indices: list[int], raw_bytes: bool = False) -> None:
+        self.dataset, self.extractor, self.indices, self.raw_bytes = dataset, extractor, indices, raw_bytes
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, pos: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, pos: int) -> tuple[int, Any, str]:
         index = self.indices[pos]
         try:
+            if self.raw_bytes:
+                return index, jpeg.read_item(self.dataset, index), ""
             return index, self.extractor.preprocess(self.dataset.load(index)), ""
         except BadImageError as exc:
             return index, None, str(exc)
+        except OSError as exc:
+            return index, None, f"cannot read file ({exc})"
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def _collate(batch: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    """Stack preprocessed tensors (or keep raw (kind, bytes) pairs as a list); set bad items aside."""
     good = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, why) for i, t, why in batch if t is None]
+    if good and isinstance(good[0][1], tuple):
+        return [i for i, _ in good], [t for _, t in good], bad
     tensor = torch.stack([t for _, t in good]) if good else None
     return [i for i, _ in good], tensor, bad
+
+
+class AdaptiveEmbedder:
+    """Calls ``extractor.embed`` in chunks of at most ``max_batch``; on CUDA out-of-memory it halves
+    the chunk size (and says so) instead of failing, and keeps the smaller size afterwards."""
+
+    def __init__(self, extractor: Extractor, max_batch: int) -> None:
+        self.extractor = extractor
+        self.max_batch = max_batch
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        parts, start = [], 0
+        while start < len(batch):
+            chunk = batch[start:start + self.max_batch]
+            try:
+                parts.append(self.extractor.embed(chunk))
+                start += len(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch == 1:
+                    raise
+                self.max_batch = max(1, self.max_batch // 2)
+                log.warning("CUDA out of memory at batch size %d: halving to %d", len(chunk), self.max_batch)
+                torch.cuda.empty_cache()
+        return np.concatenate(parts)
+
+
+def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor | None, list[int], list[str]]:
+    """Decode + resize + normalise raw items on the extractor's device; positions that failed and why."""
+    decoded, reasons = jpeg.decode_batch([k for k, _ in payloads], [p for _, p in payloads], extractor.device)
+    ok = [i for i, img in enumerate(decoded) if img is not None]
+    failed = [i for i in range(len(decoded)) if decoded[i] is None]
+    if not ok:
+        return None, failed, [reasons[i] for i in failed]
+    batch = jpeg.resize_normalise([decoded[i] for i in ok], extractor.image_size,  # type: ignore[attr-defined]
+                                  extractor._mean, extractor._std)  # type: ignore[attr-defined]
+    return batch, failed, [reasons[i] for i in failed]
 
 
 def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
@@ -63,14 +108,19 @@ def default_workers(dataset: Dataset) -> int:
 
 def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, batch_size: int = 256,
                      num_workers: int | None = None, shard_rows: int = 50_000, progress: bool = True,
-                     on_shard: ShardCallback | None = None) -> StoreSummary:
+                     on_shard: ShardCallback | None = None, decode_on_device: bool = False) -> StoreSummary:
     """Embed every item of ``dataset`` into a store under ``store_root``; resume if one exists.
 
     Unreadable items are quarantined (source + reason) and the run goes on. Returns the summary
     of the finished store. Raises InputError when no item at all could be read.
+    ``decode_on_device`` decodes JPEG batches on the extractor's device (image folders and
+    pretrained image extractors only).
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size}")
+    if decode_on_device and not (hasattr(dataset, "paths") and hasattr(extractor, "_mean")):
+        raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
+                         f"(got {dataset.name} with {extractor.name})")
     metadata = {
         **extractor.metadata(),
         "store_key": extractor.store_key(),
@@ -85,14 +135,20 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
         return _checked(store.finish(), dataset)
     indices = [i for s in pending for i in store.shard_range(s)]
     workers = default_workers(dataset) if num_workers is None else num_workers
-    loader = DataLoader(_Items(dataset, extractor, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_collate, pin_memory=extractor.device == "cuda", persistent_workers=False)
+    loader = DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, collate_fn=_collate,
+                        pin_memory=extractor.device == "cuda" and not decode_on_device)
+    embed = AdaptiveEmbedder(extractor, batch_size)
     log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending), extractor.name,
              extractor.device, store.directory)
     bar = tqdm(total=len(indices), unit="img", desc=f"extract {extractor.name}", disable=not progress)
     buffer = _ShardBuffer(store, dataset)
     for good, tensor, bad in loader:
-        emb = extractor.embed(tensor) if tensor is not None else None
+        if decode_on_device and tensor is not None:
+            tensor, failed, reasons = _device_decoded(extractor, tensor)
+            bad = bad + [(good[i], why) for i, why in zip(failed, reasons)]
+            good = [g for i, g in enumerate(good) if i not in set(failed)]
+        emb = embed(tensor) if tensor is not None else None
         buffer.add(good, emb, bad)
         bar.update(len(good) + len(bad))
         for done_shard in buffer.flush_finished():

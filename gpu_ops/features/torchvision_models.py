@@ -39,7 +39,11 @@ def load_resnet(arch: str, weights: str, seed: int) -> tuple[torch.nn.Module, st
         return builder(weights=None), f"none(seed={seed})", "none"
     if weights == "imagenet":
         enum = getattr(tvm, RESNETS[arch][1]).IMAGENET1K_V1
-        return builder(weights=enum), f"torchvision:{enum}", "torchvision"
+        try:
+            return builder(weights=enum), f"torchvision:{enum}", "torchvision"
+        except (OSError, RuntimeError) as exc:  # no network and nothing in torchvision's cache
+            raise InputError(f"cannot load ImageNet weights for {arch} ({type(exc).__name__}: {exc}); "
+                             "use --weights none or --weights PATH") from None
     path = Path(weights).expanduser()
     if not path.is_file():
         raise InputError(f"weights {weights!r}: expected none, imagenet or a path to a state_dict file")
@@ -54,6 +58,28 @@ def load_resnet(arch: str, weights: str, seed: int) -> tuple[torch.nn.Module, st
     if [k for k in missing if not k.startswith("fc.")] or unexpected:
         raise InputError(f"{path}: state_dict does not match {arch} (missing {len(missing)}, unexpected {len(unexpected)} keys)")
     return model, f"file:{path.name}", file_sha256(path)
+
+
+def image_tensor(item: np.ndarray, size: int, extractor: str) -> torch.Tensor:
+    """(h, w[, c]) uint8 image -> (3, size, size) float32 in [0, 1], resized with antialiasing."""
+    if item.dtype != np.uint8 or item.ndim not in (2, 3):
+        raise InputError(f"{extractor} needs images; got an item of shape {item.shape} and dtype {item.dtype}")
+    x = torch.from_numpy(np.array(to_rgb(item), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return x
+
+
+def autocast_embed(forward, batch: torch.Tensor, device: str) -> np.ndarray:
+    """Run ``forward`` on a (b, 3, h, w) batch: on CUDA in channels_last under autocast (bf16 when
+    supported, else fp16) with a non-blocking copy; on CPU in float32. Returns (b, d) float32."""
+    if device == "cuda":
+        batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=dtype):
+            out = forward(batch)
+        return out.float().cpu().numpy()
+    return forward(batch).numpy().astype(np.float32, copy=False)
 
 
 class ResNetFeatures(Extractor):
@@ -96,23 +122,11 @@ class ResNetFeatures(Extractor):
 
     def preprocess(self, item: np.ndarray) -> torch.Tensor:
         """(h, w[, c]) uint8 -> (3, size, size) float32, ImageNet-normalised."""
-        if item.dtype != np.uint8 or item.ndim not in (2, 3):
-            raise InputError(f"{self.arch} needs images; got an item of shape {item.shape} and dtype {item.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(to_rgb(item))).permute(2, 0, 1).float().div_(255.0)
-        if x.shape[1:] != (self.image_size, self.image_size):
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
-        return (x - self._mean) / self._std
+        return (image_tensor(item, self.image_size, self.arch) - self._mean) / self._std
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        if self.device == "cuda":
-            batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                out = self.model(batch)
-            return out.float().cpu().numpy()
-        return self.model(batch).numpy().astype(np.float32, copy=False)
+        return autocast_embed(self.model, batch, self.device)
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -1,37 +1,198 @@
-"""Matplotlib figures saved as PNG (Agg backend: no display needed)."""
+"""Matplotlib figures saved as PNG, drawn off-screen (Agg canvas; no display, no pyplot state).
+
+Each function draws data computed elsewhere (:mod:`gpu_ops.report.data`) and returns what it
+drew where that is worth checking (thumbnail positions), else the path it wrote.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 
-def _pyplot():
+def _figure(figsize: tuple[float, float], dpi: int = 110):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=dpi)
+
+
+def _cmap(n: int):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps["tab20" if n > 10 else "tab10"]
 
 
-def scatter_map(xy: np.ndarray, labels: np.ndarray, path: Path, title: str) -> Path:
-    """Scatter of the 2-D map ``xy`` (n, 2) coloured by ``labels`` (n,), saved to ``path``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
-    clusters = np.unique(labels)
-    cmap = plt.get_cmap("tab20" if clusters.size > 10 else "tab10")
-    size = max(1.0, min(12.0, 12000.0 / max(len(xy), 1)))
-    for i, c in enumerate(clusters):
+def label_colors(ids: Sequence[int]) -> dict[int, tuple[float, float, float, float]]:
+    """A stable colour per id (sorted order, tab10 up to 10 ids, tab20 beyond; cycles after 20)."""
+    ids = sorted({int(i) for i in ids})
+    cmap = _cmap(len(ids))
+    return {c: cmap(i % cmap.N) for i, c in enumerate(ids)}
+
+
+def _scatter(ax: Any, xy: np.ndarray, labels: np.ndarray, names: dict[int, str] | None,
+             legend_title: str, alpha: float = 0.8, size: float | None = None) -> float:
+    colors = label_colors(np.unique(labels).tolist())
+    size = size if size is not None else max(1.0, min(12.0, 12000.0 / max(len(xy), 1)))
+    for c, color in colors.items():
         sel = labels == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=cmap(i % cmap.N), label=str(c), linewidths=0, alpha=0.8)
-    ax.set_title(title)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, label=(names or {}).get(c, str(c)),
+                   linewidths=0, alpha=alpha)
     ax.set_xticks([])
     ax.set_yticks([])
-    if clusters.size <= 20:
-        ax.legend(markerscale=max(1.0, 6.0 / size), fontsize=7, loc="best", title="cluster")
+    if 0 < len(colors) <= 20:
+        ax.legend(markerscale=max(1.0, 6.0 / size), fontsize=7, loc="best", title=legend_title)
+    return size
+
+
+def scatter_map(xy: np.ndarray, labels: np.ndarray, path: Path, title: str, *,
+                names: dict[int, str] | None = None, legend_title: str = "cluster") -> Path:
+    """Scatter of the 2-D map ``xy`` (n, 2) coloured by ``labels`` (n,), saved to ``path``.
+
+    ``names`` maps a label to the text shown in the legend (class names); ``legend_title`` heads it.
+    """
+    fig = _figure((7, 7))
+    ax = fig.subplots()
+    _scatter(ax, np.asarray(xy), np.asarray(labels), names, legend_title)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
-    return path
+    return Path(path)
+
+
+def thumbnail_map(xy: np.ndarray, labels: np.ndarray, placements: Sequence[tuple[str, float, float]],
+                  tiles: dict[str, np.ndarray], path: Path, title: str,
+                  frame_labels: dict[str, int] | None = None, tile_px: float = 28.0) -> list[tuple[str, float, float]]:
+    """The map (faint points coloured by ``labels``) with image thumbnails drawn at ``placements``.
+
+    ``tiles`` maps image_id -> (s, s, 3) uint8; placements without a tile are skipped. Each
+    thumbnail's frame takes its cluster's colour (``frame_labels``: image_id -> cluster). Returns
+    the (image_id, x, y) anchors actually drawn, read back from the artists.
+    """
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    dpi = 100
+    fig = _figure((12, 12), dpi=dpi)
+    ax = fig.subplots()
+    labels = np.asarray(labels)
+    _scatter(ax, np.asarray(xy), labels, None, "cluster", alpha=0.5,
+             size=max(1.0, min(10.0, 10000.0 / max(len(xy), 1))))
+    colors = label_colors(np.unique(labels).tolist())
+    drawn: list[tuple[str, float, float]] = []
+    for image_id, x, y in placements:
+        tile = tiles.get(image_id)
+        if tile is None:
+            continue
+        image = OffsetImage(tile, zoom=tile_px / tile.shape[0], resample=False)
+        image.image.axes = ax
+        edge = colors.get(int(frame_labels[image_id]), "black") if frame_labels and image_id in frame_labels else "black"
+        box = AnnotationBbox(image, (x, y), xycoords="data", frameon=True, pad=0.05,
+                             bboxprops={"edgecolor": edge, "linewidth": 1.2})
+        box.set_gid(image_id)
+        ax.add_artist(box)
+        drawn.append((image_id, float(box.xy[0]), float(box.xy[1])))
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return drawn
+
+
+def save_image(array: np.ndarray, path: Path) -> Path:
+    """Write an (H, W, 3) uint8 array as PNG."""
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path, optimize=True)
+    return Path(path)
+
+
+def dendrogram_figure(Z: np.ndarray, k: int, cut: float, path: Path, title: str, p: int = 40) -> Path:
+    """scipy dendrogram of linkage ``Z`` ((n-1, 4)), truncated to its last ``p`` merges when
+    n > p, coloured below the height ``cut`` that yields ``k`` clusters (dashed line)."""
+    from scipy.cluster.hierarchy import dendrogram, set_link_color_palette
+
+    n = Z.shape[0] + 1
+    fig = _figure((10, 4.5))
+    ax = fig.subplots()
+    truncate = n > p
+    # scipy's default palette includes grey, which reads as "above the cut": use tab10 without it
+    set_link_color_palette(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                            "#bcbd22", "#17becf"])
+    try:
+        dendrogram(Z, ax=ax, truncate_mode="lastp" if truncate else None, p=p, color_threshold=cut,
+                   above_threshold_color="#555555", show_leaf_counts=True, leaf_rotation=90, leaf_font_size=7,
+                   no_labels=False)
+    finally:
+        set_link_color_palette(None)
+    ax.axhline(cut, color="black", linestyle="--", linewidth=0.8)
+    ax.text(ax.get_xlim()[1], cut, f" k={k}", va="bottom", ha="right", fontsize=8)
+    ax.set_ylabel("merge distance")
+    ax.set_xlabel(f"leaves: the last {p} merges (counts in parentheses)" if truncate else "images")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def k_selection_figure(sel: dict[str, Any], path: Path) -> Path:
+    """Elbow (inertia over k) and silhouette curves side by side, the elbow and chosen k marked."""
+    ks = np.asarray(sel["ks"])
+    fig = _figure((10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ks, sel["inertia"], marker="o", markersize=3)
+    ax1.set_title("elbow: k-means inertia")
+    ax2.plot(ks, sel["silhouette"], marker="o", markersize=3, color="tab:green")
+    ax2.set_title("silhouette (sampled)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("k")
+        if sel.get("elbow_k") is not None:
+            ax.axvline(sel["elbow_k"], color="tab:orange", linestyle=":", label=f"elbow k={sel['elbow_k']}")
+        if sel.get("chosen_k") is not None:
+            ax.axvline(sel["chosen_k"], color="tab:red", linestyle="--", label=f"chosen k={sel['chosen_k']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarray, path: Path, title: str,
+                     class_names: Sequence[str] | None = None) -> Path:
+    """Heatmap of a (n_classes, n_clusters) confusion matrix after Hungarian mapping, counts written in."""
+    n_cls, n_clu = matrix.shape
+    fig = _figure((max(5.0, 0.45 * n_clu + 2.5), max(4.0, 0.4 * n_cls + 1.8)))
+    ax = fig.subplots()
+    im = ax.imshow(matrix, cmap="Blues", aspect="auto")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    names = [class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
+    ax.set_yticks(range(n_cls), names, fontsize=8)
+    ax.set_xticks(range(n_clu), [str(c) for c in clusters], fontsize=8)
+    ax.set_xlabel("cluster (ordered by matched class)")
+    ax.set_ylabel("true class")
+    if n_cls * n_clu <= 900:
+        top = matrix.max() if matrix.size else 0
+        for i in range(n_cls):
+            for j in range(n_clu):
+                if matrix[i, j]:
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
+                            color="white" if matrix[i, j] > 0.6 * top else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def timings_figure(rows: Sequence[tuple[str, float]], path: Path) -> Path:
+    """Horizontal bars: seconds per stage."""
+    fig = _figure((7, 0.35 * len(rows) + 1.2))
+    ax = fig.subplots()
+    names = [r[0] for r in rows][::-1]
+    secs = [r[1] for r in rows][::-1]
+    ax.barh(names, secs, color="tab:blue")
+    for i, s in enumerate(secs):
+        ax.text(s, i, f" {s:.2f} s", va="center", fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_xlim(0, max(secs + [1e-3]) * 1.25)
+    ax.set_title("time per stage")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
