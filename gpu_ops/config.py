@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gpu_ops.errors import InputError
 
-ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative")
+ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative", "hdbscan", "gmm")
 REDUCERS = ("umap", "tsne", "pca", "none")
 
 
@@ -21,6 +21,52 @@ def default_cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpuclust"
+
+
+TASK_RUNNERS = ("local", "dask", "dask-cuda", "slurm", "pbs")
+
+
+class TaskRunnerConfig(BaseModel):
+    """Where the flow's heavy stages run. ``local``: in the flow's own process (the default).
+    The others spread extraction (one Prefect task per store shard, each writing its own Parquet
+    parts) and k-means (distributed Lloyd, or cuML's Dask KMeans on GPU workers) over a Dask
+    cluster: ``dask`` a LocalCluster (or the scheduler at ``address``), ``dask-cuda`` a
+    LocalCUDACluster (one worker per GPU), ``slurm`` / ``pbs`` dask-jobqueue clusters whose
+    ``cluster_kwargs`` (queue, account, cores, memory, walltime, job_extra_directives, ...) go to
+    SLURMCluster / PBSCluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "dask", "dask-cuda", "slurm", "pbs"] = "local"
+    address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 "
+                                "(implies kind dask)")
+    n_workers: int | None = Field(None, ge=1, description="dask: LocalCluster workers; dask-cuda: workers (default "
+                                  "one per visible GPU); slurm/pbs: batch jobs to submit")
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = Field(True, description="dask: worker processes (False: threads in the flow's process)")
+    shard_rows: int | None = Field(None, ge=1, description="rows per store shard for a NEW store (default: "
+                                   "50000, smaller when the dataset has fewer rows than 2 shards per worker)")
+    init_sample_rows: int = Field(100_000, ge=1, description="distributed k-means: rows gathered to the driver "
+                                  "for the initial fit before exact Lloyd passes over every partition")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the "
+                                           "Dask cluster class")
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.address and self.kind == "local":
+            self.kind = "dask"
+
+
+class StageTimeouts(BaseModel):
+    """Seconds each stage may run before Prefect fails it (None: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    extract: float | None = Field(12 * 3600, gt=0)
+    cluster: float | None = Field(6 * 3600, gt=0)
+    reduce: float | None = Field(6 * 3600, gt=0)
+    evaluate: float | None = Field(3600, gt=0)
+    write: float | None = Field(3600, gt=0)
+    report: float | None = Field(3600, gt=0)
 
 
 class RunConfig(BaseModel):
@@ -37,6 +83,7 @@ class RunConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
     batch_size: int = Field(256, ge=1)
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
+    shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")
     algorithms: list[str] = Field(default_factory=lambda: ["umap-kmeans"])
     k: int | Literal["auto"] = 10
@@ -45,12 +92,23 @@ class RunConfig(BaseModel):
     n_init: int = Field(10, ge=1)
     max_iter: int = Field(100, ge=1)
     umap_dims: int = Field(10, ge=1, description="dimensions of the UMAP space umap-kmeans clusters in")
+    distance_threshold: float | None = Field(None, gt=0, description="agglomerative: cut the tree at this merge "
+                                             "height instead of at k")
+    min_cluster_size: int = Field(15, ge=2, description="hdbscan: the smallest group that counts as a cluster")
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
+    memory_mb: int | None = Field(None, ge=16, description="kmeans: stream the store through out-of-core k-means "
+                                  "within this memory budget (None: load it)")
+    tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also draw a sweep over "
+                                           "these perplexities (tsne_perplexity_sweep.png)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
     backend: str = Field("auto", description="auto | gpu | cpu, for every op")
     backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}")
     seed: int = 0
     out: Path | None = None
     cache_dir: Path | None = None
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig,
+                                          description="local, or a Dask cluster for extraction and k-means")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="per-stage time limits (seconds)")
 
     @field_validator("algorithms", mode="before")
     @classmethod

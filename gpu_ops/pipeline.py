@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
-            "decode_on_device")
+            "shard_rows", "decode_on_device")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = torch_device(cfg.backend_for("extract") if cfg.backend_for("extract") in ("auto", "gpu", "cpu") else "auto")
     params["cache_root"] = str(cfg.cache_root())
@@ -56,7 +56,7 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
                                  device=params["device"], seed=params["seed"])
     summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores",
                                batch_size=params["batch_size"], num_workers=params["num_workers"],
-                               on_shard=on_shard, progress=progress,
+                               shard_rows=params.get("shard_rows", 4096), on_shard=on_shard, progress=progress,
                                decode_on_device=bool(params.get("decode_on_device")) and params["device"] == "cuda")
     return {"store": summary.directory, "rows": summary.rows, "dim": summary.dim,
             "quarantined": summary.quarantined, "device": params["device"], "extractor": params["extractor"],
@@ -78,8 +78,12 @@ def _k_for(cfg: RunConfig, X: np.ndarray, staging: Path) -> int:
 def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
     """Cluster the store's embeddings with ``algorithm``; labels go to ``staging/labels-<algo>.npy``."""
     t0 = time.perf_counter()
+    if algorithm == "kmeans" and cfg.memory_mb is not None:  # out-of-core: stream the store
+        from gpu_ops.cluster.kmeans_ooc import cluster_store_stage
+
+        return cluster_store_stage(store, cfg, staging)
     X = read_embeddings(Path(store)).embeddings
-    k = _k_for(cfg, X, Path(staging))
+    k = _k_for(cfg, X, Path(staging)) if algorithm != "hdbscan" else 0  # HDBSCAN finds k itself
     if k > X.shape[0]:
         raise InputError(f"k={k} is larger than the number of images ({X.shape[0]})")
     resolutions = []
@@ -92,10 +96,19 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> d
     if algorithm in ("kmeans", "umap-kmeans"):
         est, res = create_estimator("kmeans", cfg.backend_for("kmeans"), n_clusters=k, n_init=cfg.n_init,
                                     max_iter=cfg.max_iter, seed=cfg.seed)
+    elif algorithm == "hdbscan":
+        est, res = create_estimator("hdbscan", cfg.backend_for("hdbscan"), min_cluster_size=cfg.min_cluster_size)
+    elif algorithm == "gmm":
+        est, res = create_estimator("gmm", cfg.backend_for("gmm"), n_clusters=k, covariance_type=cfg.covariance_type,
+                                    max_iter=cfg.max_iter, seed=cfg.seed)
     else:
-        est, res = create_estimator("agglomerative", cfg.backend_for("agglomerative"), n_clusters=k, linkage=cfg.linkage)
+        cut = {"n_clusters": k} if cfg.distance_threshold is None else {"n_clusters": None,
+                                                                         "distance_threshold": cfg.distance_threshold}
+        est, res = create_estimator("agglomerative", cfg.backend_for("agglomerative"), linkage=cfg.linkage,
+                                    seed=cfg.seed, **cut)
     resolutions.append({**res.as_dict(), "stage": algorithm})
     est.fit(space)
+    k = int(getattr(est, "n_clusters_", k))  # found by HDBSCAN or a distance cut
     labels_path = Path(staging) / f"labels-{algorithm}.npy"
     np.save(labels_path, est.labels_.astype(np.int64))
     extra = {}
@@ -121,6 +134,11 @@ def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
     xy = est.fit(X).embedding_
     path = Path(staging) / "map2d.npy"
     np.save(path, xy.astype(np.float32))
+    if cfg.reducer == "tsne" and cfg.tsne_perplexities:  # several perplexities -> one figure
+        from gpu_ops.reduce.tsne import perplexity_sweep
+
+        perplexity_sweep(X, cfg.tsne_perplexities, backend=cfg.backend_for("tsne"), seed=cfg.seed,
+                         labels=read_embeddings(Path(store)).labels, path=Path(staging) / "tsne_perplexity_sweep.png")
     return {"map": str(path), "backend": res.backend, "resolutions": [{**res.as_dict(), "stage": "map"}],
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -132,7 +150,9 @@ def evaluate_stage(store: str, clusters: list[dict[str, Any]]) -> dict[str, dict
     for c in clusters:
         pred = np.load(c["labels"])
         entry: dict[str, Any] = {"k": c["k"], "backend": c["backend"],
-                                 "cluster_sizes": np.bincount(pred).tolist()}
+                                 "cluster_sizes": np.bincount(pred[pred >= 0]).tolist()}  # -1: HDBSCAN noise
+        if (pred < 0).any():
+            entry["noise"] = int((pred < 0).sum())
         if labels_true is not None and (labels_true >= 0).all():
             entry = {**evaluate(labels_true, pred), **entry}
         out[c["algorithm"]] = entry

@@ -116,10 +116,11 @@ class EmbeddingStore:
         if not path.exists():
             return fresh
         manifest = json.loads(path.read_text())
-        same = (manifest.get("n_items") == self.n_items and manifest.get("shard_rows") == self.shard_rows
+        same = (manifest.get("n_items") == self.n_items
                 and manifest.get("metadata", {}).get("store_key") == self.metadata.get("store_key"))
         if not same:
             raise InputError(f"{self.directory}: holds a store of another configuration; remove it or choose another store directory")
+        self.shard_rows = int(manifest["shard_rows"])  # resume with the layout the store was started with
         return manifest
 
     def pending_shards(self) -> list[int]:

@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from gpu_ops.errors import InputError
 
 
 class Extractor(ABC):
@@ -62,3 +65,57 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 def describe(**fields: Any) -> str:
     """Stable JSON for the ``preprocessing`` metadata entry."""
     return json.dumps(fields, sort_keys=True)
+
+
+def image_tensor(item: np.ndarray, size: int, extractor: str) -> torch.Tensor:
+    """(h, w[, c]) uint8 image -> (3, size, size) float32 in [0, 1], resized with antialiasing."""
+    if item.dtype != np.uint8 or item.ndim not in (2, 3):
+        raise InputError(f"{extractor} needs images; got an item of shape {item.shape} and dtype {item.dtype}")
+    x = torch.from_numpy(np.array(to_rgb(item), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return x
+
+
+class PretrainedImageExtractor(Extractor):
+    """A CNN over normalised RGB images: shared preprocessing, device placement and inference.
+
+    Subclasses build ``self.model`` (a module mapping (b, 3, s, s) to (b, d)) and call
+    :meth:`_place`; ``mean`` / ``std`` are per-channel on the [0, 1] scale. On CUDA the model runs
+    in channels_last under autocast (bf16 when supported, else fp16) with non-blocking copies.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model: torch.nn.Module | None
+
+    def _place(self, model: torch.nn.Module) -> None:
+        model.eval().to(self.device)
+        if self.device == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
+
+    def __getstate__(self) -> dict:
+        # Loader workers need preprocess() only; never pickle the model into them.
+        state = self.__dict__.copy()
+        state["model"] = None
+        return state
+
+    def preprocess(self, item: np.ndarray) -> torch.Tensor:
+        """(h, w[, c]) uint8 -> (3, size, size) float32, normalised."""
+        return (image_tensor(item, self.image_size, self.name) - self._mean) / self._std
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """(b, 3, s, s) -> (b, d) float32."""
+        assert self.model is not None
+        if self.device == "cuda":
+            batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                out = self.model(batch)
+            return out.float().cpu().numpy()
+        return self.model(batch).numpy().astype(np.float32, copy=False)

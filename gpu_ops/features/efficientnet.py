@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gpu_ops.errors import InputError
-from gpu_ops.features.base import Extractor, describe, file_sha256
-from gpu_ops.features.torchvision_models import autocast_embed, image_tensor
+from gpu_ops.features.base import PretrainedImageExtractor, describe, file_sha256
 
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
@@ -39,7 +37,18 @@ def build_lite0(image_size: int) -> torch.nn.Module:
     return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
 
 
-class EfficientNetLite0Features(Extractor):
+class _PooledFeatures(torch.nn.Module):
+    """EfficientNet trunk + global average pooling: (b, 3, s, s) -> (b, 1280)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class EfficientNetLite0Features(PretrainedImageExtractor):
     """EfficientNet-Lite0 pooled features, (b, 1280).
 
     Parameters
@@ -57,6 +66,7 @@ class EfficientNetLite0Features(Extractor):
         self.image_size = image_size
         self.device = device
         self.seed = seed
+        self.mean, self.std = LITE_MEAN, LITE_STD
         torch.manual_seed(seed)
         model = build_lite0(image_size)
         if weights == "none":
@@ -72,25 +82,7 @@ class EfficientNetLite0Features(Extractor):
                                  f"(missing {len(result.missing_keys)}, unexpected {len(result.unexpected_keys)} keys)")
             self.weights_sha = file_sha256(path)
             self.weights_id = "imagenet" if weights == "imagenet" else f"file:{path.name}"
-        model.eval().to(device)
-        if device == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self._mean = torch.tensor(LITE_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(LITE_STD).view(3, 1, 1)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["model"] = None  # loader workers only preprocess
-        return state
-
-    def preprocess(self, item: np.ndarray) -> torch.Tensor:
-        """(h, w[, c]) uint8 -> (3, size, size) float32, TF-Lite normalised."""
-        return (image_tensor(item, self.image_size, self.name) - self._mean) / self._std
-
-    @torch.inference_mode()
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
-        return autocast_embed(lambda x: self.model.extract_features(x).mean(dim=(2, 3)), batch, self.device)
+        self._place(_PooledFeatures(model))
 
     def metadata(self) -> dict[str, str]:
         return {

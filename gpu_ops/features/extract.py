@@ -107,7 +107,7 @@ def default_workers(dataset: Dataset) -> int:
 
 
 def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, batch_size: int = 256,
-                     num_workers: int | None = None, shard_rows: int = 50_000, progress: bool = True,
+                     num_workers: int | None = None, shard_rows: int = 4096, progress: bool = True,
                      on_shard: ShardCallback | None = None, decode_on_device: bool = False) -> StoreSummary:
     """Embed every item of ``dataset`` into a store under ``store_root``; resume if one exists.
 

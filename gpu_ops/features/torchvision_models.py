@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gpu_ops.errors import InputError
-from gpu_ops.features.base import Extractor, describe, file_sha256, to_rgb
+from gpu_ops.features.base import PretrainedImageExtractor, describe, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +59,7 @@ def load_resnet(arch: str, weights: str, seed: int) -> tuple[torch.nn.Module, st
     return model, f"file:{path.name}", file_sha256(path)
 
 
-def image_tensor(item: np.ndarray, size: int, extractor: str) -> torch.Tensor:
-    """(h, w[, c]) uint8 image -> (3, size, size) float32 in [0, 1], resized with antialiasing."""
-    if item.dtype != np.uint8 or item.ndim not in (2, 3):
-        raise InputError(f"{extractor} needs images; got an item of shape {item.shape} and dtype {item.dtype}")
-    x = torch.from_numpy(np.array(to_rgb(item), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-    if x.shape[1:] != (size, size):
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return x
-
-
-def autocast_embed(forward, batch: torch.Tensor, device: str) -> np.ndarray:
-    """Run ``forward`` on a (b, 3, h, w) batch: on CUDA in channels_last under autocast (bf16 when
-    supported, else fp16) with a non-blocking copy; on CPU in float32. Returns (b, d) float32."""
-    if device == "cuda":
-        batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast("cuda", dtype=dtype):
-            out = forward(batch)
-        return out.float().cpu().numpy()
-    return forward(batch).numpy().astype(np.float32, copy=False)
-
-
-class ResNetFeatures(Extractor):
+class ResNetFeatures(PretrainedImageExtractor):
     """ResNet penultimate features (512-d for 18/34, 2048-d for 50).
 
     Parameters
@@ -105,28 +82,10 @@ class ResNetFeatures(Extractor):
         self.image_size = image_size
         self.device = device
         self.seed = seed
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         model, self.weights_id, self.weights_sha = load_resnet(arch, weights, seed)
         model.fc = torch.nn.Identity()
-        model.eval().to(device)
-        if device == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __getstate__(self) -> dict:
-        # Loader workers need preprocess() only; never pickle the model into them.
-        state = self.__dict__.copy()
-        state["model"] = None
-        return state
-
-    def preprocess(self, item: np.ndarray) -> torch.Tensor:
-        """(h, w[, c]) uint8 -> (3, size, size) float32, ImageNet-normalised."""
-        return (image_tensor(item, self.image_size, self.arch) - self._mean) / self._std
-
-    @torch.inference_mode()
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
-        return autocast_embed(self.model, batch, self.device)
+        self._place(model)
 
     def metadata(self) -> dict[str, str]:
         return {
