@@ -45,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
     run.add_argument("--split", choices=["train", "test", "all"])
     run.add_argument("--limit", type=int)
-    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50 | efficientnet_lite0")
+    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50 | efficientnet_lite0 | autoencoder")
     run.add_argument("--weights", help="none | imagenet | PATH")
     run.add_argument("--image-size", type=int, dest="image_size")
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.add_argument("--num-workers", type=int, dest="num_workers", help="loader worker processes")
+    run.add_argument("--latent-dim", type=int, dest="latent_dim", help="autoencoder latent size (10-64 typical)")
+    run.add_argument("--ae-epochs", type=int, dest="ae_epochs", help="autoencoder pretraining epochs")
     run.add_argument("--gpu-decode", action="store_true", default=None, dest="decode_on_device",
                      help="decode JPEGs in batches on the GPU (nvJPEG)")
     run.add_argument("--algorithm", dest="algorithms", help="comma-separated: umap-kmeans, kmeans, agglomerative")
@@ -73,7 +75,7 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
     for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers",
-                "decode_on_device", "algorithms",
+                "decode_on_device", "latent_dim", "ae_epochs", "algorithms",
                 "linkage", "reducer", "seed", "out"):
         value = getattr(args, key)
         if value is not None:

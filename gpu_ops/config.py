@@ -82,6 +82,8 @@ class RunConfig(BaseModel):
     weights: str | None = Field(None, description="none | imagenet | PATH to a state_dict (unset: the extractor's default, ImageNet for pretrained networks)")
     image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
     batch_size: int = Field(256, ge=1)
+    latent_dim: int = Field(10, ge=2, le=256, description="autoencoder latent size (extractor autoencoder)")
+    ae_epochs: int = Field(20, ge=0, description="autoencoder pretraining epochs")
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
     shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,8 @@ from gpu_ops.data.readers import FolderDataset
 from gpu_ops.device import torch_device
 from gpu_ops.errors import InputError
 from gpu_ops.features import create_extractor
-from gpu_ops.features.extract import extract_to_store
+from gpu_ops.features.autoencoder import RECONSTRUCTIONS, trained_autoencoder
+from gpu_ops.features.extract import dataset_directory, extract_to_store
 from gpu_ops.metrics import evaluate
 from gpu_ops.registry import create_estimator
 from gpu_ops.report.figures import scatter_map
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
-            "shard_rows", "decode_on_device")
+            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = torch_device(cfg.backend_for("extract") if cfg.backend_for("extract") in ("auto", "gpu", "cpu") else "auto")
     params["cache_root"] = str(cfg.cache_root())
@@ -52,9 +54,16 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
     image_size = params["image_size"]
     if params["extractor"] == "raw" and image_size is None and isinstance(dataset, FolderDataset):
         image_size = 32  # a folder's images differ in size: raw pixels need one size
-    extractor = create_extractor(params["extractor"], weights=params["weights"], image_size=image_size,
-                                 device=params["device"], seed=params["seed"])
-    summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores",
+    store_root = Path(params["cache_root"]) / "stores"
+    if params["extractor"] == "autoencoder":
+        extractor = trained_autoencoder(dataset, dataset_directory(store_root, dataset) / "autoencoder",
+                                        latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
+                                        image_size=image_size, seed=params["seed"], device=params["device"],
+                                        progress=progress)
+    else:
+        extractor = create_extractor(params["extractor"], weights=params["weights"], image_size=image_size,
+                                     device=params["device"], seed=params["seed"])
+    summary = extract_to_store(dataset, extractor, store_root,
                                batch_size=params["batch_size"], num_workers=params["num_workers"],
                                shard_rows=params.get("shard_rows", 4096), on_shard=on_shard, progress=progress,
                                decode_on_device=bool(params.get("decode_on_device")) and params["device"] == "cuda")
@@ -190,6 +199,9 @@ def finalize_run(cfg: RunConfig, store: dict[str, Any], clusters: list[dict[str,
         "timings_s": timings,
     }
     atomic_write_json(stage / "metrics.json", doc, sort_keys=False)
+    recon = Path(store["store"]).parent / "autoencoder" / RECONSTRUCTIONS
+    if cfg.extractor == "autoencoder" and recon.is_file():
+        shutil.copyfile(recon, stage / RECONSTRUCTIONS)
     for tmp in list(stage.glob("labels-*.npy")) + list(stage.glob("map2d.npy")):
         tmp.unlink()
     return doc

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gpu_ops.errors import choice_error
+from gpu_ops.errors import InputError, choice_error
 from gpu_ops.features.base import Extractor
 
-EXTRACTORS = ("raw", "resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+EXTRACTORS = ("raw", "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "autoencoder")
 
 
 def create_extractor(name: str, *, weights: str | None = None, image_size: int | None = None,
@@ -27,6 +27,9 @@ def create_extractor(name: str, *, weights: str | None = None, image_size: int |
 
         return EfficientNetLite0Features(weights=weights or "imagenet", image_size=image_size or 224, device=device,
                                          seed=seed)
+    if name == "autoencoder":
+        raise InputError("the autoencoder extractor is trained on the dataset first: "
+                         "use gpu_ops.features.autoencoder.trained_autoencoder")
     raise choice_error("extractor", name, EXTRACTORS)
 
 

@@ -92,11 +92,16 @@ def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor
     return batch, failed, [reasons[i] for i in failed]
 
 
-def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
-    """``<root>/<dataset>-<fingerprint>/<extractor>-<key>``: one directory per data x extractor x weights."""
+def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
+    """``<root>/<kind>-<name>-<fingerprint>``: everything derived from one dataset selection."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.name.split(":", 1)[-1]).name)[-40:] or "data"
     kind = dataset.name.split(":", 1)[0]
-    return Path(store_root) / f"{kind}-{slug}-{dataset.fingerprint()}" / f"{extractor.name}-{extractor.store_key()}"
+    return Path(store_root) / f"{kind}-{slug}-{dataset.fingerprint()}"
+
+
+def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
+    """``<dataset dir>/<extractor>-<key>``: one store per data x extractor x weights x preprocessing."""
+    return dataset_directory(store_root, dataset) / f"{extractor.name}-{extractor.store_key()}"
 
 
 def default_workers(dataset: Dataset) -> int:
