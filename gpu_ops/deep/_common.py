@@ -1,0 +1,141 @@
+"""Shared helpers for the deep clustering package: device, seeding, autocast, image tensors,
+per-epoch evaluation and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_ops.errors import InputError
+
+log = logging.getLogger("gpu_ops.deep")
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "gpu")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when usable else CPU; ``"cpu"``; ``"cuda"``/``"gpu"``/``"cuda:N"``.
+
+    Asking for CUDA on a machine without it logs a warning and runs on the CPU.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}; expected one of: auto, cpu, cuda, cuda:N")
+    if name == "cpu":
+        return torch.device("cpu")
+    from gpu_ops.device import cuda_available
+
+    if cuda_available():
+        return torch.device("cuda" if name in ("auto", "gpu") else name)
+    if name != "auto":
+        log.warning("device %r requested but CUDA is not available: running on CPU", device)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA devices that support it (fp16 otherwise); a no-op on CPU.
+
+    Only wrap the network's forward pass: losses, soft assignments and distances are computed
+    in float32 outside of it.
+    """
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def images_to_tensor(images: np.ndarray, image_size: int | None = None, max_side: int = 64) -> torch.Tensor:
+    """uint8 images (n, h, w[, c]) -> float32 (n, c, s, s) in [0, 1]; float vectors (n, d) pass through.
+
+    Images that are not square, or larger than ``max_side``, are resized (bilinear, antialiased)
+    to ``image_size`` (default: ``min(max(h, w), max_side)``). Channels: 1 (grayscale) or 3;
+    a 4th (alpha) channel is dropped.
+    """
+    arr = np.asarray(images)
+    if arr.ndim == 2:
+        if not np.issubdtype(arr.dtype, np.number):
+            raise InputError(f"vectors must be numeric; got dtype {arr.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if arr.ndim not in (3, 4) or len(arr) == 0:
+        raise InputError(f"images must be an array (n, h, w) or (n, h, w, c) with n > 0; got shape {arr.shape}")
+    if arr.ndim == 4:
+        if arr.shape[-1] not in (1, 3, 4):
+            raise InputError(f"images (n, h, w, c) need c in 1, 3 or 4; got shape {arr.shape}")
+        arr = arr[..., :3] if arr.shape[-1] == 4 else arr
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if float(x.max()) > 1.0:
+            x = x / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    h, w = x.shape[-2:]
+    size = int(image_size) if image_size else min(max(h, w), max_side)
+    if (h, w) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=size < max(h, w)).clamp_(0.0, 1.0)
+    return x
+
+
+def evaluate_labels(y_true: np.ndarray | None, y_pred: np.ndarray) -> dict[str, float]:
+    """ACC/NMI/ARI when labels are known, else {}."""
+    if y_true is None:
+        return {}
+    from gpu_ops.metrics import evaluate
+
+    return evaluate(np.asarray(y_true), np.asarray(y_pred))
+
+
+def quick_kmeans(z: np.ndarray, k: int, seed: int, n_init: int = 1, max_iter: int = 25,
+                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """k-means through the backend registry (FAISS/cuML/sklearn): (labels (n,), centres (k, d))."""
+    from gpu_ops.registry import create_estimator
+
+    est, _ = create_estimator("kmeans", backend, n_clusters=int(k), max_iter=int(max_iter),
+                              n_init=int(n_init), seed=int(seed))
+    est.fit(np.ascontiguousarray(z, dtype=np.float32))
+    return np.asarray(est.labels_, dtype=np.int64), np.asarray(est.cluster_centers_, dtype=np.float32)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def format_metrics(rec: dict[str, Any]) -> str:
+    parts = []
+    for key in ("loss", "rec", "clu", "kl", "alpha", "delta_label", "acc", "nmi", "ari"):
+        if key in rec and rec[key] is not None:
+            parts.append(f"{key}={rec[key]:.4f}" if isinstance(rec[key], float) else f"{key}={rec[key]}")
+    return " ".join(parts)

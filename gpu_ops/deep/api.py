@@ -1,0 +1,252 @@
+"""One entry point for every deep clustering method: :func:`fit_deep`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from gpu_ops.deep._common import evaluate_labels, images_to_tensor, quick_kmeans, resolve_device, seed_everything
+from gpu_ops.deep.autoencoder import AutoencoderConfig, _train_or_load, data_fingerprint, encode_tensor
+from gpu_ops.errors import InputError, choice_error
+
+log = logging.getLogger("gpu_ops.deep")
+
+METHODS = ("n2d", "dkm", "dec", "idec", "ae-kmeans")
+Method = Literal["n2d", "dkm", "dec", "idec", "ae-kmeans"]
+
+
+@dataclass
+class DeepConfig:
+    """Hyperparameters of :func:`fit_deep`; every field can be overridden by keyword.
+
+    Defaults are tuned for MNIST-sized data on a small CPU and follow the papers otherwise.
+    """
+
+    # autoencoder (shared by every method)
+    arch: Literal["dense", "conv"] = "conv"
+    latent_dim: int = 10
+    pretrain_epochs: int | None = None  #: None: chosen from the data size (see :meth:`resolved_epochs`)
+    batch_size: int = 64
+    lr: float = 1e-3
+    #: Random affine augmentation while pretraining (as in DEC-DA); for images only.
+    augment: bool = True
+    image_size: int | None = None
+    hidden: tuple[int, ...] = (500, 500, 2000)
+    filters: tuple[int, ...] = (32, 64, 128)
+    eval_every: int = 5  #: pretraining epochs between ACC/NMI/ARI logs (only with labels)
+    # k-means initialisation of the centroids (DKM, DEC, IDEC) and the ae-kmeans method
+    kmeans_n_init: int = 20
+    # DKM
+    dkm_epochs: int = 20
+    dkm_lambda: float = 1.0
+    dkm_alpha0: float = 0.1
+    dkm_lr: float = 1e-4
+    # DEC / IDEC
+    dec_max_iter: int = 6000
+    update_interval: int = 140
+    tol: float = 0.001
+    gamma: float = 0.1
+    dec_lr: float | None = None  #: None: DEC SGD 0.01, IDEC Adam 0.001
+    # N2D
+    umap_dim: int = 10
+    umap_neighbors: int = 20
+    umap_min_dist: float = 0.0
+    n2d_clusterer: Literal["gmm", "kmeans"] = "gmm"
+    gmm_n_init: int = 5  #: GMM restarts, best likelihood kept (one restart often merges two digits)
+    # run
+    progress: bool = True
+    num_threads: int | None = None  #: torch CPU threads for this call (None: leave as is)
+
+    def resolved_epochs(self, n: int) -> int:
+        """Pretraining epochs: explicit, else ~400k samples seen (at least 10, at most 200)."""
+        if self.pretrain_epochs is not None:
+            return int(self.pretrain_epochs)
+        return int(min(200, max(10, round(400_000 / max(1, n)))))
+
+    @classmethod
+    def from_overrides(cls, base: "DeepConfig | None" = None, **overrides: Any) -> "DeepConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InputError(f"unknown deep clustering option(s) {', '.join(map(repr, unknown))}; "
+                             f"expected some of: {', '.join(sorted(names))}")
+        cfg = dataclasses.replace(base or cls(), **overrides)
+        for tup in ("hidden", "filters"):
+            setattr(cfg, tup, tuple(getattr(cfg, tup)))
+        return cfg
+
+
+@dataclass
+class DeepResult:
+    """What :func:`fit_deep` returns.
+
+    Attributes
+    ----------
+    method : str
+    labels : np.ndarray
+        (n,) int64 cluster ids in [0, n_clusters).
+    embedding : np.ndarray
+        (n, latent_dim) float32 autoencoder embedding after clustering.
+    history : list[dict]
+        One record per epoch (pretraining, then the clustering phase: DKM epochs, DEC/IDEC target
+        refreshes), with ``phase``, ``epoch``, ``loss`` and ``acc``/``nmi``/``ari`` when labels were given.
+    device : str
+        torch device that ran the networks.
+    timings : dict[str, float]
+        Seconds for ``pretrain``, ``cluster`` and ``total``.
+    metrics : dict[str, float]
+        Final ACC/NMI/ARI when labels were given, else {}.
+    pretrained_from_checkpoint : bool
+    manifold : np.ndarray or None
+        N2D's UMAP embedding (n, umap_dim).
+    centroids : np.ndarray or None
+        (k, latent_dim) for k-means based methods.
+    info : dict
+        Backends used (k-means, UMAP), the resolved config and the checkpoint file.
+    """
+
+    method: str
+    labels: np.ndarray
+    embedding: np.ndarray
+    history: list[dict[str, Any]]
+    device: str
+    timings: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    pretrained_from_checkpoint: bool = False
+    manifold: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_deep(method: Method, images: np.ndarray, n_clusters: int, *, seed: int = 0, device: str = "auto",
+             labels: np.ndarray | None = None, checkpoint_dir: Path | str | None = None, backend: str = "auto",
+             config: DeepConfig | None = None, **overrides: Any) -> DeepResult:
+    """Cluster ``images`` with a deep method.
+
+    Parameters
+    ----------
+    method : {"n2d", "dkm", "dec", "idec", "ae-kmeans"}
+        ``n2d``: AE -> UMAP -> GMM; ``dkm``: Deep K-Means; ``dec``/``idec``: (Improved) Deep
+        Embedded Clustering; ``ae-kmeans``: AE embedding -> k-means (the baseline the others refine).
+    images : np.ndarray
+        (n, h, w) or (n, h, w, c) uint8 images, or (n, d) float vectors (dense AE only).
+    n_clusters : int
+    seed : int
+        Seeds python, numpy and torch; results on the CPU are repeatable for a seed.
+    device : "auto" | "cpu" | "cuda"
+    labels : np.ndarray, optional
+        Ground truth, used only to log ACC/NMI/ARI per epoch (never for training).
+    checkpoint_dir : path, optional
+        Where pretrained autoencoders are saved and reused (keyed by data + configuration).
+    backend : str
+        k-means / UMAP backend for the registry ("auto", "cpu", "gpu" or a backend name).
+    config : DeepConfig, optional
+        Base configuration; ``**overrides`` replace its fields (e.g. ``arch="conv"``, ``pretrain_epochs=30``).
+
+    Returns
+    -------
+    DeepResult
+    """
+    if method not in METHODS:
+        raise choice_error("deep clustering method", method, METHODS)
+    cfg = DeepConfig.from_overrides(config, **overrides)
+    X_np = np.asarray(images)
+    n = int(X_np.shape[0]) if X_np.ndim else 0
+    if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) or not 1 <= n_clusters <= n:
+        raise InputError(f"n_clusters must be an integer in [1, {n}]; got {n_clusters!r}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise InputError(f"labels must have shape ({n},); got {labels.shape}")
+    prev_threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    try:
+        return _fit(method, X_np, int(n_clusters), cfg, seed, device, labels, checkpoint_dir, backend)
+    finally:
+        if cfg.num_threads:
+            torch.set_num_threads(prev_threads)
+
+
+def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, device: str,
+         labels: np.ndarray | None, checkpoint_dir: Path | str | None, backend: str) -> DeepResult:
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    seed_everything(seed)
+    X = images_to_tensor(X_np, cfg.image_size)
+    n = X.shape[0]
+    ae_cfg = AutoencoderConfig(arch=cfg.arch, latent_dim=cfg.latent_dim, epochs=cfg.resolved_epochs(n),
+                               batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, augment=cfg.augment,
+                               image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters)
+    ae_cfg.validate()
+    log.info("%s: n=%d k=%d device=%s arch=%s latent=%d pretrain_epochs=%d", method, n, k, dev, cfg.arch,
+             cfg.latent_dim, ae_cfg.epochs)
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    model, ae_hist = _train_or_load(X, ae_cfg, dev, data_fingerprint(X_np), checkpoint_dir, cfg.progress,
+                                    labels, k, cfg.eval_every)
+    t_pre = time.perf_counter()
+    history: list[dict[str, Any]] = list(ae_hist)
+    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "pretrain_epochs": ae_cfg.epochs,
+                            "checkpoint": str(ae_hist.checkpoint) if ae_hist.checkpoint else None}
+    if ae_hist.from_checkpoint:
+        # what the reused pretraining originally cost, so benchmarks can report end-to-end time
+        info["checkpoint_pretrain_s"] = float(sum(h.get("seconds", 0.0) for h in ae_hist.checkpoint_history))
+    # After a checkpoint load the RNG state differs from a fresh run; re-seed so the clustering
+    # phase is the same either way.
+    seed_everything(seed + 1)
+    z = encode_tensor(model, X, device=dev)
+    centroids = manifold = None
+    if method == "n2d":
+        from gpu_ops.deep.n2d import manifold_cluster
+
+        pred, manifold, extra = manifold_cluster(z, k, seed=seed, n_components=cfg.umap_dim,
+                                                 n_neighbors=cfg.umap_neighbors, min_dist=cfg.umap_min_dist,
+                                                 clusterer=cfg.n2d_clusterer, backend=backend,
+                                                 gmm_n_init=cfg.gmm_n_init)
+        info.update(extra)
+        history.append({"phase": "n2d", "epoch": 1, "loss": None, **evaluate_labels(labels, pred)})
+    else:
+        from gpu_ops.registry import resolve_backend
+
+        pred, centroids = quick_kmeans(z, k, seed, n_init=cfg.kmeans_n_init, max_iter=100, backend=backend)
+        info["kmeans_backend"] = resolve_backend("kmeans", backend)[1].as_dict()
+        init_metrics = evaluate_labels(labels, pred)
+        history.append({"phase": "kmeans-init", "epoch": 0, "loss": None, **init_metrics})
+        if init_metrics:
+            log.info("%s: k-means on the pretrained embedding: acc=%.4f nmi=%.4f ari=%.4f", method,
+                     init_metrics["acc"], init_metrics["nmi"], init_metrics["ari"])
+        if method == "dkm":
+            from gpu_ops.deep.dkm import train_dkm
+
+            pred, centroids, hist = train_dkm(model, X, centroids, dev, epochs=cfg.dkm_epochs, batch_size=cfg.batch_size,
+                                              lr=cfg.dkm_lr, lam=cfg.dkm_lambda, alpha0=cfg.dkm_alpha0, seed=seed,
+                                              labels=labels, progress=cfg.progress)
+            history += hist
+        elif method in ("dec", "idec"):
+            from gpu_ops.deep.dec import train_dec
+
+            pred, centroids, hist = train_dec(model, X, centroids, dev, improved=method == "idec",
+                                              max_iter=cfg.dec_max_iter, update_interval=cfg.update_interval,
+                                              tol=cfg.tol, batch_size=cfg.batch_size, gamma=cfg.gamma,
+                                              lr=cfg.dec_lr, seed=seed, labels=labels, progress=cfg.progress)
+            history += hist
+        if method != "ae-kmeans":
+            z = encode_tensor(model, X, device=dev)
+    t_end = time.perf_counter()
+    metrics = evaluate_labels(labels, pred)
+    if metrics:
+        log.info("%s done in %.1fs: acc=%.4f nmi=%.4f ari=%.4f", method, t_end - t_start, metrics["acc"],
+                 metrics["nmi"], metrics["ari"])
+    return DeepResult(method=method, labels=np.asarray(pred, dtype=np.int64), embedding=z.astype(np.float32),
+                      history=history, device=str(dev),
+                      timings={"pretrain": t_pre - t_start, "cluster": t_end - t_pre, "total": t_end - t_start},
+                      metrics=metrics, pretrained_from_checkpoint=bool(ae_hist.from_checkpoint),
+                      manifold=manifold, centroids=centroids, info=info)
