@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gpu_ops.errors import InputError
 
-ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative", "hdbscan", "gmm")
+DEEP_ALGORITHMS = ("n2d", "dkm", "dec", "idec")
+ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS)
 REDUCERS = ("umap", "tsne", "pca", "none")
 
 
@@ -83,7 +84,8 @@ class RunConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
     batch_size: int = Field(256, ge=1)
     latent_dim: int = Field(10, ge=2, le=256, description="autoencoder latent size (extractor autoencoder)")
-    ae_epochs: int = Field(20, ge=0, description="autoencoder pretraining epochs")
+    ae_epochs: int = Field(20, ge=0, description="autoencoder pretraining epochs (extractor autoencoder)")
+    deep_epochs: int | None = Field(None, ge=0, description="autoencoder pretraining epochs of deep clustering (unset: by data size)")
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
     shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import yaml
 
 from gpu_ops.cluster.choose_k import choose_k
-from gpu_ops.config import RunConfig
+from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
 from gpu_ops.data.readers import FolderDataset
 from gpu_ops.device import torch_device
@@ -84,8 +84,58 @@ def _k_for(cfg: RunConfig, X: np.ndarray, staging: Path) -> int:
     return selection.chosen_k
 
 
+def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
+    """The dataset's images in the order of ``image_ids`` as one uint8 array (n, h, w[, c]).
+
+    In-memory datasets are indexed directly; image folders are decoded and resized to ``size``.
+    """
+    position = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    index = np.array([position[i] for i in image_ids])
+    items = getattr(dataset, "items", None)
+    if items is not None and items.ndim >= 3:
+        return np.asarray(items[index])
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(dataset.load(int(i))).convert("RGB").resize((size, size)))
+                     for i in index])
+
+
+def deep_cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
+    """Deep clustering (``dkm``, ``dec``, ``idec``, ``n2d``) of the dataset's images, in store order.
+
+    The autoencoder is pretrained once per data + settings and reused (checkpoints beside the stores).
+    """
+    from gpu_ops.deep import fit_deep
+
+    t0 = time.perf_counter()
+    table = read_embeddings(Path(store))
+    dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
+    if dataset.item_kind != "image":
+        raise InputError(f"{algorithm} clusters images; {cfg.dataset} holds vectors (use kmeans or umap-kmeans)")
+    images = images_for_ids(dataset, table.image_ids, cfg.image_size or 32)
+    k = int(cfg.k) if cfg.k != "auto" else _k_for(cfg, table.embeddings, Path(staging))
+    device = torch_device(cfg.backend if cfg.backend in ("auto", "gpu", "cpu") else "auto")
+    overrides: dict[str, Any] = {"latent_dim": cfg.latent_dim}
+    if cfg.deep_epochs is not None:
+        overrides["pretrain_epochs"] = cfg.deep_epochs
+    result = fit_deep(algorithm, images, k, seed=cfg.seed, device=device, labels=table.labels,  # type: ignore[arg-type]
+                      checkpoint_dir=dataset_directory(Path(cfg.cache_root()) / "stores", dataset) / "deep",
+                      backend=cfg.backend_for("kmeans"), **overrides)
+    labels_path = Path(staging) / f"labels-{algorithm}.npy"
+    np.save(labels_path, result.labels.astype(np.int64))
+    atomic_write_json(Path(staging) / f"history-{algorithm}.json", result.history, sort_keys=False)
+    backend = f"torch-{result.device}"
+    resolution = {"op": algorithm, "requested": cfg.backend, "backend": backend,
+                  "kind": "gpu" if "cuda" in backend else "cpu", "reason": f"deep clustering in torch on {result.device}",
+                  "fallbacks": [], "skipped": [], "stage": algorithm}
+    return {"algorithm": algorithm, "labels": str(labels_path), "k": k, "backend": backend,
+            "resolutions": [resolution], "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
     """Cluster the store's embeddings with ``algorithm``; labels go to ``staging/labels-<algo>.npy``."""
+    if algorithm in DEEP_ALGORITHMS:
+        return deep_cluster_stage(store, cfg, algorithm, staging)
     t0 = time.perf_counter()
     if algorithm == "kmeans" and cfg.memory_mb is not None:  # out-of-core: stream the store
         from gpu_ops.cluster.kmeans_ooc import cluster_store_stage
