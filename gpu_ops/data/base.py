@@ -105,6 +105,8 @@ class _Head(Dataset):
         return hash_strings([self.parent.fingerprint(), f"head={self._limit}"])
 
     def __getattr__(self, attr: str):  # expose reader-specific extras (e.g. paths)
+        if attr.startswith("__") or attr == "parent":  # unpickling looks these up before parent exists
+            raise AttributeError(attr)
         return getattr(self.parent, attr)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,6 +106,17 @@ def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) ->
     return dataset_directory(store_root, dataset) / f"{extractor.name}-{extractor.store_key()}"
 
 
+def worker_start_method() -> str:
+    """"fork" only when this process runs a single thread; otherwise "spawn".
+
+    Forking a multi-threaded process (a Prefect task runner, an event loop, a server in a
+    thread) copies locks held by other threads; the forked loader workers then fail at exit.
+    """
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
 def default_workers(dataset: Dataset) -> int:
     """Decode files in worker processes; in-memory arrays need none."""
     if not hasattr(dataset, "paths"):
@@ -142,6 +155,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     workers = default_workers(dataset) if num_workers is None else num_workers
     loader = DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate,
+                        multiprocessing_context=worker_start_method() if workers else None,
                         pin_memory=extractor.device == "cuda" and not decode_on_device)
     embed = AdaptiveEmbedder(extractor, batch_size)
     log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending), extractor.name,
