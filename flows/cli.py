@@ -52,15 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, dest="num_workers", help="loader worker processes")
     run.add_argument("--latent-dim", type=int, dest="latent_dim", help="autoencoder latent size (10-64 typical)")
     run.add_argument("--ae-epochs", type=int, dest="ae_epochs", help="autoencoder pretraining epochs")
+    run.add_argument("--deep-epochs", type=int, dest="deep_epochs",
+                     help="pretraining epochs for dkm/dec/idec/n2d (default: by data size)")
     run.add_argument("--gpu-decode", action="store_true", default=None, dest="decode_on_device",
                      help="decode JPEGs in batches on the GPU (nvJPEG)")
-    run.add_argument("--algorithm", dest="algorithms", help="comma-separated: umap-kmeans, kmeans, agglomerative")
+    run.add_argument("--algorithm", dest="algorithms",
+                     help="comma-separated: umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec")
     run.add_argument("--k", help="number of clusters, or auto")
     run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
     run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
+    run.add_argument("--task-runner", dest="task_runner_kind", choices=["local", "dask", "dask-cuda", "slurm", "pbs"],
+                     help="where extraction and k-means run: this process (local), a Dask LocalCluster, "
+                          "a LocalCUDACluster (one worker per GPU), or Slurm/PBS jobs (dask-jobqueue)")
+    run.add_argument("--dask-address", help="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786")
+    run.add_argument("--dask-workers", type=int, help="Dask workers (local clusters) or batch jobs (slurm/pbs)")
+
+    serve = sub.add_parser("serve", add_help=False, help="serve the flow with a cron schedule on this machine (needs a Prefect "
+                                         "server: PREFECT_API_URL); the run options set its parameters")
+    serve._add_container_actions(run)  # every `run` option (and -h), as `argparse` parents=[...] would
+    serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: 02:00 every night)")
+    serve.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default UTC)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default nightly)")
+    serve.add_argument("--extract-only", action="store_true", help="serve the extract-images flow instead")
 
     sub.add_parser("backends", help="list every op's backends, which are usable here, and what auto picks")
 
@@ -75,7 +91,7 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
     for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers",
-                "decode_on_device", "latent_dim", "ae_epochs", "algorithms",
+                "decode_on_device", "latent_dim", "ae_epochs", "deep_epochs", "algorithms",
                 "linkage", "reducer", "seed", "out"):
         value = getattr(args, key)
         if value is not None:
@@ -90,6 +106,11 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
                 raise InputError(f"--k must be a positive integer or auto; got {args.k!r}") from None
     if args.backend:
         values.update(args.backend)
+    runner = {"kind": args.task_runner_kind, "address": args.dask_address, "n_workers": args.dask_workers}
+    if any(v is not None for v in runner.values()):
+        merged = dict(values.get("task_runner") or {})
+        merged.update({k: v for k, v in runner.items() if v is not None})
+        values["task_runner"] = merged
     return make_config(**values)
 
 
@@ -142,6 +163,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     doc = cluster_images(cfg)
     print_metrics(doc)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    cfg = run_config_from_args(args)
+    preflight(cfg)
+    serve(cfg, cron=args.cron, timezone=args.timezone, name=args.name, extract_only=args.extract_only)
     return 0
 
 
@@ -209,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "serve":
+            _filter_prefect_loggers()
+            return cmd_serve(args)
         return cmd_backends(args)
     except InputError as exc:
         print(f"gpuclust: error: {exc}", file=sys.stderr)
@@ -216,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpuclust: interrupted", file=sys.stderr)
         return 130
+    except TimeoutError as exc:  # a stage ran past its limit (config `timeouts:`)
+        print(f"gpuclust: error: a stage ran too long: {exc} (see `timeouts:` in the config)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``cluster-images`` flow: extract -> cluster -> reduce -> evaluate -> write the run -> report."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `flow.serve()` runs each flow run in a spawned
+# process that receives the flow function by value (cloudpickle), and string annotations such as
+# "RunConfig" cannot be resolved there ("Cluster_ImagesModel is not fully defined").
 import shutil
 import time
 from pathlib import Path
@@ -9,8 +10,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import build_report, cluster, evaluate, extract_features, reduce_to_2d, write_run
-from gpu_ops import pipeline
+from flows.scaleout import cluster_store, extract_store, scale_out
+from flows.tasks import build_report, configured, evaluate, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
 from gpu_ops.rundir import commit_run, default_run_dir, start_run
 
@@ -21,20 +22,31 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     out = Path(config.out or default_run_dir(config.dataset))
     staging = start_run(out)
     try:
-        t0 = time.perf_counter()
-        store = extract_features(pipeline.extract_params(config))
-        timings = {"extract": round(time.perf_counter() - t0, 3)}
-        clusters = []
-        for algorithm in config.algorithms:
-            clusters.append(cluster(store["store"], config, algorithm, str(staging)))
-            timings[f"cluster:{algorithm}"] = clusters[-1]["seconds"]
-        reduced = reduce_to_2d(store["store"], config, str(staging))
+        with scale_out(config) as dask_address:  # None: every stage in this process
+            t0 = time.perf_counter()
+            store = extract_store(config, dask_address)
+            timings = {"extract": round(time.perf_counter() - t0, 3)}
+            clusters = []
+            for algorithm in config.algorithms:
+                clusters.append(cluster_store(store["store"], config, algorithm, str(staging), dask_address))
+                timings[f"cluster:{algorithm}"] = clusters[-1]["seconds"]
+        reduced = configured(reduce_to_2d, config, "reduce", gpu=uses_gpu(config, config.reducer))(
+            store["store"], config, str(staging))
         timings["reduce"] = reduced["seconds"]
-        metrics = evaluate(store["store"], clusters)
-        doc = write_run(config, store, clusters, reduced, metrics, str(staging), timings)
-        report = build_report(str(staging), str(out.absolute()))
+        metrics = configured(evaluate, config, "evaluate")(store["store"], clusters)
+        doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings)
+        report = configured(build_report, config, "report")(str(staging), str(out.absolute()))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_run(staging, out)
     return {**doc, "run_dir": str(out.absolute()), "report": report["html"]}
+
+
+@flow(name="extract-images")
+def extract_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
+    """Only embed the dataset into its Parquet store (no clustering): e.g. a nightly refresh of a
+    growing folder's features, sharded over a Dask cluster when ``config.task_runner`` says so.
+    A later ``cluster-images`` run of the same data and extractor finds the store finished."""
+    with scale_out(config) as dask_address:
+        return extract_store(config, dask_address)

@@ -17,9 +17,16 @@ from prefect.artifacts import (
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
+from prefect import get_run_logger
+
 from gpu_ops import pipeline
 from gpu_ops.config import RunConfig
+from gpu_ops.distributed import device_label
 from gpu_ops.errors import InputError
+
+#: Tag of tasks that run on a GPU; `prefect concurrency-limit create gpu 1` lets one at a time
+#: hold the card, across every run that talks to the same Prefect server.
+GPU_TAG = "gpu"
 
 
 def _dataset_content_key(_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
@@ -51,19 +58,42 @@ def extract_features(params: dict[str, Any]) -> dict[str, Any]:
     def on_shard(done: int, total: int) -> None:
         update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
 
+    get_run_logger().info("extract: %s features of %s on %s", params["extractor"], params["dataset"],
+                          device_label(params["device"]))
     return pipeline.extract_stage(params, on_shard=on_shard)
+
+
+def _log_backends(stage: str, result: dict[str, Any]) -> None:
+    """Which backend ran and on which device (GPU backends: the CUDA device this process uses)."""
+    gpu = any(r.get("kind") == "gpu" for r in result.get("resolutions", []))
+    get_run_logger().info("%s: backend %s on %s", stage, result.get("backend"), device_label("cuda" if gpu else "cpu"))
 
 
 @task(name="cluster")
 def cluster(store: str, config: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
     """One clustering algorithm over the store."""
-    return pipeline.cluster_stage(store, config, algorithm, staging)
+    result = pipeline.cluster_stage(store, config, algorithm, staging)
+    _log_backends(f"cluster {algorithm}", result)
+    return result
+
+
+@task(name="cluster-dask")
+def cluster_on_dask(store: str, config: RunConfig, algorithm: str, staging: str, address: str) -> dict[str, Any]:
+    """One clustering algorithm over a store whose parts are loaded by the Dask cluster's workers
+    (k-means: distributed Lloyd or cuML's Dask KMeans; other algorithms gather to this process)."""
+    from gpu_ops.distributed import cluster_stage_dask
+
+    result = cluster_stage_dask(store, config, algorithm, staging, address)
+    _log_backends(f"cluster {algorithm} (Dask cluster {address})", result)
+    return result
 
 
 @task(name="reduce")
 def reduce_to_2d(store: str, config: RunConfig, staging: str) -> dict[str, Any]:
     """The 2-D map."""
-    return pipeline.reduce_stage(store, config, staging)
+    result = pipeline.reduce_stage(store, config, staging)
+    _log_backends(f"reduce {config.reducer}", result)
+    return result
 
 
 @task(name="evaluate")
@@ -92,3 +122,27 @@ def build_report(staging: str, run_dir: str) -> dict[str, Any]:
     markdown = summary_markdown(Path(staging), result).replace(str(Path(staging)), str(Path(run_dir)))
     create_markdown_artifact(markdown=markdown, key="run-report", description="Run summary and figures")
     return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing]}
+
+
+def uses_gpu(config: RunConfig, *ops: str) -> bool:
+    """True when the backend that ``auto``/``gpu``/a named backend resolves to for any of ``ops``
+    is a GPU one here (ops named in an algorithm, e.g. ``umap-kmeans``, count separately)."""
+    from gpu_ops.registry import list_ops, resolve_backend
+
+    known = set(list_ops())
+    names = [part for op in ops for part in ([op] if op in known else op.split("-")) if part in known]
+    for op in names:
+        try:
+            spec, _ = resolve_backend(op, config.backend_for(op))
+        except InputError:
+            continue  # reported by the stage itself
+        if spec.kind == "gpu":
+            return True
+    return False
+
+
+def configured(task_: Any, config: RunConfig, stage: str, gpu: bool = False) -> Any:
+    """``task_`` with this run's time limit for ``stage`` (``config.timeouts``) and, when it will
+    run on a GPU, the ``gpu`` tag that a Prefect tag concurrency limit holds to one at a time."""
+    tags = set(task_.tags) | ({GPU_TAG} if gpu else set())
+    return task_.with_options(timeout_seconds=getattr(config.timeouts, stage), tags=tags)

@@ -45,8 +45,6 @@ class TaskRunnerConfig(BaseModel):
                                   "one per visible GPU); slurm/pbs: batch jobs to submit")
     threads_per_worker: int = Field(1, ge=1)
     processes: bool = Field(True, description="dask: worker processes (False: threads in the flow's process)")
-    shard_rows: int | None = Field(None, ge=1, description="rows per store shard for a NEW store (default: "
-                                   "50000, smaller when the dataset has fewer rows than 2 shards per worker)")
     init_sample_rows: int = Field(100_000, ge=1, description="distributed k-means: rows gathered to the driver "
                                   "for the initial fit before exact Lloyd passes over every partition")
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the "

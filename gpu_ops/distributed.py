@@ -1,0 +1,529 @@
+"""Scale-out on plain Dask (no Prefect here): start a cluster, extract a store shard by shard on
+many workers, merge their manifest entries, and run k-means over a store that spans workers.
+
+**Sharded extraction.** A store's shard is a fixed range of dataset indices
+(:meth:`gpu_ops.store.EmbeddingStore.shard_range`), so shards can be written by different
+processes without coordination. The driver (:func:`plan_shards`) fixes the layout (writes
+``manifest.json`` with ``shard_rows``) and lists the pending shards; each worker
+(:func:`extract_shards`) writes ``part-NNNNN.parquet`` atomically and then a per-shard manifest
+entry ``.shards/NNNNN.json`` (also atomically) — it never touches ``manifest.json``. The driver
+alone merges the entries into ``manifest.json`` (:func:`merge_shards`), checking each part's row
+count, and marks the store complete. A worker killed mid-shard leaves neither a part nor an entry
+for it; finished shards keep their entries and are merged (not redone) by the next run.
+
+**Clustering a store that spans workers** (:func:`dask_kmeans`). CPU route: every worker loads
+its part files; the driver gathers a sample of at most ``init_sample_rows`` rows (all rows when
+the store is smaller: then the initial fit is exactly the single-process fit) and fits it with the
+registry's k-means backend (FAISS / scikit-learn, ``n_init`` restarts); then exact Lloyd passes
+run over every partition (workers return per-cluster sums and counts, the driver moves the
+centres) until the inertia improves by less than ``tol``; a last pass assigns every row. GPU route
+(workers with CUDA and cuML): ``cuml.dask.cluster.KMeans`` over a CuPy-backed Dask array whose
+blocks cuDF reads from the part files on each worker's GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from gpu_ops.errors import InputError
+from gpu_ops.store import (
+    MANIFEST,
+    EmbeddingStore,
+    StoreSummary,
+    atomic_write_json,
+    atomic_write_table,
+    build_table,
+    load_manifest,
+    part_files,
+)
+
+log = logging.getLogger(__name__)
+
+#: Per-shard manifest entries written by workers, merged into manifest.json by the driver.
+ENTRIES = ".shards"
+#: Rows per shard of a new store when the parameters name none (``extract_to_store``'s default).
+DEFAULT_SHARD_ROWS = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and clusters
+
+
+def device_label(device: str = "cpu") -> str:
+    """``cuda:0 (NVIDIA H100 80GB HBM3) on host`` / ``cpu (2 threads) on host``: for logs."""
+    host = socket.gethostname()
+    if str(device).startswith("cuda"):
+        try:
+            import torch
+
+            index = torch.cuda.current_device()
+            name = torch.cuda.get_device_name(index)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            extra = f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+            return f"cuda:{index} ({name}{extra}) on {host}"
+        except Exception as exc:  # noqa: BLE001 - a label must never fail the run
+            return f"{device} (unknown: {exc}) on {host}"
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except Exception:  # noqa: BLE001
+        threads = os.cpu_count() or 1
+    return f"cpu ({threads} threads) on {host}"
+
+
+def _import_cluster_class(kind: str) -> Any:
+    try:
+        if kind == "dask":
+            from distributed import LocalCluster
+
+            return LocalCluster
+        if kind == "dask-cuda":
+            from dask_cuda import LocalCUDACluster
+
+            return LocalCUDACluster
+        if kind == "slurm":
+            from dask_jobqueue import SLURMCluster
+
+            return SLURMCluster
+        if kind == "pbs":
+            from dask_jobqueue import PBSCluster
+
+            return PBSCluster
+    except ImportError as exc:
+        extra = "gpu" if kind == "dask-cuda" else "dask"
+        raise InputError(f"task runner {kind!r} needs {exc.name or 'its package'} "
+                         f"(pip install 'gpuclust[{extra}]')") from None
+    raise InputError(f"unknown task runner kind {kind!r}; expected one of: dask, dask-cuda, slurm, pbs")
+
+
+def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True,
+                   env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for the cluster class of ``kind`` (``extra`` wins over the defaults).
+
+    ``env`` reaches worker processes: a LocalCluster / LocalCUDACluster gets it as ``env``, a
+    jobqueue cluster as ``export`` lines in the job script (``job_script_prologue``).
+    """
+    extra = dict(extra or {})
+    kw: dict[str, Any] = {}
+    if kind == "dask":
+        kw = {"n_workers": n_workers or 2, "threads_per_worker": threads_per_worker, "processes": processes}
+        if processes and env:
+            kw["env"] = dict(env)
+    elif kind == "dask-cuda":
+        kw = {"threads_per_worker": threads_per_worker}  # one worker process per visible GPU
+        if n_workers:
+            kw["n_workers"] = n_workers
+        if env:
+            kw["env"] = dict(env)
+    elif kind in ("slurm", "pbs"):
+        kw = {"processes": 1, "cores": extra.pop("cores", threads_per_worker)}
+        prologue = [f"export {k}={v}" for k, v in (env or {}).items()]
+        kw["job_script_prologue"] = prologue + list(extra.pop("job_script_prologue", []))
+    kw.update(extra)
+    return kw
+
+
+@contextlib.contextmanager
+def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,
+                 processes: bool = True, env: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> Iterator[str]:
+    """Yield the scheduler address of a running Dask cluster; one created here is closed on exit.
+
+    ``address`` connects to an existing cluster (nothing is started or stopped). Otherwise
+    ``kind`` picks LocalCluster (``dask``), LocalCUDACluster (``dask-cuda``) or a dask-jobqueue
+    SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted).
+    """
+    if address:
+        log.info("using the Dask cluster at %s", address)
+        yield address
+        return
+    cls = _import_cluster_class(kind)
+    kwargs = cluster_kwargs(kind, n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
+                            env=env, extra=extra)
+    t0 = time.perf_counter()
+    with cls(**kwargs) as cluster:
+        if kind in ("slurm", "pbs"):
+            cluster.scale(jobs=n_workers or 1)
+            log.info("submitted %d %s job(s); job script:\n%s", n_workers or 1, kind, cluster.job_script())
+        log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
+                 time.perf_counter() - t0, cluster.scheduler_address)
+        yield cluster.scheduler_address
+
+
+def worker_count(address: str) -> int:
+    """Workers currently connected to the scheduler at ``address``."""
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        return len(client.scheduler_info()["workers"])
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded extraction
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(dataset: str, split: str, limit: int | None) -> Any:
+    from gpu_ops.data import load_dataset
+
+    return load_dataset(dataset, split, limit)
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(name: str, weights: str | None, image_size: int | None, device: str, seed: int) -> Any:
+    from gpu_ops.features import create_extractor
+
+    return create_extractor(name, weights=weights, image_size=image_size, device=device, seed=seed)
+
+
+def _dataset_and_extractor(params: dict[str, Any], device: str) -> tuple[Any, Any]:
+    """The dataset and extractor an extract run with ``params`` uses (cached per process)."""
+    from gpu_ops.data.readers import FolderDataset
+
+    dataset = _dataset(params["dataset"], params["split"], params["limit"])
+    image_size = params["image_size"]
+    if params["extractor"] == "raw" and image_size is None and isinstance(dataset, FolderDataset):
+        image_size = 32  # as gpu_ops.pipeline.extract_stage: a folder's raw pixels need one size
+    extractor = _extractor(params["extractor"], params["weights"], image_size, device, params["seed"])
+    return dataset, extractor
+
+
+def store_metadata(dataset: Any, extractor: Any) -> dict[str, str]:
+    """Schema metadata of the store (as :func:`gpu_ops.features.extract.extract_to_store` writes it)."""
+    from gpu_ops.store import library_versions
+
+    return {**extractor.metadata(), "store_key": extractor.store_key(), "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint(), "versions": str(library_versions())}
+
+
+class ShardedStore(EmbeddingStore):
+    """A store written by many processes: parts plus per-shard entries, never ``manifest.json``.
+
+    ``shards`` restricts :meth:`pending_shards` to the shards this writer was given.
+    """
+
+    def __init__(self, directory: Path, metadata: dict[str, str], n_items: int, shard_rows: int,
+                 shards: list[int] | None = None) -> None:
+        self.assigned = None if shards is None else sorted(set(shards))
+        super().__init__(directory, metadata, n_items, shard_rows)
+
+    def entry_path(self, shard: int) -> Path:
+        return self.directory / ENTRIES / f"{shard:05d}.json"
+
+    def pending_shards(self) -> list[int]:
+        done = self.manifest["shards"]
+        todo = range(self.n_shards) if self.assigned is None else self.assigned
+        return [s for s in todo if f"{s:05d}" not in done and not self.entry_path(s).is_file()]
+
+    def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
+        """Part file first, then its entry: an entry always stands for a whole part."""
+        name = f"part-{shard:05d}.parquet"
+        if len(image_ids):
+            atomic_write_table(self.directory / name, build_table(image_ids, sources, labels, embeddings,
+                                                                  self.metadata))
+        entry = {"file": name if len(image_ids) else None, "rows": len(image_ids),
+                 "dim": int(embeddings.shape[1]) if len(image_ids) else None,
+                 "quarantined": [{"source": s, "reason": r} for s, r in quarantined],
+                 "writer": f"{socket.gethostname()}:{os.getpid()}"}
+        self.entry_path(shard).parent.mkdir(exist_ok=True)
+        atomic_write_json(self.entry_path(shard), entry)
+        self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
+
+
+def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]:
+    """Fix the store's layout and list its pending shards (driver side; builds the extractor on
+    the CPU only to learn its identity). A new store gets ``params["shard_rows"]`` rows per
+    shard (the same layout as a single-process extraction); one that exists keeps its own."""
+    dataset, extractor = _dataset_and_extractor(params, "cpu")
+    from gpu_ops.features.extract import store_directory
+
+    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
+    n = len(dataset)
+    if (directory / MANIFEST).is_file():
+        rows = int(load_manifest(directory)["shard_rows"])
+    else:
+        rows = int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
+    store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
+    if not (directory / MANIFEST).is_file():
+        atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout
+    merge_shards(directory, finish=False)  # fold in entries an interrupted run left behind
+    store = ShardedStore(directory, store.metadata, n, rows)
+    pending = store.pending_shards()
+    log.info("store %s: %d rows in %d shard(s) of %d rows; %d pending", directory, n, store.n_shards, rows,
+             len(pending))
+    if 0 < len(pending) < n_workers:
+        log.warning("%d pending shard(s) for %d workers: some workers stay idle (a smaller shard_rows spreads a "
+                    "new store wider)", len(pending), n_workers)
+    return {"store": str(directory), "n_items": n, "shard_rows": rows, "n_shards": store.n_shards,
+            "pending": pending}
+
+
+def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_rows: int,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Worker side: embed ``shards`` of the store at ``store`` with the extractor on ``device``."""
+    from torch.utils.data import DataLoader
+
+    from gpu_ops.features.extract import AdaptiveEmbedder, _collate, _Items, _ShardBuffer, store_directory
+
+    t0 = time.perf_counter()
+    dataset, extractor = _dataset_and_extractor(params, device)
+    directory = Path(store)
+    expected = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
+    if expected.resolve() != directory.resolve():
+        raise InputError(f"{directory}: this worker's data/extractor belong in {expected} (different dataset "
+                         "files or library versions on the workers?)")
+    writer = ShardedStore(directory, store_metadata(dataset, extractor), len(dataset), shard_rows, shards=shards)
+    pending = writer.pending_shards()
+    indices = [i for s in pending for i in writer.shard_range(s)]
+    label = device_label(extractor.device)
+    if indices:
+        workers = params["num_workers"]
+        if workers is None:
+            from gpu_ops.features.extract import default_workers
+
+            workers = default_workers(dataset)
+        loader = DataLoader(_Items(dataset, extractor, indices), batch_size=params["batch_size"], shuffle=False,
+                            num_workers=workers, collate_fn=_collate, pin_memory=extractor.device == "cuda")
+        embed = AdaptiveEmbedder(extractor, params["batch_size"])
+        buffer = _ShardBuffer(writer, dataset)
+        for good, tensor, bad in loader:
+            buffer.add(good, embed(tensor) if tensor is not None else None, bad)
+            buffer.flush_finished()
+        buffer.flush_all()
+    log.info("shards %s: %d items with %s on %s", pending, len(indices), extractor.name, label)
+    return {"shards": pending, "skipped": sorted(set(shards) - set(pending)), "items": len(indices),
+            "device": extractor.device, "device_label": label, "writer": f"{socket.gethostname()}:{os.getpid()}",
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | None:
+    """Driver side: fold the workers' per-shard entries into ``manifest.json`` (one writer, one
+    atomic replace), then delete the entries; with ``finish`` and every shard done, mark the
+    store complete (``quarantine.csv``) and return its summary."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    entries = sorted((directory / ENTRIES).glob("*.json")) if (directory / ENTRIES).is_dir() else []
+    for path in entries:
+        entry = json.loads(path.read_text())
+        if entry["file"]:
+            rows = pq.ParquetFile(directory / entry["file"]).metadata.num_rows
+            if rows != entry["rows"]:
+                raise RuntimeError(f"{directory / entry['file']}: {rows} rows, its manifest entry says {entry['rows']}")
+            manifest["dim"] = int(entry["dim"])
+        manifest["shards"][path.stem] = {"file": entry["file"], "rows": entry["rows"],
+                                         "quarantined": entry["quarantined"], "writer": entry.get("writer")}
+    if entries:
+        atomic_write_json(directory / MANIFEST, manifest)
+        for path in entries:
+            path.unlink()
+    n_shards = max(1, -(-int(manifest["n_items"]) // int(manifest["shard_rows"])))
+    missing = [s for s in range(n_shards) if f"{s:05d}" not in manifest["shards"]]
+    if not finish:
+        return None
+    if missing:
+        raise RuntimeError(f"{directory}: shard(s) {missing[:10]} were not written")
+    store = EmbeddingStore(directory, manifest["metadata"], int(manifest["n_items"]), int(manifest["shard_rows"]))
+    return store.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# k-means over a store whose parts live on the workers
+
+
+def _load_part(path: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    from gpu_ops.store import embeddings_to_numpy
+
+    return np.ascontiguousarray(embeddings_to_numpy(pq.read_table(path, columns=["embedding"]).column("embedding")))
+
+
+def _rows(X: np.ndarray) -> int:
+    return int(X.shape[0])
+
+
+def _take(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return X[rows]
+
+
+def _nearest(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest centre and the squared distance to it, in row blocks."""
+    labels = np.empty(X.shape[0], np.int64)
+    dist = np.empty(X.shape[0], np.float64)
+    c = centers.astype(np.float32)
+    c_sq = (c.astype(np.float64) ** 2).sum(1)
+    for start in range(0, X.shape[0], 8192):
+        block = X[start:start + 8192]
+        d = c_sq[None, :] - 2.0 * (block @ c.T).astype(np.float64)
+        idx = d.argmin(1)
+        labels[start:start + len(block)] = idx
+        x_sq = (block.astype(np.float64) ** 2).sum(1)
+        dist[start:start + len(block)] = np.maximum(d[np.arange(len(block)), idx] + x_sq, 0.0)
+    return labels, dist
+
+
+def _partial_stats(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-cluster sums (k, d) and counts (k,) in float64, and this partition's inertia."""
+    from scipy import sparse
+
+    k = centers.shape[0]
+    labels, dist = _nearest(X, centers)
+    sums = np.zeros((k, X.shape[1]), np.float64)
+    for start in range(0, X.shape[0], 65536):
+        lab = labels[start:start + 65536]
+        onehot = sparse.csr_matrix((np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
+        sums += onehot @ X[start:start + 65536].astype(np.float64)
+    return sums, np.bincount(labels, minlength=k).astype(np.float64), float(dist.sum())
+
+
+def _assign(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    return _nearest(X, centers)[0]
+
+
+def _worker_has_cuml() -> bool:
+    try:
+        import cuml.dask.cluster  # noqa: F401
+        import cudf  # noqa: F401
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - any failure means: not this route
+        return False
+
+
+def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
+                seed: int = 0, backend: str = "auto", tol: float = 1e-4,
+                init_sample_rows: int = 100_000) -> dict[str, Any]:
+    """k-means of every row of ``store`` on the Dask cluster at ``address``.
+
+    Returns ``labels`` (n,) int64 in store order, ``centers`` (k, d), ``inertia``, ``n_iter``,
+    ``backend`` (``cuml-dask`` or ``dask-lloyd+<init backend>``), ``kind`` and ``reason``.
+    """
+    from distributed import Client
+
+    parts = [str(p) for p in part_files(Path(store))]
+    with Client(address, set_as_default=False) as client:
+        client.wait_for_workers(1)
+        on_workers = client.run(_worker_has_cuml) if backend in ("auto", "gpu", "cuml") else {}
+        if on_workers and all(on_workers.values()):
+            return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
+        why = "workers have no CUDA/cuML" if backend in ("auto", "gpu", "cuml") else f"backend {backend!r}"
+        init_backend = "cpu" if backend in ("auto", "gpu", "cuml") else backend
+        data = client.map(_load_part, parts)
+        sizes = client.gather(client.map(_rows, data))
+        n = int(sum(sizes))
+        if n_clusters > n:
+            raise InputError(f"k={n_clusters} is larger than the number of rows ({n})")
+        # 1. initial fit on a sample gathered to the driver (all rows when the store is small)
+        if n <= init_sample_rows:
+            sample = np.concatenate(client.gather(data))
+        else:
+            chosen = np.sort(np.random.default_rng(seed).choice(n, init_sample_rows, replace=False))
+            bounds = np.cumsum([0, *sizes])
+            picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+            sample = np.concatenate(client.gather(client.map(_take, data, picks)))
+        from gpu_ops.registry import create_estimator
+
+        est, res = create_estimator("kmeans", init_backend, n_clusters=n_clusters, n_init=n_init, max_iter=max_iter,
+                                    seed=seed)
+        centers = np.asarray(est.fit(sample).cluster_centers_, np.float64)
+        # 2. exact Lloyd passes over every partition
+        previous, inertia, n_iter = math.inf, math.inf, 0
+        for n_iter in range(1, max_iter + 1):
+            c = client.scatter(centers.astype(np.float32), broadcast=True)
+            stats = client.gather(client.map(_partial_stats, data, [c] * len(data)))
+            sums = sum(s for s, _, _ in stats)
+            counts = sum(k for _, k, _ in stats)
+            inertia = float(sum(i for _, _, i in stats))  # of the centres before this update
+            filled = counts > 0
+            centers[filled] = sums[filled] / counts[filled, None]
+            if previous - inertia <= tol * max(inertia, 1e-12):
+                break
+            previous = inertia
+        # 3. assignment
+        c = client.scatter(centers.astype(np.float32), broadcast=True)
+        labels = np.concatenate(client.gather(client.map(_assign, data, [c] * len(data))))
+        workers = len(client.scheduler_info()["workers"])
+    log.info("dask k-means: %d rows over %d partition(s) on %d worker(s): init %s on %d rows, %d Lloyd pass(es), "
+             "inertia %.6g", n, len(parts), workers, res.backend, len(sample), n_iter, inertia)
+    return {"labels": labels.astype(np.int64), "centers": centers.astype(np.float32), "inertia": inertia,
+            "n_iter": n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
+            "reason": f"{why}: initial fit with {res.backend} on {len(sample)} of {n} rows, then exact Lloyd passes "
+                      f"over {len(parts)} partition(s) on {workers} worker(s)",
+            "init_resolution": res.as_dict()}
+
+
+def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_clusters: int, *, max_iter: int,
+                      seed: int, tol: float) -> dict[str, Any]:
+    """cuML's multi-GPU KMeans over a CuPy-backed Dask array read by cuDF on each worker."""
+    import cupy
+    import dask
+    import dask.array as da
+    from cuml.dask.cluster import KMeans
+    from distributed import wait
+
+    manifest = load_manifest(Path(store))
+    dim = int(manifest["dim"])
+    rows = [s["rows"] for _, s in sorted(manifest["shards"].items()) if s["file"]]
+
+    def load(path: str) -> Any:
+        import cudf
+
+        table = cudf.read_parquet(path, columns=["embedding"])
+        return table["embedding"].list.leaves.values.reshape(len(table), dim).astype(cupy.float32)
+
+    blocks = [da.from_delayed(dask.delayed(load)(p), shape=(r, dim), dtype=np.float32,
+                              meta=cupy.empty((0, dim), dtype=cupy.float32)) for p, r in zip(parts, rows)]
+    X = client.persist(da.concatenate(blocks, axis=0))
+    with client.as_current():
+        wait(X)
+    model = KMeans(client=client, n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed,
+                   init="scalable-k-means++")
+    model.fit(X)
+    labels = client.compute(model.predict(X)).result()
+    centers = model.cluster_centers_
+    labels = cupy.asnumpy(labels) if hasattr(labels, "__cuda_array_interface__") else np.asarray(labels)
+    centers = cupy.asnumpy(centers) if hasattr(centers, "__cuda_array_interface__") else np.asarray(centers)
+    workers = len(client.scheduler_info()["workers"])
+    return {"labels": labels.astype(np.int64), "centers": centers.astype(np.float32), "inertia": None,
+            "n_iter": None, "backend": "cuml-dask", "kind": "gpu",
+            "reason": f"cuml.dask.cluster.KMeans over {len(parts)} partition(s) on {workers} GPU worker(s)",
+            "init_resolution": None}
+
+
+def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, address: str) -> dict[str, Any]:
+    """:func:`gpu_ops.pipeline.cluster_stage` for a store spread over a Dask cluster: plain
+    k-means runs on the cluster (:func:`dask_kmeans`); every other algorithm, and ``k=auto``,
+    gathers the store to the driver and runs the single-process stage (logged)."""
+    from gpu_ops import pipeline
+
+    if algorithm != "kmeans" or cfg.k == "auto":
+        log.info("%s (k=%s) has no distributed route: gathering the store to the driver", algorithm, cfg.k)
+        return pipeline.cluster_stage(store, cfg, algorithm, staging)
+    t0 = time.perf_counter()
+    requested = cfg.backend_for("kmeans")
+    result = dask_kmeans(address, store, int(cfg.k), n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
+                         backend=requested, init_sample_rows=cfg.task_runner.init_sample_rows)
+    labels_path = Path(staging) / f"labels-{algorithm}.npy"
+    np.save(labels_path, result["labels"])
+    fallbacks = [f"cuml-dask: {result['reason'].split(':')[0]}"] if requested == "gpu" and result["kind"] == "cpu" else []
+    resolution = {"op": "kmeans", "requested": requested, "backend": result["backend"], "kind": result["kind"],
+                  "reason": result["reason"], "fallbacks": fallbacks, "skipped": [], "stage": algorithm}
+    return {"algorithm": algorithm, "labels": str(labels_path), "k": int(cfg.k), "backend": result["backend"],
+            "resolutions": [resolution], "seconds": round(time.perf_counter() - t0, 3),
+            "inertia": result["inertia"], "n_iter": result["n_iter"]}

@@ -1,0 +1,171 @@
+"""Scale-out on Dask: sharded extraction into one store (per-shard manifest entries merged by the
+driver), k-means over partitions held by workers, cluster set-up for every task-runner kind, and
+the flow on a 2-worker LocalCluster against the single-process run (MNIST test split)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("distributed")
+pytest.importorskip("prefect_dask")
+
+from gpu_ops import distributed as gd  # noqa: E402
+from gpu_ops import pipeline  # noqa: E402
+from gpu_ops.config import make_config  # noqa: E402
+from gpu_ops.errors import InputError  # noqa: E402
+from gpu_ops.metrics import evaluate  # noqa: E402
+from gpu_ops.store import read_embeddings  # noqa: E402
+
+
+def _params(cache: Path, **kw: object) -> dict:
+    return pipeline.extract_params(make_config(cache_dir=cache, **kw))
+
+
+def _ids_per_part(store: Path) -> list[list[str]]:
+    manifest = json.loads((store / "manifest.json").read_text())
+    files = [s["file"] for _, s in sorted(manifest["shards"].items()) if s["file"]]
+    assert sorted(files) == sorted(p.name for p in store.glob("part-*.parquet")), "a part file the manifest lacks"
+    return [pq.read_table(store / f, columns=["image_id"]).column("image_id").to_pylist() for f in files]
+
+
+def test_two_writers_fill_disjoint_shards_and_the_driver_merges_them(tmp_path):
+    params = _params(tmp_path / "cache", shard_rows=300)
+    plan = gd.plan_shards(params, n_workers=2)  # digits: 1797 rows -> 6 shards
+    store = Path(plan["store"])
+    assert plan["pending"] == [0, 1, 2, 3, 4, 5] and plan["shard_rows"] == 300
+    with ThreadPoolExecutor(2) as pool:  # two writers at the same time, as two Dask workers would
+        done = [pool.submit(gd.extract_shards, params, plan["store"], shards, 300) for shards in ([0, 2, 4], [1, 3, 5])]
+        results = [f.result() for f in done]
+    assert [r["shards"] for r in results] == [[0, 2, 4], [1, 3, 5]]
+    assert json.loads((store / "manifest.json").read_text())["shards"] == {}  # workers never write it
+    assert len(list((store / gd.ENTRIES).glob("*.json"))) == 6
+
+    summary = gd.merge_shards(store)
+    assert summary.complete and summary.rows == 1797 and summary.shards == 6 and summary.dim == 64
+    assert not list((store / gd.ENTRIES).glob("*.json"))
+    parts = _ids_per_part(store)
+    flat = [i for ids in parts for i in ids]
+    assert len(flat) == len(set(flat)) == 1797  # every image in exactly one part
+
+    # the same rows, in the same order, with the same values as the single-process extraction
+    single = pipeline.extract_stage(_params(tmp_path / "single", shard_rows=300), progress=False)
+    a, b = read_embeddings(store), read_embeddings(Path(single["store"]))
+    assert a.image_ids == b.image_ids and np.array_equal(a.embeddings, b.embeddings)
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_an_interrupted_sharded_run_resumes_without_redoing_finished_shards(tmp_path):
+    params = _params(tmp_path / "cache", shard_rows=600)
+    plan = gd.plan_shards(params, n_workers=2)  # 3 shards
+    gd.extract_shards(params, plan["store"], [1], 600)  # then the run died
+    again = gd.plan_shards({**params, "shard_rows": 100}, n_workers=8)  # a rerun keeps the store's layout
+    assert again["shard_rows"] == 600 and again["pending"] == [0, 2]
+    assert json.loads((Path(plan["store"]) / "manifest.json").read_text())["shards"]["00001"]["rows"] == 600
+    assert gd.extract_shards(params, plan["store"], [1, 2], 600)["shards"] == [2]  # shard 1 is not redone
+    gd.extract_shards(params, plan["store"], [0], 600)
+    assert gd.merge_shards(plan["store"]).rows == 1797
+
+    entry = Path(plan["store"]) / gd.ENTRIES / "00000.json"  # an entry that disagrees with its part
+    entry.parent.mkdir(exist_ok=True)
+    entry.write_text(json.dumps({"file": "part-00000.parquet", "rows": 5, "dim": 64, "quarantined": []}))
+    with pytest.raises(RuntimeError, match="600 rows, its manifest entry says 5"):
+        gd.merge_shards(plan["store"])
+
+
+def test_dask_kmeans_matches_the_single_process_fit(tmp_path):
+    from distributed import LocalCluster
+
+    from gpu_ops.registry import create_estimator
+
+    params = _params(tmp_path / "cache", shard_rows=400)
+    plan = gd.plan_shards(params, n_workers=2)
+    gd.extract_shards(params, plan["store"], plan["pending"], 400)
+    gd.merge_shards(plan["store"])
+    table = read_embeddings(Path(plan["store"]))
+    single, _ = create_estimator("kmeans", "cpu", n_clusters=10, n_init=3, max_iter=100, seed=0)
+    single.fit(table.embeddings)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        whole = gd.dask_kmeans(cluster.scheduler_address, plan["store"], 10, n_init=3, seed=0, backend="cpu")
+        sampled = gd.dask_kmeans(cluster.scheduler_address, plan["store"], 10, n_init=3, seed=0, backend="cpu",
+                                 init_sample_rows=600)
+    # store smaller than the sample: the initial fit is the single-process fit, Lloyd only refines it
+    assert whole["backend"].startswith("dask-lloyd+") and whole["labels"].shape == (1797,)
+    assert evaluate(table.labels, whole["labels"])["acc"] == pytest.approx(
+        evaluate(table.labels, single.labels_)["acc"], abs=0.01)
+    assert whole["inertia"] <= single.inertia_ * 1.001
+    # fit on a third of the rows, then exact passes over all partitions: objective within 2 %
+    assert sampled["inertia"] <= single.inertia_ * 1.02
+    assert evaluate(table.labels, sampled["labels"])["acc"] > 0.75
+
+
+def test_cluster_settings_for_every_kind(monkeypatch):
+    env = {"PREFECT_API_URL": "http://10.0.0.2:4200/api"}
+    local = gd.cluster_kwargs("dask", n_workers=3, processes=True, env=env)
+    assert local == {"n_workers": 3, "threads_per_worker": 1, "processes": True, "env": env}
+    assert "env" not in gd.cluster_kwargs("dask", processes=False, env=env)  # threads share this process's env
+    assert "n_workers" not in gd.cluster_kwargs("dask-cuda", env=env)  # one worker per visible GPU
+
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    slurm = gd.cluster_kwargs("slurm", env=env, extra={"queue": "gpu", "account": "vision", "cores": 8,
+                                                       "memory": "64GB", "walltime": "02:00:00",
+                                                       "job_extra_directives": ["--gres=gpu:1"]})
+    with SLURMCluster(**slurm, scheduler_options={"dashboard_address": None}) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A vision", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
+                 "export PREFECT_API_URL=http://10.0.0.2:4200/api"):
+        assert line in script
+    pbs = gd.cluster_kwargs("pbs", env=env, extra={"queue": "gpuq", "cores": 4, "memory": "32GB",
+                                                   "resource_spec": "select=1:ncpus=4:ngpus=1:mem=32GB"})
+    with PBSCluster(**pbs, scheduler_options={"dashboard_address": None}) as cluster:
+        script = cluster.job_script()
+    assert "#PBS -q gpuq" in script and "#PBS -l select=1:ncpus=4:ngpus=1:mem=32GB" in script
+
+    import importlib.util
+
+    if importlib.util.find_spec("dask_cuda") is None:
+        with pytest.raises(InputError, match=r"gpuclust\[gpu\]"):
+            gd._import_cluster_class("dask-cuda")
+
+
+def test_cli_task_runner_flags_merge_with_the_config_file(tmp_path):
+    from flows.cli import build_parser, run_config_from_args
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("task_runner: {kind: slurm, n_workers: 4, cluster_kwargs: {queue: gpu}}\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--dask-workers", "2"])
+    tr = run_config_from_args(args).task_runner
+    assert (tr.kind, tr.n_workers, tr.cluster_kwargs) == ("slurm", 2, {"queue": "gpu"})
+    args = build_parser().parse_args(["run", "--dask-address", "tcp://10.0.0.5:8786"])
+    tr = run_config_from_args(args).task_runner
+    assert (tr.kind, tr.address) == ("dask", "tcp://10.0.0.5:8786")
+    assert run_config_from_args(build_parser().parse_args(["run"])).task_runner.kind == "local"
+
+
+def test_mnist_on_a_two_worker_local_cluster_matches_the_single_process_run(prefect_harness, data_dir, tmp_path):
+    """The acceptance run: Dask LocalCluster (2 worker processes) vs one process, MNIST test split."""
+    from flows.pipeline import cluster_images
+
+    common = dict(dataset=f"idx:{data_dir / 'mnist'}", split="test", extractor="raw", algorithms=["kmeans"], k=10,
+                  n_init=1, reducer="none", backend="cpu")
+    on_dask = cluster_images(make_config(**common, out=tmp_path / "dask", cache_dir=tmp_path / "c-dask",
+                                         task_runner={"kind": "dask", "n_workers": 2}))
+    single = cluster_images(make_config(**common, out=tmp_path / "single", cache_dir=tmp_path / "c-single"))
+    acc_dask, acc_single = on_dask["algorithms"]["kmeans"]["acc"], single["algorithms"]["kmeans"]["acc"]
+    print(f"MNIST test split, raw, k-means k=10: ACC 2-worker Dask {acc_dask:.4f} vs single process {acc_single:.4f}")
+    assert abs(acc_dask - acc_single) <= 0.01
+    assert on_dask["algorithms"]["kmeans"]["backend"].startswith("dask-lloyd+")
+
+    store = Path(on_dask["store"])
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["shard_rows"] == 4096  # the single-process layout: 3 shards
+    assert len({s["writer"] for s in manifest["shards"].values()}) == 2  # both worker processes wrote parts
+    flat = [i for ids in _ids_per_part(store) for i in ids]
+    assert len(flat) == len(set(flat)) == 10_000  # every image in exactly one Parquet part
+    assert flat == read_embeddings(Path(single["store"])).image_ids
