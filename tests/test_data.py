@@ -90,3 +90,10 @@ def test_npz_without_X(tmp_path):
     np.savez(tmp_path / "c.npz", data=np.zeros((3, 3)))
     with pytest.raises(InputError, match=r"c.npz: .npz has no array 'X' \(found: data\)"):
         load_dataset(f"npz:{tmp_path / 'c.npz'}")
+
+
+def test_limit_cuts_every_per_item_sequence(cifar_folder):
+    ds = load_dataset("digits", limit=100)
+    assert len(ds.items) == len(ds.labels) == len(ds.image_ids) == 100
+    folder = load_dataset(f"folder:{cifar_folder}", limit=7)
+    assert len(folder.paths) == 7 and folder.load(6).shape == (32, 32, 3)

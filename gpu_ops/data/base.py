@@ -105,9 +105,12 @@ class _Head(Dataset):
         return hash_strings([self.parent.fingerprint(), f"head={self._limit}"])
 
     def __getattr__(self, attr: str):  # expose reader-specific extras (e.g. paths)
-        if attr.startswith("__") or attr == "parent":  # unpickling looks these up before parent exists
+        if attr.startswith("__") or attr in ("parent", "_limit"):  # unpickling looks these up first
             raise AttributeError(attr)
-        return getattr(self.parent, attr)
+        value = getattr(self.parent, attr)
+        if attr in ("items", "paths"):  # per-item sequences: only the first `limit`
+            return value[: self._limit]
+        return value
 
 
 def hash_strings(parts: list[str]) -> str:

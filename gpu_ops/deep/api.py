@@ -44,7 +44,7 @@ class DeepConfig:
     # k-means initialisation of the centroids (DKM, DEC, IDEC) and the ae-kmeans method
     kmeans_n_init: int = 20
     # DKM
-    dkm_epochs: int = 20
+    dkm_epochs: int = 10
     dkm_lambda: float = 1.0
     dkm_alpha0: float = 0.1
     dkm_lr: float = 1e-4
@@ -182,11 +182,16 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
     seed_everything(seed)
     X = images_to_tensor(X_np, cfg.image_size)
     n = X.shape[0]
-    ae_cfg = AutoencoderConfig(arch=cfg.arch, latent_dim=cfg.latent_dim, epochs=cfg.resolved_epochs(n),
-                               batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, augment=cfg.augment,
+    arch, augment = cfg.arch, cfg.augment
+    if X.ndim == 2 and (arch == "conv" or augment):
+        log.info("%s: inputs are vectors of length %d, not images: using the dense autoencoder without augmentation",
+                 method, X.shape[1])
+        arch, augment = "dense", False
+    ae_cfg = AutoencoderConfig(arch=arch, latent_dim=cfg.latent_dim, epochs=cfg.resolved_epochs(n),
+                               batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, augment=augment,
                                image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters)
     ae_cfg.validate()
-    log.info("%s: n=%d k=%d device=%s arch=%s latent=%d pretrain_epochs=%d", method, n, k, dev, cfg.arch,
+    log.info("%s: n=%d k=%d device=%s arch=%s latent=%d pretrain_epochs=%d", method, n, k, dev, arch,
              cfg.latent_dim, ae_cfg.epochs)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
