@@ -1,4 +1,8 @@
-"""t-SNE backends: cuML (2-D only) and openTSNE."""
+"""t-SNE backends: cuML (2-D only) and openTSNE, and a perplexity sweep (several maps, one figure).
+
+Three (or more) components run on openTSNE (Barnes-Hut): the registry sends ``n_components != 2``
+away from cuML and logs why.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ def check_perplexity(perplexity: float, n_samples: int) -> None:
 
 
 class OpenTSNE:
-    """openTSNE (FFT-accelerated interpolation, multi-threaded); ``embedding_`` (n, n_components)."""
+    """openTSNE (Barnes-Hut below 10 000 points, FFT interpolation above; multi-threaded);
+    ``embedding_`` (n, n_components)."""
 
     def __init__(self, n_components: int = 2, perplexity: float = 30.0, seed: int = 0, n_jobs: int = -1, **_: object) -> None:
         self.n_components = n_components
@@ -32,8 +37,10 @@ class OpenTSNE:
 
         X = as_float32_matrix(X)
         check_perplexity(self.perplexity, X.shape[0])
-        # FFT gradients are fastest for 1-2-D; Barnes-Hut is the only choice beyond that.
-        method = "fft" if int(self.n_components) <= 2 else "bh"
+        # openTSNE's "auto": Barnes-Hut below 10 000 points, FFT interpolation above (FFT's grid
+        # has a fixed cost: 400 digits took 22-30 s with FFT, 1.6 s with Barnes-Hut). FFT only
+        # exists for 1-2 components, so 3-D is always Barnes-Hut.
+        method = "auto" if int(self.n_components) <= 2 else "bh"
         tsne = TSNE(
             n_components=int(self.n_components),
             perplexity=float(self.perplexity),
@@ -112,3 +119,95 @@ def _cuml(**params: object) -> CumlTSNE:
                   description="openTSNE (FFT-accelerated)")
 def _opentsne(**params: object) -> OpenTSNE:
     return OpenTSNE(**params)
+
+
+def perplexity_sweep(X: np.ndarray, perplexities: "list[float] | tuple[float, ...]" = (5.0, 30.0, 50.0, 100.0), *,
+                     backend: str = "auto", seed: int = 0, labels: np.ndarray | None = None,
+                     path: "str | None" = None, title: str | None = None) -> dict:
+    """2-D t-SNE maps of ``X`` (n, d) at several perplexities, side by side in one figure.
+
+    Perplexity is roughly the number of neighbours each point attends to: small values show local
+    structure (and break clusters into fragments), large ones keep more of the global layout.
+    One map per perplexity, each from the registry's ``tsne`` backend (cuML on a GPU, openTSNE
+    here) with the same seed; perplexities that need more than n / 3 points are skipped (logged).
+
+    Parameters
+    ----------
+    X : np.ndarray of shape (n, d)
+    perplexities : sequence of float
+    backend : str
+    seed : int
+    labels : np.ndarray of shape (n,) or None
+        Colours for the points (clusters or classes); one colour when None.
+    path : str or Path or None
+        Where to write the PNG (a row of panels, at most four per row).
+    title : str or None
+
+    Returns
+    -------
+    dict with ``perplexities`` (those run), ``embeddings`` (list of (n, 2) float32), ``backends``,
+    ``seconds``, ``skipped`` and ``figure`` (the PNG's path or None).
+    """
+    import logging
+    import time
+    from pathlib import Path
+
+    from gpu_ops.registry import create_estimator
+
+    log = logging.getLogger(__name__)
+    X = as_float32_matrix(X)
+    n = X.shape[0]
+    if not len(perplexities):
+        raise InputError("perplexity sweep needs at least one perplexity")
+    run, skipped = [], []
+    for p in perplexities:
+        p = float(p)
+        if p <= 0:
+            raise InputError(f"perplexity must be positive; got {p!r}")
+        (run if n > 3 * p else skipped).append(p)
+    if skipped:
+        log.warning("t-SNE sweep: skipping perplexities %s (need more than 3 x perplexity points; have %d)", skipped, n)
+    if not run:
+        raise InputError(f"no perplexity in {list(perplexities)} is usable with {n} samples (need n > 3 x perplexity)")
+    out: dict = {"perplexities": run, "embeddings": [], "backends": [], "seconds": [], "skipped": skipped, "figure": None}
+    for p in run:
+        t0 = time.perf_counter()
+        est, res = create_estimator("tsne", backend, n_components=2, perplexity=p, seed=seed)
+        out["embeddings"].append(est.fit(X).embedding_)
+        out["backends"].append(res.backend)
+        out["seconds"].append(round(time.perf_counter() - t0, 3))
+    if path is not None:
+        out["figure"] = str(_sweep_figure(out, labels, Path(path), title or f"t-SNE perplexity sweep (n={n})"))
+    return out
+
+
+def _sweep_figure(sweep: dict, labels: np.ndarray | None, path: "Path", title: str) -> "Path":
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    maps = sweep["embeddings"]
+    cols = min(4, len(maps))
+    rows = -(-len(maps) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.6 * rows + 0.4), dpi=110)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    n = maps[0].shape[0]
+    size = max(0.5, min(8.0, 8000.0 / max(n, 1)))
+    if labels is not None:
+        labels = np.asarray(labels)
+        ids, codes = np.unique(labels, return_inverse=True)
+        cmap = matplotlib.colormaps["tab20" if len(ids) > 10 else "tab10"]
+        colors = cmap(codes % cmap.N)
+        colors[labels < 0] = (0.7, 0.7, 0.7, 1.0)  # noise / unlabelled in grey
+    else:
+        colors = "tab:blue"
+    for ax, xy, p, backend, secs in zip(axes, maps, sweep["perplexities"], sweep["backends"], sweep["seconds"]):
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, c=colors, linewidths=0)
+        ax.set_title(f"perplexity {p:g} ({backend}, {secs:.0f} s)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(maps):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
