@@ -7,6 +7,9 @@ import functools
 import importlib
 import importlib.metadata as md
 import logging
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +82,14 @@ def torch_device(backend: str = "auto") -> str:
     if backend == "gpu":
         log.warning("backend 'gpu' requested but CUDA is not available: running on CPU")
     return "cpu"
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A numpy copy of ``a``; device arrays (CuPy, anything with ``__cuda_array_interface__``) are copied back."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asnumpy(a)
+    if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
+        return np.asarray(a.to_numpy())
+    return np.asarray(a)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix
-from gpu_ops.cluster.kmeans import to_host
+from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
 

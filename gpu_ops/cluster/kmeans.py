@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix, check_n_clusters
-from gpu_ops.device import faiss_has_gpu
+from gpu_ops.device import faiss_has_gpu, to_host
 from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
 
@@ -212,17 +212,6 @@ def seeding_rows(n: int, k: int, d: int, n_seedings: int, init_sample: int | Non
         if r >= min(n, 2 * k):
             return r, tries
     return 0, 0
-
-
-def to_host(a: Any) -> np.ndarray:
-    """A numpy copy of ``a``; device arrays (CuPy, anything with ``__cuda_array_interface__``) are copied back."""
-    if hasattr(a, "__cuda_array_interface__"):
-        import cupy
-
-        return cupy.asnumpy(a)
-    if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
-        return np.asarray(a.to_numpy())
-    return np.asarray(a)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix
+from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
 
@@ -16,17 +15,6 @@ def check_components(n_components: int, X: np.ndarray) -> None:
     limit = min(X.shape)
     if not 1 <= int(n_components) <= limit:
         raise InputError(f"n_components={n_components} must be between 1 and min(n_samples, n_features)={limit}")
-
-
-def to_host(a: Any) -> np.ndarray:
-    """A numpy copy of ``a``; device arrays (CuPy, anything with ``__cuda_array_interface__``) are copied back."""
-    if hasattr(a, "__cuda_array_interface__"):
-        import cupy
-
-        return cupy.asnumpy(a)
-    if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
-        return np.asarray(a.to_numpy())
-    return np.asarray(a)
 
 
 class CumlPCA:
