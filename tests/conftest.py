@@ -39,6 +39,17 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mnist_test(data_dir: Path):
+    """MNIST test split: X (10000, 784) float32 in [0, 1], y (10000,) int32."""
+    import numpy as np
+
+    from gpu_ops.data import load_dataset
+
+    ds = load_dataset(f"idx:{data_dir / 'mnist'}", "test")
+    return ds.items.reshape(len(ds), -1).astype(np.float32) / 255.0, np.asarray(ds.labels)
+
+
+@pytest.fixture(scope="session")
 def cifar_folder(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 real CIFAR-10 test JPEGs (20 per class) in class-named subfolders."""
     out = tmp_path_factory.mktemp("cifar")
@@ -84,8 +95,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
                              "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while time.time() < deadline:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:

@@ -98,7 +98,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
     server = Live(tmp_path_factory.mktemp("live-prefect"))
     proc = server.spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                          str(urllib.request.urlparse(server.url).port)], "server")
-    deadline = time.time() + 180
+    deadline = time.monotonic() + 180
     while True:
         try:
             with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
@@ -107,7 +107,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
         except OSError:
             pass
         assert proc.poll() is None, f"prefect server exited: {server.log('server')}"
-        assert time.time() < deadline, "prefect server did not become healthy in 180 s"
+        assert time.monotonic() < deadline, "prefect server did not become healthy in 180 s"
         time.sleep(0.5)
     yield server
     for p in reversed(server.procs):  # the server last
@@ -124,13 +124,13 @@ def live(tmp_path_factory: pytest.TempPathFactory):
 
 def _wait_for_final_state(live: Live, flow_run_id: Any, timeout: float, watch: subprocess.Popen, name: str) -> Any:
     with live.client() as client:
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             run = client.read_flow_run(flow_run_id)
             if run.state and run.state.is_final():
                 return run
             assert watch.poll() is None, f"{name} exited: {live.log(name)}"
-            assert time.time() < deadline, f"flow run still {run.state.name if run.state else None}: {live.log(name)}"
+            assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None}: {live.log(name)}"
             time.sleep(1)
 
 
@@ -179,11 +179,11 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(live, tmp_path):
 def test_gpuclust_serve_shows_up_in_prefect_deployment_ls(live):
     serve = live.spawn([GPUCLUST, "serve", "--name", "serve-test", "--cron", "15 3 * * *", "--timezone",
                         "Europe/Berlin", "--algorithm", "kmeans", "--reducer", "pca"], "serve")
-    deadline = time.time() + 180
+    deadline = time.monotonic() + 180
     listing = ""
     while "cluster-images/serve-test" not in listing:
         assert serve.poll() is None, f"gpuclust serve exited: {live.log('serve')}"
-        assert time.time() < deadline, f"not listed after 180 s: {listing}\n{live.log('serve')}"
+        assert time.monotonic() < deadline, f"not listed after 180 s: {listing}\n{live.log('serve')}"
         time.sleep(2)
         listing = live.cli("deployment", "ls").stdout
     with live.client() as client:

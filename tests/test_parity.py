@@ -10,34 +10,10 @@ faster on a shared 2-core machine (27 s vs 39 s).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from gpu_ops.metrics import evaluate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _mnist_dir() -> Path | None:
-    for base in (os.environ.get("GPUCLUST_DATA"), REPO / "shared" / "data", REPO.parent / "shared" / "data"):
-        if base and (Path(base) / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
-            return Path(base) / "mnist"
-    return None
-
-
-@pytest.fixture(scope="module")
-def mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST test split: X (10000, 784) float32 in [0, 1], y (10000,)."""
-    from gpu_ops.data import load_dataset
-
-    path = _mnist_dir()
-    if path is None:
-        pytest.skip("MNIST not found (set GPUCLUST_DATA to the folder holding mnist/)")
-    ds = load_dataset(f"idx:{path}", "test")
-    return ds.items.reshape(len(ds.items), -1).astype(np.float32) / 255.0, np.asarray(ds.labels)
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,9 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_image(data_dir, tmp_path):
     script.write_text(_EXTRACT_SCRIPT)
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([sys.executable, str(script), spec, str(killed_root)])
-    deadline = time.time() + 120
+    deadline = time.monotonic() + 120
     shards_at_kill = 0
-    while time.time() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None:
         manifests = list(killed_root.glob("*/*/manifest.json"))
         if manifests:
             try:

@@ -52,6 +52,15 @@ class _HDBSCANParams:
             raise InputError(f"HDBSCAN with min_cluster_size={mcs} needs at least {mcs} samples; got {X.shape[0]}")
         return X
 
+    def _shared_kwargs(self) -> dict[str, object]:
+        """The parameters scikit-learn's and cuML's HDBSCAN take under the same names."""
+        return {
+            "min_cluster_size": int(self.min_cluster_size),
+            "min_samples": None if self.min_samples is None else int(self.min_samples),
+            "cluster_selection_epsilon": float(self.cluster_selection_epsilon),
+            "cluster_selection_method": self.cluster_selection_method,
+        }
+
     def _finish(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
         self.labels_ = np.asarray(labels).astype(np.int64)
         self.probabilities_ = np.asarray(probabilities, dtype=np.float32)
@@ -67,10 +76,7 @@ class SklearnHDBSCAN(_HDBSCANParams):
 
         X = self._validate(X)
         model = HDBSCAN(
-            min_cluster_size=int(self.min_cluster_size),
-            min_samples=None if self.min_samples is None else int(self.min_samples),
-            cluster_selection_epsilon=float(self.cluster_selection_epsilon),
-            cluster_selection_method=self.cluster_selection_method,
+            **self._shared_kwargs(),
             n_jobs=-1,
             copy=True,  # never overwrite the caller's array
         ).fit(X)
@@ -86,10 +92,7 @@ class CumlHDBSCAN(_HDBSCANParams):
         from cuml.cluster.hdbscan import HDBSCAN
 
         model = HDBSCAN(
-            min_cluster_size=int(self.min_cluster_size),
-            min_samples=None if self.min_samples is None else int(self.min_samples),
-            cluster_selection_epsilon=float(self.cluster_selection_epsilon),
-            cluster_selection_method=self.cluster_selection_method,
+            **self._shared_kwargs(),
             output_type="numpy",
         ).fit(X)
         self._finish(to_host(model.labels_), to_host(model.probabilities_))

@@ -15,61 +15,13 @@ or, for FAISS, without a GPU build of faiss. Tolerances:
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from gpu_ops.metrics import evaluate
 
 pytestmark = pytest.mark.gpu
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def cuml_gpu() -> None:
-    """Skip unless CUDA is visible and cuML imports."""
-    if not cuda_available():
-        pytest.skip("no CUDA device visible")
-    # package_status catches every import failure (a broken CUDA install raises more than
-    # ImportError), so the test skips with the reason instead of erroring.
-    ok, why = package_status("cuml")
-    if not ok:
-        pytest.skip(why)
-    pytest.importorskip("cuml")
-
-
-@pytest.fixture(scope="module")
-def faiss_gpu() -> None:
-    """Skip unless faiss is a GPU build and sees a GPU."""
-    if not cuda_available():
-        pytest.skip("no CUDA device visible")
-    if not faiss_has_gpu():
-        pytest.skip("faiss is not a GPU build, or it sees no GPU")
-
-
-def _mnist_dir() -> Path | None:
-    candidates = [os.environ.get("GPUCLUST_DATA"), REPO / "shared" / "data", REPO.parent / "shared" / "data"]
-    for base in candidates:
-        if base and (Path(base) / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
-            return Path(base) / "mnist"
-    return None
-
-
-@pytest.fixture(scope="module")
-def mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST test split: X (10000, 784) float32 in [0, 1], y (10000,)."""
-    from gpu_ops.data import load_dataset
-
-    path = _mnist_dir()
-    if path is None:
-        pytest.skip("MNIST not found (set GPUCLUST_DATA to the folder holding mnist/)")
-    ds = load_dataset(f"idx:{path}", "test")
-    X = ds.items.reshape(len(ds.items), -1).astype(np.float32) / 255.0
-    return X, np.asarray(ds.labels)
 
 
 @pytest.fixture(scope="module")

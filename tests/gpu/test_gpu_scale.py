@@ -21,34 +21,11 @@ import time
 import numpy as np
 import pytest
 
-from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
+from gpu_ops.device import cuda_available
 
 pytestmark = pytest.mark.gpu
 
 N_SCALE, D_SCALE, K_SCALE, ITERS_SCALE = 1_000_000, 256, 20_000, 25
-
-
-@pytest.fixture(scope="module")
-def cuml_gpu() -> None:
-    if not cuda_available():
-        pytest.skip("no CUDA device visible")
-    ok, why = package_status("cuml")
-    if not ok:
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def faiss_gpu() -> None:
-    if not cuda_available():
-        pytest.skip("no CUDA device visible")
-    from gpu_ops.cluster.kmeans import import_faiss
-
-    try:
-        import_faiss()
-    except ImportError:
-        pytest.skip("faiss is not installed")
-    if not faiss_has_gpu():
-        pytest.skip("faiss is not a GPU build, or it sees no GPU")
 
 
 @pytest.fixture(scope="module")
