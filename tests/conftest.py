@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
+
 REPO = Path(__file__).resolve().parents[1]
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpuclust-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
@@ -126,3 +128,25 @@ def run_cli(args: list[str], *, api_url: str | None = None, cwd: Path | None = N
         env["PREFECT_API_URL"] = api_url
     exe = Path(sys.executable).parent / "gpuclust"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)
+
+
+# GPU tests (tests/gpu): skip with the reason where CUDA or the GPU packages are missing.
+@pytest.fixture(scope="session")
+def cuml_gpu() -> None:
+    """Skip unless CUDA is visible and cuML imports."""
+    if not cuda_available():
+        pytest.skip("no CUDA device visible")
+    # package_status catches every import failure (a broken CUDA install raises more than
+    # ImportError), so the test skips with the reason instead of erroring.
+    ok, why = package_status("cuml")
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def faiss_gpu() -> None:
+    """Skip unless faiss is a GPU build and sees a GPU."""
+    if not cuda_available():
+        pytest.skip("no CUDA device visible")
+    if not faiss_has_gpu():
+        pytest.skip("faiss is not a GPU build, or it sees no GPU")
