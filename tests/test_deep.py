@@ -26,6 +26,7 @@ from gpu_ops.deep import (
     target_distribution,
     train_autoencoder,
 )
+from gpu_ops.deep.api import cluster_means
 from gpu_ops.errors import InputError
 from gpu_ops.metrics import evaluate
 
@@ -110,6 +111,32 @@ def test_dkm_assignment_is_vectorised_and_matches_a_per_sample_loop():
     assert float(dkm_cluster_loss(z, c, alpha)) == pytest.approx(ref_loss / 7, rel=1e-4)
 
 
+def test_dkm_warmup_loss_pulls_each_point_to_its_given_centroid():
+    z = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0]])
+    c = torch.tensor([[0.0, 0.0], [4.0, 3.0]])
+    fixed = torch.tensor([1, 1, 0])  # squared distances 25, 9, 9
+    assert float(dkm_cluster_loss(z, c, alpha=100.0, fixed=fixed)) == pytest.approx(43 / 3)
+
+
+def test_cluster_means_per_label_and_empty_clusters():
+    z = np.array([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0]], np.float32)
+    means = cluster_means(z, np.array([0, 0, 2]), 3)
+    np.testing.assert_array_equal(means[0], [1.0, 1.0])
+    np.testing.assert_array_equal(means[2], [10.0, 10.0])
+    assert any((means[1] == row).all() for row in z)  # an empty cluster starts at a data point
+
+
+def test_manifold_partition_leaves_torch_threads_alone():
+    """UMAP (numba) and FAISS share torch's OpenMP runtime and reset its thread count."""
+    from gpu_ops.deep.n2d import manifold_cluster
+
+    z = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    assert torch.get_num_threads() == 1
+    labels, manifold, _ = manifold_cluster(z, 3, n_components=2, n_neighbors=10)
+    assert torch.get_num_threads() == 1
+    assert labels.shape == (300,) and manifold.shape == (300, 2)
+
+
 def test_dkm_alpha_is_annealed_upwards():
     alphas = alpha_schedule(10, 0.1)
     assert alphas[0] == pytest.approx(0.1)
@@ -170,8 +197,11 @@ def test_fit_deep_reuses_the_pretrained_autoencoder(mnist_small, tmp_path):
     np.testing.assert_array_equal(first.labels, second.labels)
     assert first.labels.shape == (600,) and first.labels.dtype == np.int64
     assert first.embedding.shape == (600, 10) and first.embedding.dtype == np.float32
+    assert first.info["init"]["method"] == "manifold"
+    assert [h["phase"] for h in first.history if h["phase"].startswith(("manifold", "dkm"))] == (
+        ["manifold-init"] + ["dkm-warmup"] * 5 + ["dkm"] * 2)
     dkm_epochs = [h for h in first.history if h["phase"] == "dkm"]
-    assert len(dkm_epochs) == 2 and all({"loss", "alpha", "acc", "nmi", "ari"} <= set(h) for h in dkm_epochs)
+    assert all({"loss", "alpha", "acc", "nmi", "ari"} <= set(h) for h in dkm_epochs)
     assert dkm_epochs[1]["alpha"] > dkm_epochs[0]["alpha"]
 
 

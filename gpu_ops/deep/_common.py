@@ -7,9 +7,9 @@ import logging
 import os
 import random
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -105,6 +105,21 @@ def evaluate_labels(y_true: np.ndarray | None, y_pred: np.ndarray) -> dict[str, 
     return evaluate(np.asarray(y_true), np.asarray(y_pred))
 
 
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's CPU thread count after the block.
+
+    torch shares its OpenMP runtime with numba (UMAP) and FAISS, and their calls reset the
+    runtime's thread count: after a UMAP, a torch pinned to 1 thread ran its convolutions on 2
+    (an epoch took 50 s instead of 7 s with two such processes on two cores).
+    """
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def quick_kmeans(z: np.ndarray, k: int, seed: int, n_init: int = 1, max_iter: int = 25,
                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """k-means through the backend registry (FAISS/cuML/sklearn): (labels (n,), centres (k, d))."""
@@ -112,7 +127,8 @@ def quick_kmeans(z: np.ndarray, k: int, seed: int, n_init: int = 1, max_iter: in
 
     est, _ = create_estimator("kmeans", backend, n_clusters=int(k), max_iter=int(max_iter),
                               n_init=int(n_init), seed=int(seed))
-    est.fit(np.ascontiguousarray(z, dtype=np.float32))
+    with torch_threads_kept():
+        est.fit(np.ascontiguousarray(z, dtype=np.float32))
     return np.asarray(est.labels_, dtype=np.int64), np.asarray(est.cluster_centers_, dtype=np.float32)
 
 

@@ -9,6 +9,10 @@ every ``update_interval`` iterations; the loss is KL(P || Q). DEC trains the enc
 keeps the decoder and adds the reconstruction loss (``L = L_rec + gamma * KL``, gamma = 0.1)
 so the embedding keeps its local structure. Training stops when fewer than ``tol`` of the
 hard labels change between two target refreshes, or after ``max_iter`` iterations.
+
+With ``augment`` (DEC-DA, Guo et al. 2018) the network sees randomly warped images while the
+targets come from the clean ones, so the clusters must hold under small shifts, rotations and
+scalings; on MNIST this is what lifts IDEC from ~0.956 to ~0.98 ACC.
 """
 
 from __future__ import annotations
@@ -41,16 +45,18 @@ def target_distribution(q: torch.Tensor) -> torch.Tensor:
 def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: torch.device, *,
               improved: bool, max_iter: int = 20000, update_interval: int = 140, tol: float = 0.001,
               batch_size: int = 256, gamma: float = 0.1, lr: float | None = None, optimizer: str | None = None,
-              alpha: float = 1.0, seed: int = 0, labels: np.ndarray | None = None,
+              alpha: float = 1.0, augment: bool = False, seed: int = 0, labels: np.ndarray | None = None,
               progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Run DEC (``improved=False``) or IDEC (``improved=True``) from pretrained ``model``.
 
     Returns (hard labels (n,), centroids (k, d), one record per target refresh).
     Default optimisers follow the papers: DEC SGD(lr 0.01, momentum 0.9), IDEC Adam(lr 0.001).
+    With ``augment`` (images only), each batch is randomly warped before the network sees it while
+    the targets stay those of the clean images (DEC-DA, Guo et al. 2018).
     """
     from tqdm.auto import tqdm
 
-    from gpu_ops.deep.autoencoder import _move_data, encode_tensor
+    from gpu_ops.deep.autoencoder import _augment, _move_data, encode_tensor
 
     model.to(device).train()
     mu = nn.Parameter(torch.as_tensor(centroids, dtype=torch.float32, device=device).clone())
@@ -105,6 +111,8 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         pos += batch_size
         xb = (Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]).to(device, non_blocking=True)
         pb = p_all[idx.to(p_all.device)]  # type: ignore[index]
+        if augment and xb.ndim == 4:
+            xb = _augment(xb, gen)
         with autocast(device):
             if improved:
                 z, rec = model(xb)

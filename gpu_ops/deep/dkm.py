@@ -8,6 +8,11 @@ Loss per sample ``x`` with embedding ``z = f(x)``::
 ``alpha`` (the inverse temperature of the soft assignment) is annealed upwards over the epochs,
 so assignments go from soft to (almost) hard k-means. The assignment of a whole batch is one
 (b, k) distance matrix and one softmax: no per-sample loop.
+
+Started from a partition that is better than k-means on the pretrained embedding (N2D's, see
+``DeepConfig.cluster_init``), a few warm-up epochs first pull every embedding towards the centroid
+of its initial cluster with hard assignments; otherwise DKM's own nearest-centroid assignments
+would fall back to what k-means sees in the embedding.
 """
 
 from __future__ import annotations
@@ -36,8 +41,14 @@ def dkm_assignments(z: torch.Tensor, centroids: torch.Tensor, alpha: float) -> t
     return d2, torch.softmax(-float(alpha) * d2, dim=1)
 
 
-def dkm_cluster_loss(z: torch.Tensor, centroids: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Mean over the batch of ``sum_k d(z, r_k) * G_k(z, alpha)``."""
+def dkm_cluster_loss(z: torch.Tensor, centroids: torch.Tensor, alpha: float,
+                     fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ``sum_k d(z, r_k) * G_k(z, alpha)``.
+
+    ``fixed`` (b,) int64 replaces the soft assignment G by these hard ones (the warm-up epochs).
+    """
+    if fixed is not None:
+        return (z.float() - centroids.float()[fixed]).pow(2).sum(1).mean()
     d2, g = dkm_assignments(z, centroids, alpha)
     return (d2 * g).sum(1).mean()
 
@@ -52,16 +63,19 @@ def alpha_schedule(n: int, alpha0: float = 0.1) -> list[float]:
 
 def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: torch.device, *,
               epochs: int = 20, batch_size: int = 256, lr: float = 1e-3, lam: float = 1.0,
-              alpha0: float = 0.1, seed: int = 0, labels: np.ndarray | None = None,
+              alpha0: float = 0.1, augment: bool = False, init_labels: np.ndarray | None = None,
+              warmup_epochs: int = 0, seed: int = 0, labels: np.ndarray | None = None,
               progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Jointly train ``model`` and the centroids; returns (hard labels, centroids, per-epoch records).
 
     The reconstruction term is the per-sample sum of squared errors (as in the paper), so
-    ``lam`` weighs two quantities of comparable scale.
+    ``lam`` weighs two quantities of comparable scale. With ``init_labels`` (n,), the first
+    ``warmup_epochs`` epochs pull each embedding towards the centroid of its initial cluster
+    (hard assignments) before DKM's own soft assignments take over with the alpha schedule.
     """
     from tqdm.auto import tqdm
 
-    from gpu_ops.deep.autoencoder import _move_data, encode_tensor
+    from gpu_ops.deep.autoencoder import _augment, _move_data, encode_tensor
 
     model.to(device).train()
     C = nn.Parameter(torch.as_tensor(centroids, dtype=torch.float32, device=device).clone())
@@ -70,20 +84,25 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     n = X.shape[0]
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
-    alphas = alpha_schedule(epochs, alpha0)
-    bar = tqdm(range(epochs), desc="DKM", unit="epoch", disable=not progress, leave=False)
+    fixed_all = torch.as_tensor(init_labels, dtype=torch.int64) if init_labels is not None else None
+    warmup = int(warmup_epochs) if fixed_all is not None else 0
+    alphas = [0.0] * warmup + alpha_schedule(epochs, alpha0)
+    bar = tqdm(range(warmup + epochs), desc="DKM", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         alpha = alphas[epoch]
+        warm = epoch < warmup
         perm = torch.randperm(n, generator=gen)
         s_rec = s_clu = 0.0
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             xb = (Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]).to(device, non_blocking=True)
+            if augment and xb.ndim == 4:
+                xb = _augment(xb, gen)
             with autocast(device):
                 z, rec = model(xb)
             rec_loss = (rec.float() - xb).pow(2).flatten(1).sum(1).mean()
-            clu_loss = dkm_cluster_loss(z.float(), C, alpha)
+            clu_loss = dkm_cluster_loss(z.float(), C, alpha, fixed_all[idx].to(device) if warm else None)
             loss = rec_loss + lam * clu_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -92,12 +111,12 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
             s_clu += float(clu_loss.detach()) * len(idx)
         z_all = torch.from_numpy(encode_tensor(model, X, device=device))
         pred = squared_distances(z_all, C.detach().float().cpu()).argmin(1).numpy().astype(np.int64)
-        rec_ = {"phase": "dkm", "epoch": epoch + 1, "alpha": alpha, "rec": s_rec / n, "clu": s_clu / n,
+        rec_ = {"phase": "dkm-warmup" if warm else "dkm", "epoch": epoch + 1, "alpha": alpha, "rec": s_rec / n, "clu": s_clu / n,
                 "loss": (s_rec + lam * s_clu) / n, "seconds": time.perf_counter() - t0}
         rec_.update(evaluate_labels(labels, pred))
         history.append(rec_)
         bar.set_postfix(loss=f"{rec_['loss']:.4f}")
-        log.info("DKM epoch %d/%d %s", epoch + 1, epochs, format_metrics(rec_))
+        log.info("DKM %sepoch %d/%d %s", "warm-up " if warm else "", epoch + 1, warmup + epochs, format_metrics(rec_))
         model.train()
     model.eval()
     z_all = torch.from_numpy(encode_tensor(model, X, device=device))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_ops.deep._common import quick_kmeans
+from gpu_ops.deep._common import quick_kmeans, torch_threads_kept
 
 log = logging.getLogger("gpu_ops.deep")
 
@@ -24,7 +24,16 @@ def manifold_cluster(z: np.ndarray, n_clusters: int, *, seed: int = 0, n_compone
     """UMAP ``z`` (n, d) to ``n_components`` dims, then cluster it.
 
     Returns (labels (n,) int64, manifold (n, n_components) float32, info with the backends used).
+    torch's CPU thread count is left as it was (see :func:`torch_threads_kept`).
     """
+    with torch_threads_kept():
+        return _umap_then_cluster(z, n_clusters, seed=seed, n_components=n_components, n_neighbors=n_neighbors,
+                                  min_dist=min_dist, clusterer=clusterer, backend=backend, gmm_n_init=gmm_n_init)
+
+
+def _umap_then_cluster(z: np.ndarray, n_clusters: int, *, seed: int, n_components: int, n_neighbors: int,
+                       min_dist: float, clusterer: str, backend: str,
+                       gmm_n_init: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     from gpu_ops.registry import create_estimator
 
     if clusterer not in N2D_CLUSTERERS:
