@@ -46,6 +46,29 @@ def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mn
     assert set(metrics["timings_s"]) >= {"extract", "cluster:kmeans"}
 
 
+def test_deep_clustering_from_the_cli(data_dir, tmp_path):
+    """`--algorithm n2d,idec` in ephemeral mode: the run directory holds both, in the store's order."""
+    import pandas as pd
+
+    out = tmp_path / "deep"
+    result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--limit", "1000",
+                      "--extractor", "raw", "--algorithm", "n2d,idec", "--k", "10", "--deep-epochs", "3",
+                      "--reducer", "none", "--backend", "cpu", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assignments = pd.read_parquet(out / "assignments.parquet")
+    assert len(assignments) == 1000 and {"n2d", "idec"} <= set(assignments.columns)
+    for algorithm in ("n2d", "idec"):
+        entry = metrics["algorithms"][algorithm]
+        assert entry["backend"] == "torch-cpu" and entry["k"] == 10
+        history = json.loads((out / f"history-{algorithm}.json").read_text())
+        assert [h["epoch"] for h in history if h["phase"] == "pretrain"] == [1, 2, 3]
+        # the ACC logged by training is the ACC the evaluate stage finds on the saved assignments
+        assert history[-1]["acc"] == pytest.approx(entry["acc"], abs=1e-4)
+    idec_phases = [h["phase"] for h in json.loads((out / "history-idec.json").read_text())]
+    assert "manifold-init" in idec_phases and idec_phases[-1] == "idec"
+
+
 def _unreadable_folder(tmp_path):
     folder = tmp_path / "unreadable"
     folder.mkdir()

@@ -236,6 +236,14 @@ def test_unknown_method_and_option_are_rejected():
     assert DeepConfig().resolved_epochs(10_000) == 40
 
 
+def test_schedules_scale_with_the_data_size():
+    cfg = DeepConfig()
+    assert [cfg.resolved_epochs(n) for n in (1_000, 10_000, 70_000)] == [200, 40, 20]
+    assert [cfg.resolved_dec_max_iter(n) for n in (1_000, 10_000, 70_000)] == [640, 6000, 10940]
+    assert [cfg.resolved_update_interval(n) for n in (10_000, 70_000)] == [140, 546]
+    assert DeepConfig(dec_max_iter=50, update_interval=7).resolved_dec_max_iter(70_000) == 50
+
+
 @pytest.mark.parametrize("method", ["dec", "idec"])
 def test_dec_and_idec_run_and_log_each_target_refresh(method):
     from sklearn.datasets import load_digits

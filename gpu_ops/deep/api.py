@@ -57,7 +57,7 @@ class DeepConfig:
     dkm_warmup_epochs: int = 5
     dkm_augment: bool = False  #: random affine augmentation in the joint phase as well (images only)
     # DEC / IDEC
-    dec_max_iter: int | None = None  #: None: 10 epochs of batches, at least 6,000 iterations
+    dec_max_iter: int | None = None  #: None: see :meth:`resolved_dec_max_iter`
     update_interval: int | None = None  #: iterations between target refreshes; None: half an epoch, at least 140
     tol: float = 0.001
     gamma: float = 0.1
@@ -80,10 +80,12 @@ class DeepConfig:
         return int(min(200, max(20, round(400_000 / max(1, n)))))
 
     def resolved_dec_max_iter(self, n: int) -> int:
-        """DEC/IDEC iteration cap: explicit, else 10 epochs of batches (at least 6,000)."""
+        """DEC/IDEC iteration cap: explicit, else 10 epochs of batches but at least 6,000
+        iterations, and at most 40 epochs (small data)."""
         if self.dec_max_iter is not None:
             return int(self.dec_max_iter)
-        return max(6000, 10 * -(-n // self.batch_size))
+        batches = -(-n // self.batch_size)
+        return min(40 * batches, max(6000, 10 * batches))
 
     def resolved_update_interval(self, n: int) -> int:
         """DEC/IDEC target refresh period: explicit, else half an epoch of batches (at least 140)."""
