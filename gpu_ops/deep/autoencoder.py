@@ -76,6 +76,12 @@ class DenseAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*dec)
         self.latent_dim = int(latent_dim)
 
+    def reset_parameters(self) -> None:
+        """torch's default initialisation of every linear layer."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                mod.reset_parameters()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.flatten(1))
 
@@ -119,8 +125,11 @@ class ConvAutoencoder(nn.Module):
         self.deconv2 = nn.ConvTranspose2d(f2, f1, 5, stride=2, padding=2)
         self.deconv1 = nn.ConvTranspose2d(f1, c, 5, stride=2, padding=2)
         self.latent_dim = int(latent_dim)
-        # He init, zero biases: with torch's default init the signal shrinks through the stack,
-        # Adam then inflates the latent code and the sigmoid decoder saturates (stuck at the mean image).
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He init, zero biases: with torch's default init the signal shrinks through the stack,
+        Adam then inflates the latent code and the sigmoid decoder saturates (stuck at the mean image)."""
         for mod in self.modules():
             if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu")
@@ -278,6 +287,21 @@ def _move_data(X: torch.Tensor, device: torch.device) -> torch.Tensor:
     return X
 
 
+#: Re-initialisations allowed when the first epoch leaves the network dead.
+MAX_RESTARTS = 3
+
+
+@torch.no_grad()
+def reconstructs_a_constant(model: nn.Module, X: torch.Tensor, device: torch.device, probe: int = 256,
+                            eps: float = 1e-4) -> bool:
+    """Does ``model`` map the first ``probe`` samples of ``X`` (n, ...) to one and the same output?"""
+    was_training = model.training
+    model.eval()
+    _, rec = model(X[:probe].to(device))
+    model.train(was_training)
+    return X.shape[0] > 1 and float(rec.float().std(0).max()) < eps
+
+
 def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderConfig, device: torch.device, *,
                            progress: bool = True, labels: np.ndarray | None = None, n_clusters: int | None = None,
                            eval_every: int = 5, resume: dict[str, Any] | None = None,
@@ -287,17 +311,24 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
 
     With ``labels`` (and ``n_clusters``), every ``eval_every`` epochs the embedding is clustered
     with k-means and ACC/NMI/ARI are logged. ``partial_path`` receives a resumable checkpoint
-    (model + optimizer + epoch) every ``partial_every`` epochs.
+    (model + optimizer + epoch) every ``partial_every`` epochs. A network that reconstructs every
+    input to the same image after its first epoch started dead: it is re-initialised (another
+    seed) and the epoch rerun, up to :data:`MAX_RESTARTS` times; the record says ``restarts``.
     """
     from tqdm.auto import tqdm
 
     model.to(device).train()
     Xd = _move_data(X, device)
     n = X.shape[0]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     total_steps = max(1, cfg.epochs * math.ceil(n / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cfg.lr_min_factor + (1 - cfg.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+    def fresh_optimiser() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cfg.lr_min_factor + (1 - cfg.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        return opt, sched
+
+    opt, sched = fresh_optimiser()
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -309,9 +340,8 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
         history = list(resume.get("history", []))
         start_epoch = int(resume["epoch"])
         log.info("autoencoder: resuming pretraining at epoch %d/%d", start_epoch + 1, cfg.epochs)
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"pretrain {cfg.arch} AE", unit="epoch",
-               disable=not progress, leave=False, initial=start_epoch, total=cfg.epochs)
-    for epoch in bar:
+
+    def one_epoch(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
@@ -330,8 +360,27 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
             sched.step()
             total += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]
-        rec_ = {"phase": "pretrain", "epoch": epoch + 1, "loss": total / max(1, count),
+        return {"phase": "pretrain", "epoch": epoch + 1, "loss": total / max(1, count),
                 "lr": float(opt.param_groups[0]["lr"]), "seconds": time.perf_counter() - t0}
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"pretrain {cfg.arch} AE", unit="epoch",
+               disable=not progress, leave=False, initial=start_epoch, total=cfg.epochs)
+    for epoch in bar:
+        rec_ = one_epoch(epoch)
+        restarts = 0
+        while epoch == 0 and restarts < MAX_RESTARTS and hasattr(model, "reset_parameters") \
+                and reconstructs_a_constant(model, X, device):
+            # A ReLU network can start dead: every input maps to the same output and no gradient
+            # gets out of that. Measured on MNIST-70k (seed 2): loss 0.101 for all 20 epochs.
+            restarts += 1
+            log.warning("autoencoder: after epoch 1 (loss %.4f) every input reconstructs to the same "
+                        "image: the network started dead; re-initialising (restart %d of %d)",
+                        rec_["loss"], restarts, MAX_RESTARTS)
+            torch.manual_seed(cfg.seed + 7919 * restarts)
+            model.reset_parameters()  # type: ignore[operator]
+            opt, sched = fresh_optimiser()
+            rec_ = one_epoch(epoch)
+            rec_["restarts"] = restarts
         if labels is not None and n_clusters and (epoch + 1) % max(1, eval_every) == 0 or (
                 labels is not None and n_clusters and epoch + 1 == cfg.epochs):
             z = encode_tensor(model, X, device=device)
