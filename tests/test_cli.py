@@ -58,13 +58,16 @@ def test_deep_clustering_from_the_cli(data_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assignments = pd.read_parquet(out / "assignments.parquet")
     assert len(assignments) == 1000 and {"n2d", "idec"} <= set(assignments.columns)
+    pretrained = []
     for algorithm in ("n2d", "idec"):
         entry = metrics["algorithms"][algorithm]
         assert entry["backend"] == "torch-cpu" and entry["k"] == 10
         history = json.loads((out / f"history-{algorithm}.json").read_text())
-        assert [h["epoch"] for h in history if h["phase"] == "pretrain"] == [1, 2, 3]
+        pretrained.append([h["epoch"] for h in history if h["phase"] == "pretrain"])
         # the ACC logged by training is the ACC the evaluate stage finds on the saved assignments
         assert history[-1]["acc"] == pytest.approx(entry["acc"], abs=1e-4)
+    # one algorithm pretrains the autoencoder, the other reuses its checkpoint
+    assert sorted(pretrained) == [[], [1, 2, 3]]
     idec_phases = [h["phase"] for h in json.loads((out / "history-idec.json").read_text())]
     assert "manifold-init" in idec_phases and idec_phases[-1] == "idec"
 
