@@ -4,9 +4,9 @@ Every (dataset, method, seed) run is end to end from the uint8 images (autoencod
 included, no checkpoint reuse unless --checkpoint-dir is given); the table reports the median
 ACC (Hungarian) / NMI / ARI and wall time over the seeds.
 
-    .venv/bin/python bench/deep.py --datasets mnist-test --methods n2d,dkm --seeds 0,1,2
-    .venv/bin/python bench/deep.py --datasets mnist-full --methods n2d --jsonl runs/bench-deep.jsonl
-    .venv/bin/python bench/deep.py --datasets usps --methods n2d --set pretrain_epochs=40 --set arch=conv
+    .venv/bin/python bench/deep.py --threads 2 --datasets mnist-test --methods idec,n2d,dkm --seeds 0,1,2
+    .venv/bin/python bench/deep.py --datasets mnist-full --methods idec --jsonl runs/bench-deep.jsonl
+    .venv/bin/python bench/deep.py --datasets mnist-test --methods dkm --set cluster_init=kmeans --set dkm_lambda=1
 """
 
 from __future__ import annotations
