@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from gpu_ops.data.base import ArrayDataset, BadImageError, Dataset, hash_array, hash_strings
+from gpu_ops.data.base import (ArrayDataset, BadImageError, Dataset, check_labels, check_vectors, hash_array,
+                               hash_strings, to_uint8_images)
 from gpu_ops.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -34,7 +38,7 @@ def digits(split: str) -> ArrayDataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    images = to_uint8_images(bunch.images / 16.0, "digits")  # 17 grey levels 0..16
     return _concat_splits("digits", [("digits", images, bunch.target.astype(np.int32))],
                           [str(c) for c in bunch.target_names])
 
@@ -45,7 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read IDX file ({exc})") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise InputError(f"{path}: not an IDX file (bad magic number)")
@@ -53,9 +57,11 @@ def read_idx(path: Path) -> np.ndarray:
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise InputError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) * np.dtype(dtypes[dtype_code]).itemsize
+    if ndim == 0 or len(data) < offset:
+        raise InputError(f"{path}: IDX header declares {ndim} dimensions but the file holds {len(data)} bytes")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = math.prod(dims) * np.dtype(dtypes[dtype_code]).itemsize
     if len(data) - offset != expected:
         raise InputError(f"{path}: IDX header says shape {dims} but the file holds {len(data) - offset} bytes of data")
     return np.frombuffer(data, dtype=dtypes[dtype_code], offset=offset).reshape(dims).astype(dtypes[dtype_code][1:])
@@ -79,11 +85,17 @@ def idx(directory: Path, split: str) -> ArrayDataset:
         images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
         if images_path is None:
             raise InputError(f"{directory}: no {prefix}-images-idx3-ubyte[.gz] file for split {split!r}")
-        images = read_idx(images_path).astype(np.uint8)
+        raw = read_idx(images_path)
+        if raw.ndim not in (3, 4):
+            raise InputError(f"{images_path}: expected n x h x w images; the IDX file holds shape {list(raw.shape)}")
+        images = to_uint8_images(raw, str(images_path), "images")
         labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
-        labels = read_idx(labels_path).astype(np.int32) if labels_path else None
-        if labels is not None and len(labels) != len(images):
-            raise InputError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
+        labels = None
+        if labels_path is not None:
+            raw_labels = read_idx(labels_path)
+            if raw_labels.ndim != 1 or len(raw_labels) != len(images):
+                raise InputError(f"{labels_path}: {len(raw_labels)} labels for {len(images)} images")
+            labels = check_labels(raw_labels, len(images), str(labels_path), "labels")
         parts.append(("train" if prefix == "train" else "test", images, labels))
     return _concat_splits(f"idx:{directory}", parts)
 
@@ -95,11 +107,25 @@ def usps(path: Path, split: str) -> ArrayDataset:
     if not path.is_file():
         raise InputError(f"{path}: USPS file does not exist")
     parts = []
-    with h5py.File(path, "r") as fh:
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with fh:
         for name in {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[split]:
-            data = np.asarray(fh[name]["data"], dtype=np.float32).reshape(-1, 16, 16)
-            images = np.round(np.clip(data, 0, 1) * 255).astype(np.uint8)
-            parts.append((name, images, np.asarray(fh[name]["target"], dtype=np.int32)))
+            group = fh.get(name)
+            if not isinstance(group, h5py.Group) or not isinstance(group.get("data"), h5py.Dataset) \
+                    or not isinstance(group.get("target"), h5py.Dataset):
+                raise InputError(f"{path}: USPS HDF5 needs datasets {name}/data and {name}/target "
+                                 f"(top level holds: {', '.join(fh.keys()) or 'nothing'})")
+            try:
+                data, target = np.asarray(group["data"]), np.asarray(group["target"])
+            except (OSError, ValueError, TypeError) as exc:
+                raise InputError(f"{path}: cannot read {name}/data or {name}/target ({exc})") from None
+            if data.size == 0 or data.size % 256 != 0 or data.size // 256 != len(data):
+                raise InputError(f"{path}: {name}/data must hold 16x16 images (n x 256); got shape {data.shape}")
+            images = to_uint8_images(data, str(path), f"{name}/data").reshape(-1, 16, 16)
+            parts.append((name, images, check_labels(target, len(images), str(path), f"{name}/target")))
     return _concat_splits(f"usps:{path}", parts)
 
 
@@ -107,29 +133,31 @@ def arrays(path: Path) -> ArrayDataset:
     """``.npz`` with ``X`` (n x h x w [x c] images or n x d vectors) and optional ``y``; or a ``.npy`` of X."""
     if not path.is_file():
         raise InputError(f"{path}: array file does not exist")
-    try:
-        if path.suffix == ".npy":
-            X, y = np.load(path, allow_pickle=False), None
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                if "X" not in npz.files:
-                    raise InputError(f"{path}: .npz has no array 'X' (found: {', '.join(npz.files) or 'nothing'})")
-                X = npz["X"]
-                y = npz["y"] if "y" in npz.files else None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read arrays ({exc})") from exc
-    if X.ndim not in (2, 3, 4) or len(X) == 0:
+    X, y = _load_arrays(path)
+    if X.ndim not in (2, 3, 4) or X.size == 0:
         raise InputError(f"{path}: X must be n x d vectors or n x h x w [x c] images; got shape {X.shape}")
     if X.ndim == 4 and X.shape[-1] not in (1, 3, 4):
         raise InputError(f"{path}: images must be n x h x w x c with c in 1, 3 or 4; got shape {X.shape}")
-    if y is not None and (y.ndim != 1 or len(y) != len(X)):
-        raise InputError(f"{path}: y must hold one label per row of X ({len(X)}); got shape {y.shape}")
-    if X.ndim == 2:
-        X = X.astype(np.float32)
-    elif X.dtype != np.uint8:
-        X = np.round(np.clip(X.astype(np.float32), 0, 1) * 255).astype(np.uint8) if X.max() <= 1.0 else np.clip(X, 0, 255).astype(np.uint8)
-    labels = None if y is None else np.asarray(y).astype(np.int32)
+    labels = None if y is None else check_labels(y, len(X), str(path))
+    X = check_vectors(X, str(path)) if X.ndim == 2 else to_uint8_images(X, str(path))
     return _concat_splits(f"npz:{path}", [(path.stem, X, labels)])
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``X`` and ``y`` (or None) from an .npz, or ``X`` from an .npy; any unreadable file is an InputError."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded, None
+        with loaded as npz:
+            if "X" not in npz.files:
+                raise InputError(f"{path}: .npz has no array 'X' (found: {', '.join(npz.files) or 'nothing'})")
+            return npz["X"], (npz["y"] if "y" in npz.files else None)
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot read arrays ({detail})") from None
 
 
 class FolderDataset(Dataset):
@@ -158,26 +186,8 @@ class FolderDataset(Dataset):
             self.class_names, self.labels = None, None
 
     def load(self, index: int) -> np.ndarray:
-        """Decode to (h, w, 3) uint8 RGB; grayscale, palette and RGBA are converted."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.paths[index]
-        try:
-            if path.stat().st_size == 0:
-                raise BadImageError("empty file (0 bytes)")
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                    im = Image.alpha_composite(background, im)
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except BadImageError:
-            raise
-        except UnidentifiedImageError:
-            raise BadImageError("not a recognised image format") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise BadImageError(f"cannot decode image ({exc})") from None
+        """Decode to (h, w, 3) uint8 RGB (see :func:`decode_image`)."""
+        return decode_image(self.paths[index])
 
     def source(self, index: int) -> str:
         return str(self.paths[index])
@@ -190,6 +200,63 @@ class FolderDataset(Dataset):
         return hash_strings(parts)
 
 
+#: Pillow modes holding one channel of 16-bit (``I;16*``) or 32-bit integer (``I``) values. A
+#: 16-bit PNG opens as one of them; its values are scaled 0..65535 -> 0..255 by the pixel rule.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one image file to (h, w, 3) uint8 RGB.
+
+    Grayscale, palette and RGBA are converted (transparency over white). 16-bit images are
+    scaled by the pixel rule (:data:`gpu_ops.data.base.SCALE_RULE`), float images must be in
+    [0, 1]. Raises :class:`BadImageError` for a file that cannot be decoded, including one over
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), so extraction
+    quarantines it and goes on.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError("empty file (0 bytes)")
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in _WIDE_INTEGER_MODES or im.mode == "F":
+                return _gray_to_rgb(_scaled_gray(np.asarray(im), im.mode))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(f"image too large ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImageError(f"cannot decode image ({exc})") from None
+
+
+def _scaled_gray(values: np.ndarray, mode: str) -> np.ndarray:
+    """One-channel 16-bit, 32-bit integer or float pixels -> (h, w) uint8 by the pixel rule."""
+    arr = values
+    if mode != "F":
+        # Mode "I" is how 16-bit PNGs used to open; values past 16 bits have no known scale.
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise BadImageError(f"mode {mode} pixel values {values.min()}..{values.max()} are outside "
+                                "the 16-bit range 0..65535")
+        arr = values.astype(np.uint16)
+    try:
+        return to_uint8_images(arr, f"mode {mode} image", "pixel")
+    except InputError as exc:
+        raise BadImageError(str(exc)) from None
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
 def parquet_embeddings(directory: Path) -> ArrayDataset:
     """Embeddings already in the store format (``embedding`` column, ``image_id``, optional ``label``)."""
     from gpu_ops.store import read_embeddings
@@ -198,8 +265,9 @@ def parquet_embeddings(directory: Path) -> ArrayDataset:
         raise InputError(f"{directory}: Parquet embeddings path does not exist")
     table = read_embeddings(directory)
     labels = table.labels if table.labels is not None and (table.labels >= 0).all() else None
-    content = hash_strings([hash_array(table.embeddings), *table.image_ids[:1], str(len(table.image_ids))])
-    return ArrayDataset(f"parquet:{directory}", table.embeddings, labels, table.image_ids, content)
+    embeddings = check_vectors(table.embeddings, str(directory), "embedding")
+    content = hash_strings([hash_array(embeddings), *table.image_ids[:1], str(len(table.image_ids))])
+    return ArrayDataset(f"parquet:{directory}", embeddings, labels, table.image_ids, content)
 
 
 def env_path(raw: str) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from gpu_ops.data.base import to_unit_scale
 from gpu_ops.errors import InputError
 
 log = logging.getLogger("gpu_ops.deep")
@@ -64,7 +65,8 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def images_to_tensor(images: np.ndarray, image_size: int | None = None, max_side: int = 64) -> torch.Tensor:
-    """uint8 images (n, h, w[, c]) -> float32 (n, c, s, s) in [0, 1]; float vectors (n, d) pass through.
+    """Images (n, h, w[, c]) -> float32 (n, c, s, s) in [0, 1] by the pixel rule
+    (:func:`gpu_ops.data.base.to_unit_scale`); float vectors (n, d) pass through.
 
     Images that are not square, or larger than ``max_side``, are resized (bilinear, antialiased)
     to ``image_size`` (default: ``min(max(h, w), max_side)``). Channels: 1 (grayscale) or 3;
@@ -83,10 +85,8 @@ def images_to_tensor(images: np.ndarray, image_size: int | None = None, max_side
         arr = arr[..., :3] if arr.shape[-1] == 4 else arr
     if arr.dtype == np.uint8:
         x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
-    else:
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        if float(x.max()) > 1.0:
-            x = x / 255.0
+    else:  # the pixel rule: uint16 / 65535, floats must already be in [0, 1]
+        x = torch.from_numpy(np.ascontiguousarray(to_unit_scale(arr, "images")))
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     h, w = x.shape[-2:]
     size = int(image_size) if image_size else min(max(h, w), max_side)

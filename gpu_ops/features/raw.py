@@ -1,4 +1,4 @@
-"""Raw pixels: uint8 images flattened and scaled to [0, 1]; float vectors pass through."""
+"""Raw pixels: uint8 images flattened and scaled to [0, 1] by the pixel rule; float vectors pass through."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gpu_ops.data.base import to_unit_scale
 from gpu_ops.features.base import Extractor, describe
 
 
@@ -34,7 +35,7 @@ class RawPixels(Extractor):
             item = np.asarray(Image.fromarray(item).resize((self.image_size, self.image_size), Image.BILINEAR))
         if self.grayscale and item.ndim == 3:
             item = np.asarray(Image.fromarray(item[:, :, :3]).convert("L"))
-        return torch.from_numpy(item.astype(np.float32).reshape(-1) / 255.0)
+        return torch.from_numpy(to_unit_scale(item, "image").reshape(-1))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         return batch.numpy().astype(np.float32, copy=False)
