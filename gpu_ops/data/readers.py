@@ -210,9 +210,9 @@ def decode_image(path: Path) -> np.ndarray:
 
     Grayscale, palette and RGBA are converted (transparency over white). 16-bit images are
     scaled by the pixel rule (:data:`gpu_ops.data.base.SCALE_RULE`), float images must be in
-    [0, 1]. Raises :class:`BadImageError` for a file that cannot be decoded, including one over
-    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), so extraction
-    quarantines it and goes on.
+    [0, 1]. Raises :class:`BadImageError` for a file that cannot be decoded, including one Pillow
+    refuses as a decompression bomb (over twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels), so
+    extraction quarantines it and goes on.
     """
     from PIL import Image, UnidentifiedImageError
 
