@@ -21,6 +21,8 @@ from gpu_ops.features.extract import extract_to_store
 from conftest import run_cli
 
 FLOAT_HINT = "(float images must be scaled to [0, 1]; uint8 and uint16 are scaled automatically)"
+TOO_LARGE = "is too large: |x| must be at most 3.29e+17 for 784-d vectors (squared distances must fit in float32)"
+NOT_A_LABEL = "is not a class label (labels must be integers >= 0; leave y out when there are none)"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,8 @@ def test_every_image_dtype_reaches_the_same_uint8_and_unit_scale(mnist):
     """uint8, uint16 (x257), bool, float [0, 1] and int64 0..255 are one rule, not a guess from the data."""
     images = mnist[0]
     as_unit = images.astype(np.float32) / 255.0
-    for variant in (images, images.astype(np.uint16) * 257, as_unit, as_unit.astype(np.float64), images.astype(np.int64)):
+    variants = (images, images.astype(np.uint16) * 257, as_unit, as_unit.astype(np.float64), images.astype(np.int64))
+    for variant in variants:
         assert np.array_equal(to_uint8_images(variant, "mnist"), images), variant.dtype
         np.testing.assert_allclose(to_unit_scale(variant, "mnist"), as_unit, atol=1e-6)
     binary = images > 127
@@ -93,8 +96,8 @@ def test_integer_images_past_8_bits_are_refused_unless_uint16(tmp_path, mnist):
 @pytest.mark.parametrize("value, why", [
     (np.nan, "nan is not a finite number"),
     (-np.inf, "-inf is not a finite number"),
-    (1e38, "1e+38 is too large: |x| must be at most 3.29e+17 for 784-d vectors (squared distances must fit in float32)"),
-    (-1e18, "-1e+18 is too large: |x| must be at most 3.29e+17 for 784-d vectors (squared distances must fit in float32)"),
+    (1e38, f"1e+38 {TOO_LARGE}"),
+    (-1e18, f"-1e+18 {TOO_LARGE}"),
 ])
 def test_vector_npz_with_non_finite_or_overflowing_values_is_refused(tmp_path, mnist, value, why):
     X = mnist[0].reshape(len(mnist[0]), -1).astype(np.float64) / 255.0
@@ -109,6 +112,18 @@ def test_vectors_within_the_float32_bound_pass_through(mnist):
     assert out.dtype == np.float32 and np.isfinite(((out[:50, None] - out[None, :50]) ** 2).sum(-1)).all()
 
 
+def test_parquet_embeddings_with_a_nan_are_refused(tmp_path, mnist):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    X = mnist[0].reshape(len(mnist[0]), -1).astype(np.float32) / 255.0
+    X[3, 7] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+    pq.write_table(pa.table({"image_id": [f"m/{i}" for i in range(len(X))], "embedding": column}),
+                   tmp_path / "part-00000.parquet")
+    assert refusal(f"parquet:{tmp_path}") == f"{tmp_path}: embedding[3, 7] = nan is not a finite number"
+
+
 # --- malformed npz -------------------------------------------------------------------------------
 
 def test_malformed_npz_files_name_the_file_and_the_array(tmp_path, digits_float):
@@ -117,10 +132,8 @@ def test_malformed_npz_files_name_the_file_and_the_array(tmp_path, digits_float)
     cases = {
         "string X": ({"X": np.array([["a", "b"]] * 5)}, "X has dtype <U1; vectors must be numbers (integer or float)"),
         "string y": ({"X": uint8, "y": labels.astype("U1")}, "y has dtype <U1; labels must be integers >= 0"),
-        "NaN in y": ({"X": uint8, "y": np.r_[labels[:-1], np.nan]},
-                     "y[1796] = nan is not a class label (labels must be integers >= 0; leave y out when there are none)"),
-        "negative y": ({"X": uint8, "y": np.r_[-1, labels[1:]]},
-                       "y[0] = -1 is not a class label (labels must be integers >= 0; leave y out when there are none)"),
+        "NaN in y": ({"X": uint8, "y": np.r_[labels[:-1], np.nan]}, f"y[1796] = nan {NOT_A_LABEL}"),
+        "negative y": ({"X": uint8, "y": np.r_[-1, labels[1:]]}, f"y[0] = -1 {NOT_A_LABEL}"),
         "short y": ({"X": uint8, "y": labels[:-3]}, "y must hold one label per row of X (1797); got shape (1794,)"),
     }
     for case, (arrays, expected) in cases.items():
@@ -165,11 +178,13 @@ def test_corrupt_gzip_idx_names_the_file(tmp_path, data_dir):
     bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
     bad.write_bytes(bytes(data))
     (tmp_path / "t10k-images-idx3-ubyte.gz").symlink_to(data_dir / "mnist" / "t10k-images-idx3-ubyte.gz")
-    assert refusal(f"idx:{tmp_path}", "test").startswith(f"{bad}: cannot read IDX file (Error -3 while decompressing data")
+    message = refusal(f"idx:{tmp_path}", "test")
+    assert message.startswith(f"{bad}: cannot read IDX file (Error -3 while decompressing data")
 
 
 def test_idx_images_file_that_holds_labels_is_refused(tmp_path, data_dir):
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(gzip.open(data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read())
+    labels = gzip.open(data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(labels)
     assert refusal(f"idx:{tmp_path}", "test") == (
         f"{tmp_path / 't10k-images-idx3-ubyte'}: expected n x h x w images; the IDX file holds shape [10000]")
 
@@ -237,9 +252,9 @@ def test_cli_refuses_bad_arrays_and_usps_files_in_one_line(tmp_path, mnist):
     np.savez(tmp_path / "ny.npz", X=mnist[0], y=np.r_[mnist[1][:-1], np.nan])
     (tmp_path / "u.h5").write_text("not HDF5\n")
     expected = {
-        f"npz:{tmp_path / 't.npz'}": f"gpuclust: error: {tmp_path / 't.npz'}: cannot read arrays (File is not a zip file)",
-        f"npz:{tmp_path / 'ny.npz'}": (f"gpuclust: error: {tmp_path / 'ny.npz'}: y[499] = nan is not a class label "
-                                       "(labels must be integers >= 0; leave y out when there are none)"),
+        f"npz:{tmp_path / 't.npz'}": f"gpuclust: error: {tmp_path / 't.npz'}: cannot read arrays "
+                                     "(File is not a zip file)",
+        f"npz:{tmp_path / 'ny.npz'}": f"gpuclust: error: {tmp_path / 'ny.npz'}: y[499] = nan {NOT_A_LABEL}",
         f"usps:{tmp_path / 'u.h5'}": (f"gpuclust: error: {tmp_path / 'u.h5'}: not a readable HDF5 file "
                                       "(Unable to synchronously open file (file signature not found))"),
     }

@@ -139,7 +139,7 @@ def hash_array(arr: np.ndarray) -> str:
 # through :func:`to_uint8_images`, and every extractor that needs [0, 1] floats goes through
 # :func:`to_unit_scale`, so a value is never rescaled by a guess from the data (such as its maximum).
 
-#: Quoted in error messages and the README.
+#: The rule in words (the README states it for users).
 SCALE_RULE = ("uint8 images are divided by 255, uint16 by 65535, bool is 0/1, other integer types must hold "
               "0..255; float images must already be in [0, 1]")
 _FLOAT_HINT = "float images must be scaled to [0, 1]; uint8 and uint16 are scaled automatically"
