@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -255,7 +255,7 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
 
 
 def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_rows: int, device: str = "cpu",
-                   on_shard: Any = None) -> dict[str, Any]:
+                   on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Worker side: embed those of ``shards`` still pending in the store at ``store`` with the
     extractor on ``device``, through the same routine as a single-process extraction
     (:func:`gpu_ops.features.extract.extract_to_store` with ``shards``): every option of the
