@@ -164,6 +164,8 @@ class FolderDataset(Dataset):
     """Images in a folder tree. Labels come from class-named subfolders when every image sits in
     one (``root/cat/1.jpg``); otherwise there are none. Ids are paths relative to the root."""
 
+    uniform_size = False
+
     def __init__(self, root: Path) -> None:
         if not root.exists():
             raise InputError(f"{root}: image folder does not exist")
