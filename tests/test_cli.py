@@ -87,7 +87,7 @@ BAD_INPUTS = [
     (["--extractor", "vgg"], "gpuclust: error: unknown extractor 'vgg'; expected one of: autoencoder, efficientnet_lite0, raw, resnet18, resnet34, resnet50"),
     (["--backend", "tpu"], "gpuclust: error: unknown backend 'tpu'; expected one of: auto, cpu, gpu"),
     (["--backend", "kmeans=nope"], "gpuclust: error: unknown kmeans backend 'nope'; expected one of: auto, cpu, cuml, faiss-cpu, faiss-gpu, gpu, sklearn"),
-    (["--algorithm", "spectral"], "gpuclust: error: algorithms: unknown algorithm 'spectral'; expected one of:"),
+    (["--algorithm", "spectral"], "gpuclust: error: --algorithm: unknown algorithm 'spectral'; expected one of:"),
     (["--k", "5000"], "gpuclust: error: k=5000 is larger than the number of images (1797) in digits"),
     (["--k", "ten"], "gpuclust: error: --k must be a positive integer or auto; got 'ten'"),
     (["--config", "/no/such.yaml"], "gpuclust: error: /no/such.yaml: config file does not exist"),
