@@ -391,12 +391,15 @@ def load_config_file(path: Path) -> dict[str, object]:
     if not path.is_file():
         raise InputError(f"{path}: config file does not exist")
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
-                         "save the config file as UTF-8") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+                         "save the config file as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
