@@ -130,7 +130,8 @@ class RunConfig(BaseModel):
                                            "these perplexities (tsne_perplexity_sweep.png)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
     backend: str = Field("auto", description="auto | gpu | cpu, for every op")
-    backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}")
+    backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}; "
+                                     "extract takes auto | gpu | cpu")
     seed: int = Field(0, description=f"random seed, 0..{SEED_MAX}")
     out: UserPath | None = None
     cache_dir: UserPath | None = None
