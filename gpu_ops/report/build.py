@@ -147,7 +147,8 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     Raises
     ------
     InputError
-        ``run_dir`` does not exist or holds neither assignments.parquet nor metrics.json.
+        ``run_dir`` does not exist or holds neither assignments.parquet nor metrics.json, or its
+        metrics.json is not valid (not JSON, a field of the wrong type): the message names the field.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -5,7 +5,8 @@ data (which images a montage shows, where a thumbnail sits, what the confusion m
 without looking at pixels.
 
 Reading a run directory is forgiving: :func:`load_run` returns what it could read plus one
-:class:`Missing` note per absent or unusable file, and never raises for a single bad file.
+:class:`Missing` note per absent or unusable file, and raises for one bad file only: a
+``metrics.json`` that is there but not valid (see :mod:`gpu_ops.report.metrics_doc`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from gpu_ops.report.metrics_doc import read_metrics
 
 #: Files a finished run directory has (see :mod:`gpu_ops.rundir`); optional ones are not listed.
 REQUIRED_FILES = ("config.yaml", "assignments.parquet", "map2d.parquet", "metrics.json")
@@ -128,8 +131,10 @@ def load_run(run_dir: Path) -> RunInputs:
             inputs.note("config.yaml", f"unreadable ({str(exc).splitlines()[0]}); the dataset is reopened from metrics.json's name")
     else:
         inputs.note("config.yaml", "not found; settings table skipped, the dataset is reopened from metrics.json's name (split all)")
-    inputs.metrics = _read_json(run_dir / "metrics.json", inputs,
-                                "metrics table, timings and backends skipped")
+    if (run_dir / "metrics.json").is_file():
+        inputs.metrics = read_metrics(run_dir / "metrics.json")  # InputError naming the bad field
+    else:
+        inputs.note("metrics.json", "not found; metrics table, timings and backends skipped")
     inputs.assignments = _read_parquet(run_dir / "assignments.parquet", ("image_id",), inputs,
                                        "cluster maps, montages, confusion matrices and dendrogram skipped")
     if inputs.assignments is not None:
