@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
-    run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
+    run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "
+                                   "(default runs/<time>-<dataset>)")  # a str: "" must not become "."
     run.add_argument("--task-runner", dest="task_runner_kind", choices=["local", "dask", "dask-cuda", "slurm", "pbs"],
                      help="where extraction and k-means run: this process (local), a Dask LocalCluster, "
                           "a LocalCUDACluster (one worker per GPU), or Slurm/PBS jobs (dask-jobqueue)")
@@ -121,6 +122,7 @@ def preflight(cfg: Any) -> None:
     from gpu_ops.errors import choice_error
     from gpu_ops.features import EXTRACTORS
     from gpu_ops.registry import list_backends, list_ops, resolve_backend
+    from gpu_ops.rundir import check_out_dir
 
     if cfg.backend not in BACKEND_CHOICES:
         raise choice_error("backend", cfg.backend, BACKEND_CHOICES)
@@ -132,6 +134,8 @@ def preflight(cfg: Any) -> None:
         resolve_backend(op, name)
     if cfg.extractor not in EXTRACTORS:
         raise choice_error("extractor", cfg.extractor, EXTRACTORS)
+    if cfg.out is not None:
+        check_out_dir(cfg.out, cfg.dataset, cfg.cache_root())
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     if cfg.k != "auto" and cfg.k > len(dataset):
         raise InputError(f"k={cfg.k} is larger than the number of images ({len(dataset)}) in {cfg.dataset}")

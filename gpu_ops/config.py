@@ -129,6 +129,14 @@ class RunConfig(BaseModel):
                 raise ValueError(f"unknown algorithm {name!r}; expected one of: {', '.join(ALGORITHMS)}")
         return list(dict.fromkeys(value))
 
+    @field_validator("out", "cache_dir", mode="before")
+    @classmethod
+    def _user_path(cls, value: object) -> object:
+        # Path("") is ".", the working directory: an empty value must not reach it.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError('"" is an empty path; name a directory')
+        return Path(value).expanduser() if isinstance(value, (str, Path)) else value
+
     def backend_for(self, op: str) -> str:
         """The backend setting for ``op`` (per-op override, else the global one)."""
         return self.backends.get(op, self.backend)
