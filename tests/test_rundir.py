@@ -44,7 +44,8 @@ def snapshot(root: Path) -> dict[str, str]:
     return seen
 
 
-def copy_photos(cifar_folder: Path, dest: Path, classes: tuple[str, ...] = ("airplane", "cat"), per_class: int = 10) -> Path:
+def copy_photos(cifar_folder: Path, dest: Path, classes: tuple[str, ...] = ("airplane", "cat"),
+                per_class: int = 10) -> Path:
     """A small labelled image folder: ``per_class`` real CIFAR-10 JPEGs in each class subfolder."""
     for cls in classes:
         (dest / cls).mkdir(parents=True)
