@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
-    run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
+    run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "
+                                   "(default runs/<time>-<dataset>)")  # a str: "" must not become "."
     run.add_argument("--task-runner", dest="task_runner_kind", choices=["local", "dask", "dask-cuda", "slurm", "pbs"],
                      help="where extraction and k-means run: this process (local), a Dask LocalCluster, "
                           "a LocalCUDACluster (one worker per GPU), or Slurm/PBS jobs (dask-jobqueue)")
@@ -165,10 +166,13 @@ def preflight(cfg: Any) -> None:
     from gpu_ops.data import load_dataset
     from gpu_ops.device import BACKEND_CHOICES
     from gpu_ops.registry import resolve_backend
+    from gpu_ops.rundir import check_out_dir
 
     for op, name in cfg.backends.items():
         if op != "extract" and name not in BACKEND_CHOICES:
             resolve_backend(op, name)
+    if cfg.out is not None:
+        check_out_dir(cfg.out, cfg.dataset, cfg.cache_root())
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     n = len(dataset)
     if cfg.k != "auto" and cfg.k > n:

@@ -23,7 +23,9 @@ SEED_MAX = 2**32 - 1
 
 def _user_path(value: object) -> object:
     """Paths may be given as strings (YAML, JSON deployment parameters); ``~`` is the home directory."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not value.strip():  # Path("") is ".", the working directory
+        raise ValueError('"" is an empty path; name a directory')
+    if isinstance(value, (str, Path)):
         return Path(value).expanduser()
     return value
 

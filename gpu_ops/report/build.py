@@ -80,8 +80,9 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
 
 class _Builder:
     def __init__(self, run_dir: Path, tmp_figs: Path, *, embed: bool, per_row: int, montage_rows: int,
-                 max_clusters: int, thumbnails: int, tile_px: int, seed: int) -> None:
+                 max_clusters: int, thumbnails: int, tile_px: int, seed: int, shown_as: Path | None = None) -> None:
         self.run_dir = run_dir
+        self.shown_as = Path(shown_as) if shown_as is not None else run_dir  # the run directory the page names
         self.tmp = tmp_figs
         self.embed = embed
         self.per_row = per_row
@@ -119,7 +120,8 @@ class _Builder:
 
 
 def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10, montage_rows: int = 5,
-                 max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0) -> ReportResult:
+                 max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0,
+                 shown_as: Path | None = None) -> ReportResult:
     """Write the figures and ``report.html`` for the run directory ``run_dir``.
 
     Parameters
@@ -139,6 +141,9 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
         Montage tile size in pixels.
     seed : int
         Seeds the choice of montage members and thumbnails.
+    shown_as : Path, optional
+        The run directory the page names (default ``run_dir``): where a run being written in a
+        staging directory will be once it is complete.
 
     Returns
     -------
@@ -162,7 +167,7 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     tmp.mkdir()
     try:
         b = _Builder(run_dir, tmp, embed=embed_images, per_row=per_row, montage_rows=montage_rows,
-                     max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed)
+                     max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed, shown_as=shown_as)
         images = D.ImageSource.open(inputs) if (inputs.assignments is not None or inputs.map2d is not None) else None
         _sections(b, inputs, images)
         page = _page(b, inputs, time.perf_counter() - t0)
@@ -453,7 +458,7 @@ code{background:#f1f1f1;padding:0 3px}
 def _page(b: _Builder, inputs: D.RunInputs, seconds: float) -> str:
     metrics = inputs.metrics or {}
     cfg = inputs.config or {}
-    title = f"gpuclust run · {inputs.dataset_spec or b.run_dir.name}"
+    title = f"gpuclust run · {inputs.dataset_spec or b.shown_as.name}"
     facts = []
     if metrics.get("n") is not None:
         facts.append(f"n={metrics['n']}")
@@ -478,7 +483,7 @@ def _page(b: _Builder, inputs: D.RunInputs, seconds: float) -> str:
                    for s in b.sections)
     store = metrics.get("store")
     sub = " · ".join(_e(f) for f in facts)
-    where = f"run directory <code>{_e(b.run_dir.absolute())}</code>" + (f" · store <code>{_e(store)}</code>" if store else "")
+    where = f"run directory <code>{_e(b.shown_as.absolute())}</code>" + (f" · store <code>{_e(store)}</code>" if store else "")
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return f"""<!DOCTYPE html>
 <html lang="en">
