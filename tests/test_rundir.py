@@ -131,7 +131,7 @@ def test_cli_refuses_an_empty_out(scratch):
     result = run_cli(["run", *FAST, "--out", ""], cwd=scratch["work"], env={"HOME": str(scratch["home"])},
                      timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.splitlines() == ['gpuclust: error: out: "" is an empty path; name a directory']
+    assert result.stderr.splitlines() == ['gpuclust: error: --out: "" is an empty path; name a directory']
     assert snapshot(scratch["tmp"]) == before
 
 
