@@ -1,4 +1,5 @@
-"""Backend registry: one table of (op, backend) -> estimator factory, resolved in one place.
+"""Backend registry: one table of (op, backend) -> estimator factory, and the one rule that picks
+an op's backend (:func:`resolve_backend`; :mod:`gpu_ops.placement` asks it for every op).
 
 Every op (``kmeans``, ``agglomerative``, ``tsne``, ``umap``, ``pca``) has backends that speak the
 scikit-learn estimator protocol: ``__init__`` stores parameters, ``fit(X)`` returns ``self``,
@@ -17,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from gpu_ops.device import cuda_available, package_status
+from gpu_ops.device import BACKEND_CHOICES, Machine, cuda_available, package_status
 from gpu_ops.errors import InputError, choice_error
 
 log = logging.getLogger(__name__)
@@ -143,22 +144,31 @@ def list_backends(op: str) -> list[BackendSpec]:
     return sorted(_REGISTRY[op].values(), key=lambda s: (s.kind != "gpu", s.priority))
 
 
-def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None) -> tuple[BackendSpec, Resolution]:
-    """Pick the backend for ``op``; the single place where auto/gpu/cpu is decided.
+def backend_status(spec: BackendSpec, machine: Machine | None = None) -> tuple[bool, str]:
+    """(usable, why) of ``spec`` here, or on ``machine`` when one is described (GPU backends only:
+    CPU backends are always checked for real)."""
+    if machine is None or spec.kind == "cpu":
+        return spec.usable()
+    return machine.gpu_backend_status(spec.name)
+
+
+def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None,
+                    machine: Machine | None = None) -> tuple[BackendSpec, Resolution]:
+    """Pick the backend for ``op`` on this machine (or on a described ``machine``).
 
     Raises :class:`InputError` for an unknown name, or a named backend that is not usable here.
     """
     params = params or {}
     specs = list_backends(op)
     names = [s.name for s in specs]
-    if backend not in ("auto", "gpu", "cpu") and backend not in names:
-        raise choice_error(f"{op} backend", backend, ["auto", "gpu", "cpu", *names])
+    if backend not in BACKEND_CHOICES and backend not in names:
+        raise choice_error(f"{op} backend", backend, [*BACKEND_CHOICES, *names])
 
     fallbacks: list[str] = []
 
-    if backend not in ("auto", "gpu", "cpu"):
+    if backend not in BACKEND_CHOICES:
         spec = next(s for s in specs if s.name == backend)
-        ok, why = spec.usable()
+        ok, why = backend_status(spec, machine)
         if not ok:
             raise InputError(f"{op} backend {backend!r} is not usable here: {why}")
         problem = spec.unsupported(params)
@@ -173,7 +183,7 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
         candidates = specs
 
     for spec in candidates:
-        ok, why = spec.usable()
+        ok, why = backend_status(spec, machine)
         if not ok:
             fallbacks.append(f"{spec.name}: {why}")
             continue
@@ -184,7 +194,8 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
         reason = why if not fallbacks else f"{why}; skipped " + "; ".join(fallbacks)
         gpu_skipped = [f for f in fallbacks if _is_gpu(op, f.split(":")[0])]
         # On a machine without CUDA, "auto" choosing CPU is the plan, not a fallback.
-        is_fallback = spec.kind == "cpu" and bool(gpu_skipped) and (backend != "auto" or cuda_available())
+        is_fallback = spec.kind == "cpu" and bool(gpu_skipped) and (
+            backend != "auto" or (machine.cuda if machine is not None else cuda_available()))
         res = Resolution(op, backend, spec.name, spec.kind, reason, gpu_skipped if is_fallback else [], fallbacks)
         if is_fallback:
             log.warning("%s: falling back to CPU backend %r: %s", op, spec.name, "; ".join(gpu_skipped))
