@@ -146,7 +146,8 @@ def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
                               "process, not on the Dask cluster")
         address = None
     if address is None:
-        return configured(extract_features, config, "extract", gpu=uses_gpu(config, "extract"))(params)
+        # params["device"] is the extract placement's torch device
+        return configured(extract_features, config, "extract", gpu=params["device"] == "cuda")(params)
     from prefect_dask import DaskTaskRunner
 
     return extract_on_dask.with_options(task_runner=DaskTaskRunner(address=address))(config, params, address)

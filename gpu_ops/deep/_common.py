@@ -19,6 +19,7 @@ from gpu_ops.errors import InputError
 
 log = logging.getLogger("gpu_ops.deep")
 
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when usable else CPU; ``"cpu"``; ``"cuda"``/``"gpu"``/``"cuda:N"``.
 
