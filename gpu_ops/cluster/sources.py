@@ -442,9 +442,11 @@ class DaskSource:
                   labels_out: np.ndarray | None = None) -> Assignment:
         centroids = np.ascontiguousarray(_check_centroids(centroids, self.d), dtype=np.float32)
         m = len(self.partitions)
-        c = self.client.scatter(centroids, broadcast=True)
+        # Fresh keys every call: equal centroids (a converged loop's final pass) must not reuse the
+        # key of a scattered array or of results that are being released.
+        c = self.client.scatter(centroids, broadcast=True, hash=False)
         parts = self.client.gather(self.client.map(_assign_partition, self.partitions, [c] * m,
-                                                   [bool(with_labels)] * m, [self.gpu] * m))
+                                                   [bool(with_labels)] * m, [self.gpu] * m, pure=False))
         sums = np.sum([p.sums for p in parts], axis=0)
         counts = np.sum([p.counts for p in parts], axis=0)
         inertia = float(sum(p.inertia for p in parts))
