@@ -62,12 +62,13 @@ def faiss_gpu_usable() -> bool:
     if importlib.util.find_spec("faiss") is None:
         return False
     from gpu_ops.cluster.kmeans import import_faiss
+    from gpu_ops.device import faiss_has_gpu
 
     try:
-        faiss = import_faiss()
+        faiss = import_faiss()  # first, so that its OpenMP threads sleep when idle
     except Exception:  # noqa: BLE001 - a broken install is "not usable"
         return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return hasattr(faiss, "StandardGpuResources") and faiss_has_gpu()
 
 
 class NearestCentre:
