@@ -121,6 +121,7 @@ def preflight(cfg: Any) -> None:
     from gpu_ops.errors import choice_error
     from gpu_ops.features import EXTRACTORS
     from gpu_ops.registry import list_backends, list_ops, resolve_backend
+    from gpu_ops.store import check_cache_root
 
     if cfg.backend not in BACKEND_CHOICES:
         raise choice_error("backend", cfg.backend, BACKEND_CHOICES)
@@ -132,6 +133,7 @@ def preflight(cfg: Any) -> None:
         resolve_backend(op, name)
     if cfg.extractor not in EXTRACTORS:
         raise choice_error("extractor", cfg.extractor, EXTRACTORS)
+    check_cache_root(cfg.cache_root())
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     if cfg.k != "auto" and cfg.k > len(dataset):
         raise InputError(f"k={cfg.k} is larger than the number of images ({len(dataset)}) in {cfg.dataset}")

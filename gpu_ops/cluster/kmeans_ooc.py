@@ -89,16 +89,14 @@ class StoreSource:
     """
 
     def __init__(self, directory: str | Path) -> None:
-        import pyarrow.parquet as pq
-
-        from gpu_ops.store import part_files
+        from gpu_ops.store import open_part, part_files
 
         self.directory = Path(directory)
         self.files = part_files(self.directory)
         self.counts = []
         dims = set()
         for path in self.files:
-            meta = pq.ParquetFile(path)
+            meta = open_part(path)
             schema = meta.schema_arrow
             if "embedding" not in schema.names:
                 raise InputError(f"{path}: no 'embedding' column (found: {', '.join(schema.names)})")
@@ -114,16 +112,16 @@ class StoreSource:
             raise InputError(f"{self.directory}: the store holds no rows")
 
     def batches(self, batch_rows: int, with_ids: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
-        import pyarrow.parquet as pq
-
-        from gpu_ops.store import embeddings_to_numpy
+        from gpu_ops.store import check_embedding_values, embeddings_to_numpy, open_part
 
         columns = ["embedding", "image_id"] if with_ids else ["embedding"]
         for path in self.files:
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            first_row = 0
+            for batch in open_part(path).iter_batches(batch_size=batch_rows, columns=columns):
                 emb = embeddings_to_numpy(batch.column(batch.schema.get_field_index("embedding")))
                 ids = batch.column(batch.schema.get_field_index("image_id")) if with_ids else None
+                check_embedding_values(emb, path, first_row)
+                first_row += emb.shape[0]
                 yield np.ascontiguousarray(emb, dtype=np.float32), ids
 
     def take(self, rows: np.ndarray, batch_rows: int) -> np.ndarray:

@@ -151,6 +151,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     if not pending:
         log.info("store %s is complete: nothing to extract", store.directory)
         return _checked(store.finish(), dataset)
+    store.check_writable()
     indices = [i for s in pending for i in store.shard_range(s)]
     workers = default_workers(dataset) if num_workers is None else num_workers
     loader = DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
