@@ -163,7 +163,7 @@ def manifest_problem(manifest: Any) -> str | None:
     for key, kind in (("n_items", int), ("shard_rows", int), ("shards", dict), ("metadata", dict),
                       ("complete", bool)):
         if not isinstance(manifest.get(key), kind) or (kind is int and isinstance(manifest[key], bool)):
-            return f"{MANIFEST} is damaged ({key!r} is missing or not a {kind.__name__})"
+            return f"{MANIFEST} is damaged ({key!r} is missing or has the wrong type)"
     if manifest["shard_rows"] < 1 or manifest["n_items"] < 0:
         return f"{MANIFEST} is damaged (shard_rows {manifest['shard_rows']}, n_items {manifest['n_items']})"
     for name, entry in manifest["shards"].items():
