@@ -46,6 +46,7 @@ from gpu_ops.store import (
     load_manifest,
     part_files,
     part_problem,
+    read_manifest,
     sha256_file,
     write_part,
 )
@@ -254,10 +255,8 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
 
     directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
     n = len(dataset)
-    if (directory / MANIFEST).is_file():
-        rows = int(load_manifest(directory)["shard_rows"])
-    else:
-        rows = int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
+    manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
+    rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
     store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
     if not (directory / MANIFEST).is_file():
         atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout

@@ -333,6 +333,8 @@ class EmbeddingStore:
         if not path.exists():
             return self._fresh_manifest()
         manifest, problem = read_manifest(self.directory)
+        if manifest is None and not verify:  # a writer that trusts the manifest (a Dask worker) never restarts it
+            raise InputError(f"store {self.directory}: {problem}")
         if manifest is None:
             self._must_rewrite(str(problem))
             # parts (and sharded writers' entries, see gpu_ops.distributed) of the unknown old layout
@@ -542,6 +544,17 @@ def _part_shape(path: Path, table: pa.Table) -> tuple[list[str], int]:
     return table.column_names, int(etype.list_size)
 
 
+def _raise_duplicate(ids: list[str], parts: list[tuple[Path, int]]) -> None:
+    """InputError naming the first repeated image_id, the part it repeats in and where it was first."""
+    owner = [path for path, rows in parts for _ in range(rows)]
+    seen: dict[str, Path] = {}
+    for image_id, path in zip(ids, owner):
+        if image_id in seen:
+            also = "" if seen[image_id] == path else f" (also in {seen[image_id].name})"
+            raise InputError(f"{path}: duplicate image_id {image_id!r}{also}")
+        seen[image_id] = path
+
+
 def read_embeddings(directory: Path) -> EmbeddingTable:
     """Read every finished shard of a store (or a folder of Parquet files) into memory.
 
@@ -554,7 +567,7 @@ def read_embeddings(directory: Path) -> EmbeddingTable:
     labels: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     null_labels = 0
-    seen: dict[str, Path] = {}
+    parts: list[tuple[Path, int]] = []  # (file, rows)
     first: tuple[Path, list[str], int] | None = None
     meta: dict[str, str] = {}
     for path in part_files(directory):
@@ -569,11 +582,7 @@ def read_embeddings(directory: Path) -> EmbeddingTable:
         elif dim != first[2]:
             raise InputError(f"{path}: embedding dimension {dim} differs from {first[0].name}'s {first[2]}")
         part_ids = [str(i) for i in table.column("image_id").to_pylist()]
-        for image_id in part_ids:
-            if image_id in seen:
-                also = "" if seen[image_id] == path else f" (also in {seen[image_id].name})"
-                raise InputError(f"{path}: duplicate image_id {image_id!r}{also}")
-            seen[image_id] = path
+        parts.append((path, len(part_ids)))
         emb = embeddings_to_numpy(table.column("embedding"))
         check_embedding_values(emb, path, 0, part_ids)
         ids += part_ids
@@ -584,5 +593,7 @@ def read_embeddings(directory: Path) -> EmbeddingTable:
         embeddings.append(emb)
     if not ids:
         raise InputError(f"{directory}: the store holds no rows")
+    if len(set(ids)) != len(ids):
+        _raise_duplicate(ids, parts)
     label_arr = np.concatenate(labels) if labels and null_labels < len(ids) else None
     return EmbeddingTable(ids, sources, label_arr, np.concatenate(embeddings), meta)

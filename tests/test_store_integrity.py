@@ -284,3 +284,24 @@ def test_cache_round_trip_damaged_part_deleted_store_deleted_cache(tmp_path):
     lines, again = run("deleted-cache")
     assert lines == [f"WARNING gpu_ops.store: store {store} is missing: re-extracting"]
     assert again == metrics and (store / "manifest.json").is_file()
+
+
+def test_sharded_extraction_redoes_only_a_damaged_shard(tmp_path, caplog):
+    """On a Dask cluster the driver verifies the store while planning: a damaged shard is pending again."""
+    from gpu_ops import distributed, pipeline
+    from gpu_ops.config import make_config
+
+    params = pipeline.extract_params(make_config(cache_dir=tmp_path / "cache", shard_rows=600))
+    plan = distributed.plan_shards(params)
+    distributed.extract_shards(params, plan["store"], plan["pending"], 600)
+    clean = read_embeddings(Path(distributed.merge_shards(plan["store"]).directory))
+    store = Path(plan["store"])
+    _flip_middle_byte(store / "part-00001.parquet")
+    with caplog.at_level(logging.INFO, logger="gpu_ops"):
+        again = distributed.plan_shards(params)
+    assert _warnings(caplog) == [f"store {store}: part-00001.parquet is damaged (sha256 mismatch): re-extracting"]
+    assert again["pending"] == [1]
+    distributed.extract_shards(params, plan["store"], again["pending"], 600)
+    assert distributed.merge_shards(plan["store"]).rows == 1797
+    table = read_embeddings(store)
+    assert table.image_ids == clean.image_ids and np.array_equal(table.embeddings, clean.embeddings)
