@@ -178,7 +178,8 @@ def test_values_that_overflow_float32_never_reach_clustering(tmp_path):
     assert str(err.value) == message
     with pytest.raises(InputError) as err:  # the out-of-core k-means reads the store in batches
         list(StoreSource(tmp_path / "store").batches(4))
-    assert str(err.value) == f"{part}: row 3 holds a value beyond ±1e18, where float32 distances overflow (3.2e+38) in its embedding"
+    assert str(err.value) == (f"{part}: row 3 holds a value beyond ±1e18, where float32 distances overflow "
+                              "(3.2e+38) in its embedding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +200,8 @@ def _user_part(path: Path, ids: list[str], dim: int = 8, label: bool = False, va
 
 BAD_PARQUET = {
     "mixed columns": (lambda d: _user_part(d / "b.parquet", ["b0", "b1"], label=True),
-                      "b.parquet: columns (image_id, label, embedding) differ from those of a.parquet (image_id, embedding)"),
+                      "b.parquet: columns (image_id, label, embedding) differ from those of a.parquet "
+                      "(image_id, embedding)"),
     "mixed dimensions": (lambda d: _user_part(d / "b.parquet", ["b0", "b1"], dim=4),
                          "b.parquet: embedding dimension 4 differs from a.parquet's 8"),
     "not Parquet": (lambda d: (d / "b.parquet").write_text("image_id,embedding\nb0,0.5\n"),
