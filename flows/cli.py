@@ -167,12 +167,14 @@ def preflight(cfg: Any) -> None:
     from gpu_ops.device import BACKEND_CHOICES
     from gpu_ops.registry import resolve_backend
     from gpu_ops.rundir import check_out_dir
+    from gpu_ops.store import check_cache_root
 
     for op, name in cfg.backends.items():
         if op != "extract" and name not in BACKEND_CHOICES:
             resolve_backend(op, name)
     if cfg.out is not None:
         check_out_dir(cfg.out, cfg.dataset, cfg.cache_root())
+    check_cache_root(cfg.cache_root())
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     n = len(dataset)
     if cfg.k != "auto" and cfg.k > n:

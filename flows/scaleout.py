@@ -39,6 +39,7 @@ from flows.tasks import (
 from gpu_ops import distributed, pipeline
 from gpu_ops.config import RunConfig
 from gpu_ops.placement import place
+from gpu_ops.store import cached_store_ok
 
 
 def _worker_env() -> dict[str, str]:
@@ -147,7 +148,13 @@ def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
         address = None
     if address is None:
         # params["device"] is the extract placement's torch device
-        return configured(extract_features, config, "extract", gpu=params["device"] == "cuda")(params)
+        extract = configured(extract_features, config, "extract", gpu=params["device"] == "cuda")
+        result = extract(params)
+        if not cached_store_ok(result["store"]):
+            # a cached result whose store was deleted or altered since: a cache miss (the stage
+            # verifies the store and re-extracts what it must)
+            result = extract.with_options(refresh_cache=True)(params)
+        return result
     from prefect_dask import DaskTaskRunner
 
     return extract_on_dask.with_options(task_runner=DaskTaskRunner(address=address))(config, params, address)

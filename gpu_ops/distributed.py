@@ -45,10 +45,13 @@ from gpu_ops.store import (
     EmbeddingStore,
     StoreSummary,
     atomic_write_json,
-    atomic_write_table,
     build_table,
     load_manifest,
     part_files,
+    part_problem,
+    read_manifest,
+    sha256_file,
+    write_part,
 )
 
 log = logging.getLogger(__name__)
@@ -194,13 +197,14 @@ def dataset_and_extractor(params: dict[str, Any], device: str) -> tuple[Any, Any
 class ShardedStore(EmbeddingStore):
     """A store written by many processes: parts plus per-shard entries, never ``manifest.json``.
 
-    ``shards`` restricts :meth:`pending_shards` to the shards this writer was given.
+    ``shards`` restricts :meth:`pending_shards` to the shards this writer was given. The driver
+    verifies the finished parts (:func:`plan_shards`); a worker given its shards does not again.
     """
 
     def __init__(self, directory: Path, metadata: dict[str, str], n_items: int, shard_rows: int,
-                 shards: list[int] | None = None) -> None:
+                 shards: list[int] | None = None, verify: bool | None = None) -> None:
         self.assigned = None if shards is None else sorted(set(shards))
-        super().__init__(directory, metadata, n_items, shard_rows)
+        super().__init__(directory, metadata, n_items, shard_rows, verify=shards is None if verify is None else verify)
 
     def entry_path(self, shard: int) -> Path:
         return self.directory / ENTRIES / f"{shard:05d}.json"
@@ -213,14 +217,13 @@ class ShardedStore(EmbeddingStore):
     def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
                     embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
         """Part file first, then its entry: an entry always stands for a whole part."""
-        name = f"part-{shard:05d}.parquet"
+        entry: dict[str, Any] = {"file": None, "rows": 0}
         if len(image_ids):
-            atomic_write_table(self.directory / name, build_table(image_ids, sources, labels, embeddings,
-                                                                  self.metadata))
-        entry = {"file": name if len(image_ids) else None, "rows": len(image_ids),
-                 "dim": int(embeddings.shape[1]) if len(image_ids) else None,
-                 "quarantined": [{"source": s, "reason": r} for s, r in quarantined],
-                 "writer": f"{socket.gethostname()}:{os.getpid()}"}
+            entry = write_part(self.directory / f"part-{shard:05d}.parquet",
+                               build_table(image_ids, sources, labels, embeddings, self.metadata))
+        entry.update({"dim": int(embeddings.shape[1]) if len(image_ids) else None,
+                      "quarantined": [{"source": s, "reason": r} for s, r in quarantined],
+                      "writer": f"{socket.gethostname()}:{os.getpid()}"})
         self.entry_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.entry_path(shard), entry)
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
@@ -235,15 +238,13 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
     dataset, extractor = dataset_and_extractor(params, "cpu")
     directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
     n = len(dataset)
-    if (directory / MANIFEST).is_file():
-        rows = int(load_manifest(directory)["shard_rows"])
-    else:
-        rows = int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
+    manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
+    rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
     store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
     if not (directory / MANIFEST).is_file():
         atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout
     merge_shards(directory, finish=False)  # fold in entries an interrupted run left behind
-    store = ShardedStore(directory, store.metadata, n, rows)
+    store = ShardedStore(directory, store.metadata, n, rows, verify=False)  # verified just above
     pending = store.pending_shards()
     log.info("store %s: %d rows in %d shard(s) of %d rows; %d pending", directory, n, store.n_shards, rows,
              len(pending))
@@ -291,12 +292,23 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
     for path in entries:
         entry = json.loads(path.read_text())
         if entry["file"]:
-            rows = pq.ParquetFile(directory / entry["file"]).metadata.num_rows
+            part = directory / entry["file"]
+            if "sha256" in entry:  # what the worker wrote, byte for byte
+                problem = part_problem(directory, entry)
+                if problem:
+                    raise RuntimeError(f"store {directory}: {problem} since its worker wrote it")
+                record = {k: entry[k] for k in ("bytes", "mtime_ns", "sha256")}
+            else:  # an entry without its part's record: take it from the part as it is
+                st = part.stat()
+                record = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(part)}
+            rows = pq.ParquetFile(part).metadata.num_rows
             if rows != entry["rows"]:
-                raise RuntimeError(f"{directory / entry['file']}: {rows} rows, its manifest entry says {entry['rows']}")
+                raise RuntimeError(f"{part}: {rows} rows, its manifest entry says {entry['rows']}")
+            entry = {**entry, **record}
             manifest["dim"] = int(entry["dim"])
-        manifest["shards"][path.stem] = {"file": entry["file"], "rows": entry["rows"],
-                                         "quarantined": entry["quarantined"], "writer": entry.get("writer")}
+        manifest["shards"][path.stem] = {k: entry[k] for k in ("file", "rows", "quarantined", "bytes", "mtime_ns",
+                                                               "sha256") if k in entry}
+        manifest["shards"][path.stem]["writer"] = entry.get("writer")
     if entries:
         atomic_write_json(directory / MANIFEST, manifest)
         for path in entries:
@@ -309,7 +321,8 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
         raise RuntimeError(f"{directory}: shard(s) {missing[:10]} were not written")
     from gpu_ops.features.extract import checked_summary
 
-    store = EmbeddingStore(directory, manifest["metadata"], int(manifest["n_items"]), int(manifest["shard_rows"]))
+    store = EmbeddingStore(directory, manifest["metadata"], int(manifest["n_items"]), int(manifest["shard_rows"]),
+                           verify=False)  # every part was checked as it was merged
     return checked_summary(store.finish(), manifest["metadata"].get("dataset", str(directory)),
                            int(manifest["n_items"]))
 

@@ -312,15 +312,13 @@ class StoreSource(BatchedSource):
     """
 
     def __init__(self, directory: str | Path, *, batch_rows: int = STORE_BATCH_ROWS, gpu: bool = False) -> None:
-        import pyarrow.parquet as pq
-
-        from gpu_ops.store import part_files
+        from gpu_ops.store import open_part, part_files
 
         self.directory = Path(directory)
         self.files = part_files(self.directory)
         counts, dims = [], set()
         for path in self.files:
-            meta = pq.ParquetFile(path)
+            meta = open_part(path)
             schema = meta.schema_arrow
             if "embedding" not in schema.names:
                 raise InputError(f"{path}: no 'embedding' column (found: {', '.join(schema.names)})")
@@ -335,22 +333,29 @@ class StoreSource(BatchedSource):
             raise InputError(f"{self.directory}: the store holds no rows")
         super().__init__(sum(counts), dims.pop(), batch_rows, gpu)
 
-    def _record_batches(self, column: str) -> Iterator[Any]:
-        import pyarrow.parquet as pq
+    def _record_batches(self, column: str) -> Iterator[tuple[Path, int, Any]]:
+        """(part, its first row in this batch, the column's values) batch by batch."""
+        from gpu_ops.store import open_part
 
         for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_rows, columns=[column]):
-                yield batch.column(0)
+            first_row = 0
+            for batch in open_part(path).iter_batches(batch_size=self.batch_rows, columns=[column]):
+                yield path, first_row, batch.column(0)
+                first_row += batch.num_rows
 
     def batches(self) -> Iterator[np.ndarray]:
-        from gpu_ops.store import embeddings_to_numpy
+        """Embeddings (b, d) float32, batch by batch; a non-finite or overflowing value is an InputError."""
+        from gpu_ops.store import check_embedding_values, embeddings_to_numpy
 
-        for column in self._record_batches("embedding"):
-            yield np.ascontiguousarray(embeddings_to_numpy(column), dtype=np.float32)
+        for path, first_row, column in self._record_batches("embedding"):
+            emb = embeddings_to_numpy(column)
+            check_embedding_values(emb, path, first_row)
+            yield np.ascontiguousarray(emb, dtype=np.float32)
 
     def iter_ids(self) -> Iterator[Any]:
         """The ``image_id`` column, batch by batch, in the order :meth:`batches` reads the rows."""
-        yield from self._record_batches("image_id")
+        for _path, _first_row, column in self._record_batches("image_id"):
+            yield column
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Gather the (sorted, unique) global row numbers ``rows`` in one streaming pass."""
@@ -380,12 +385,11 @@ def as_source(data: Any, *, batch_rows: int | None = None, gpu: bool = False) ->
 
 
 def _load_part(path: str) -> np.ndarray:
-    import pyarrow.parquet as pq
+    from gpu_ops.store import check_embedding_values, embeddings_to_numpy, read_part
 
-    from gpu_ops.store import embeddings_to_numpy
-
-    column = pq.read_table(path, columns=["embedding"]).column("embedding")
-    return np.ascontiguousarray(embeddings_to_numpy(column), dtype=np.float32)
+    X = embeddings_to_numpy(read_part(Path(path), columns=["embedding"]).column("embedding"))
+    check_embedding_values(X, Path(path))
+    return np.ascontiguousarray(X, dtype=np.float32)
 
 
 def _shape(X: np.ndarray) -> tuple[int, int]:

@@ -255,6 +255,8 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
             raise InputError(f"{directory}: shard(s) {outside} outside the store's {store.n_shards} shard(s)")
     pending = store.pending_shards()
     covered = store.n_shards if shards is None else len(set(shards))
+    if pending:
+        store.check_writable()
     indices = [i for s in pending for i in store.shard_range(s)]
     if pending:
         log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending),
