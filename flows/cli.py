@@ -7,7 +7,6 @@ Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

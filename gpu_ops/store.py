@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpu_ops.errors import InputError
+from gpu_ops.fsutil import atomic_write_bytes, atomic_write_json, json_bytes  # noqa: F401 (the store's writers)
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,6 @@ _LISTED_PROBLEMS = 3
 
 # --------------------------------------------------------------------------------------------
 # Atomic files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def json_bytes(obj: Any, sort_keys: bool = True) -> bytes:
-    """The exact bytes :func:`atomic_write_json` writes for ``obj``."""
-    return (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
-
-
-def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    atomic_write_bytes(path, json_bytes(obj, sort_keys))
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:

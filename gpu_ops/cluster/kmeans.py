@@ -9,7 +9,6 @@ device computed them. GPU packages are imported inside ``fit``, so a CPU install
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import sys

@@ -29,7 +29,6 @@ pyarrow and faiss) and one Parquet row group while decoding it (the store writes
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from gpu_ops.cluster.kmeans import default_trials
 from gpu_ops.cluster.lloyd import lloyd
 from gpu_ops.cluster.sources import ArraySource, NearestCentre, StoreSource, as_source
 from gpu_ops.errors import InputError
+from gpu_ops.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -231,21 +231,13 @@ def write_assignments(source: ArraySource | StoreSource, labels: np.ndarray, pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     schema = pa.schema([pa.field("image_id", pa.string()), pa.field("label", pa.int32())])
-    writer = pq.ParquetWriter(tmp, schema)
     start = 0
-    try:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for ids in source.iter_ids():
             lab = np.asarray(labels[start:start + len(ids)], dtype=np.int32)
             start += len(ids)
             writer.write_table(pa.table({"image_id": ids, "label": pa.array(lab)}, schema=schema))
-        writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def cluster_store_stage(store: str, cfg: Any, staging: str) -> dict[str, Any]:

@@ -4,9 +4,7 @@ per-epoch evaluation and atomic checkpoint writes."""
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,6 +15,7 @@ import torch
 from gpu_ops.data.base import to_unit_scale
 from gpu_ops.device import BACKEND_CHOICES
 from gpu_ops.errors import InputError
+from gpu_ops.fsutil import atomic_path
 
 log = logging.getLogger("gpu_ops.deep")
 
@@ -129,20 +128,9 @@ def quick_kmeans(z: np.ndarray, k: int, seed: int, n_init: int = 1, max_iter: in
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """``torch.save`` onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def format_metrics(rec: dict[str, Any]) -> str:

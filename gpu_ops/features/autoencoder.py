@@ -17,6 +17,7 @@ import torch
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
 from gpu_ops.features.base import Extractor, describe, file_sha256
+from gpu_ops.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,5 @@ def save_reconstructions(extractor: AutoencoderFeatures, images: np.ndarray, pat
     def hwc(a: np.ndarray) -> np.ndarray:
         return a[:, 0] if a.shape[1] == 1 else a.transpose(0, 2, 3, 1)
 
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, inputs=hwc(x), outputs=hwc(y))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, inputs=hwc(x), outputs=hwc(y))
