@@ -278,6 +278,41 @@ def test_distance_cut_follows_scikit_learn():
         cut_distance(Z, -1.0)
 
 
+def _merged_prefix(Z: np.ndarray, n_merges: int) -> np.ndarray:
+    """Reference cut: replay the first ``n_merges`` merges on explicit member lists."""
+    m = Z.shape[0] + 1
+    members = {i: [i] for i in range(m)}
+    for step in range(n_merges):
+        members[m + step] = members.pop(int(Z[step, 0])) + members.pop(int(Z[step, 1]))
+    labels = np.empty(m, dtype=np.int64)
+    for c, leaves in enumerate(sorted(members.values(), key=min)):
+        labels[leaves] = c
+    return labels
+
+
+@pytest.mark.parametrize("method", ["ward", "average", "complete", "single"])
+def test_tree_cuts_replay_the_merges_on_digits(method):
+    """The micro-cluster tree of real data (digits, 300 leaves) cut at every k and at merge heights
+    gives the clusters of replaying the first merges, numbered by first leaf; with tied heights
+    (each digit three times) a cut still gives exactly k clusters."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data.astype(np.float32)
+    Z = MicroClusterAgglomerative(n_clusters=10, linkage=method, n_micro=300, seed=0).fit(X).linkage_matrix_
+    m = Z.shape[0] + 1
+    for k in range(1, m + 1):
+        np.testing.assert_array_equal(cut_n_clusters(Z, k), _merged_prefix(Z, m - k))
+    heights = np.maximum.accumulate(Z[:, 2])
+    for t in heights[::13]:  # merges at or above the threshold stay undone
+        np.testing.assert_array_equal(cut_distance(Z, float(t)), _merged_prefix(Z, int((heights < t).sum())))
+    tied = weighted_linkage(np.repeat(X[:60], 3, axis=0), None, method)
+    assert (tied[:, 2] == 0).sum() == 120
+    for k in (100, 60, 59, 10):
+        labels = cut_n_clusters(tied, k)
+        assert labels.max() + 1 == k
+        np.testing.assert_array_equal(labels, _merged_prefix(tied, 180 - k))
+
+
 def test_microcluster_ward_recovers_blobs_and_cuts_both_ways():
     X, y = make_blobs(n_samples=20_000, n_features=16, centers=8, random_state=3)
     est = MicroClusterAgglomerative(n_clusters=8, n_micro=200, seed=0).fit(X)
