@@ -25,7 +25,7 @@ import torch
 
 from gpu_ops.data import load_dataset
 from gpu_ops.features import create_extractor
-from gpu_ops.features.extract import _collate, _Items, extract_to_store
+from gpu_ops.features.extract import batch_loader, extract_to_store
 
 CIFAR_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_jpg" / "cifar10_test_jpg.tar.gz"
 
@@ -53,8 +53,7 @@ def _sync(device: str) -> None:
 
 def time_loading(ds, extractor, batch_size: int, workers: int) -> float:
     """images/s of the DataLoader alone."""
-    loader = torch.utils.data.DataLoader(_Items(ds, extractor, list(range(len(ds)))), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = batch_loader(ds, extractor, list(range(len(ds))), batch_size=batch_size, num_workers=workers)
     t0 = time.perf_counter()
     n = sum(len(good) for good, _, _ in loader)
     return n / (time.perf_counter() - t0)

@@ -12,12 +12,33 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import flows  # noqa: F401  (sets Prefect environment defaults before Prefect is imported)
 from gpu_ops.errors import InputError
 
 log = logging.getLogger("gpuclust")
+
+
+#: RunConfig fields that `run` options set, and the option that sets each (messages name it).
+RUN_OPTIONS = {
+    "dataset": "--dataset", "split": "--split", "limit": "--limit", "extractor": "--extractor",
+    "weights": "--weights", "image_size": "--image-size", "batch_size": "--batch-size",
+    "num_workers": "--num-workers", "decode_on_device": "--gpu-decode", "latent_dim": "--latent-dim",
+    "ae_epochs": "--ae-epochs", "deep_epochs": "--deep-epochs", "algorithms": "--algorithm",
+    "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out",
+}
+#: The task_runner fields the Dask options set.
+RUNNER_OPTIONS = {"kind": "--task-runner", "address": "--dask-address", "n_workers": "--dask-workers"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``gpuclust: error: <message>`` and exit 2, not a usage block
+    (``--help`` still prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"gpuclust: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _backend_arg(raw: str) -> dict[str, Any]:
@@ -27,7 +48,11 @@ def _backend_arg(raw: str) -> dict[str, Any]:
     for part in (p.strip() for p in raw.split(",") if p.strip()):
         if "=" in part:
             op, name = part.split("=", 1)
+            if op.strip() in overrides:
+                raise argparse.ArgumentTypeError(f"op {op.strip()!r} is given twice in {raw!r}")
             overrides[op.strip()] = name.strip()
+        elif "backend" in out:
+            raise argparse.ArgumentTypeError(f"two backends for every op ({out['backend']!r}, {part!r}) in {raw!r}")
         else:
             out["backend"] = part
     if overrides:
@@ -36,7 +61,7 @@ def _backend_arg(raw: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuclust", description="Cluster image collections without labels.")
+    parser = OneLineParser(prog="gpuclust", description="Cluster image collections without labels.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and gpuclust's info logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
-    run.add_argument("--out", type=Path, help="run directory (default runs/<time>-<dataset>)")
+    run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "
+                                   "(default runs/<time>-<dataset>)")  # a str: "" must not become "."
     run.add_argument("--task-runner", dest="task_runner_kind", choices=["local", "dask", "dask-cuda", "slurm", "pbs"],
                      help="where extraction and k-means run: this process (local), a Dask LocalCluster, "
                           "a LocalCUDACluster (one worker per GPU), or Slurm/PBS jobs (dask-jobqueue)")
@@ -87,55 +113,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config_from_args(args: argparse.Namespace) -> "Any":
-    from gpu_ops.config import load_config_file, make_config
+    """The run's RunConfig: the config file's settings, overridden by the options given.
+
+    RunConfig checks every value; its messages name the option, or the file a value came from.
+    """
+    from gpu_ops.config import load_config_file, validate_config
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    for key in ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers",
-                "decode_on_device", "latent_dim", "ae_epochs", "deep_epochs", "algorithms",
-                "linkage", "reducer", "seed", "out"):
+    flags: dict[str, str] = {}
+    for key, option in RUN_OPTIONS.items():
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+            flags[key] = option
     if args.k is not None:
-        if args.k == "auto":
-            values["k"] = "auto"
-        else:
-            try:
-                values["k"] = int(args.k)
-            except ValueError:
-                raise InputError(f"--k must be a positive integer or auto; got {args.k!r}") from None
+        try:
+            values["k"] = int(args.k)
+        except ValueError:
+            values["k"] = args.k  # auto, or a mistake RunConfig names
+        flags["k"] = "--k"
     if args.backend:
         values.update(args.backend)
+        flags.update({key: "--backend" for key in args.backend})
     runner = {"kind": args.task_runner_kind, "address": args.dask_address, "n_workers": args.dask_workers}
     if any(v is not None for v in runner.values()):
         merged = dict(values.get("task_runner") or {})
         merged.update({k: v for k, v in runner.items() if v is not None})
         values["task_runner"] = merged
-    return make_config(**values)
+        flags.update({f"task_runner.{k}": RUNNER_OPTIONS[k] for k, v in runner.items() if v is not None})
+    return validate_config(values, flags=flags, file=args.config)
+
+
+def minimum_sizes(cfg: Any) -> list[tuple[str, int]]:
+    """(what, the fewest images it runs on) for the stages with a floor, measured with umap-learn
+    and openTSNE: UMAP's spectral start needs n > n_components + 1, t-SNE n > 3 * perplexity (the
+    map's perplexity shrinks with n down to 2, so the map needs 7)."""
+    floors = []
+    if "umap-kmeans" in cfg.algorithms:
+        floors.append((f"umap-kmeans (UMAP to umap_dims={cfg.umap_dims} dimensions)", cfg.umap_dims + 2))
+    if cfg.reducer == "umap":
+        floors.append(("the umap map (reducer umap)", 4))  # 2 dimensions
+    if cfg.reducer == "tsne":
+        floors.append(("the tsne map (reducer tsne)", 7))
+        floors += [(f"the t-SNE sweep at perplexity {p:g}", int(3 * p) + 1) for p in cfg.tsne_perplexities]
+    return floors
 
 
 def preflight(cfg: Any) -> None:
-    """Fail fast, before any work, on what can be checked cheaply: names, paths, k vs n."""
+    """Fail fast, before any work, on what the settings alone do not tell (RunConfig checked them):
+    that the dataset opens, k and the size floors of the stages against its size, and that the
+    backends named in ``backends`` are usable on this machine."""
     from gpu_ops.data import load_dataset
     from gpu_ops.device import BACKEND_CHOICES
-    from gpu_ops.errors import choice_error
-    from gpu_ops.features import EXTRACTORS
-    from gpu_ops.registry import list_backends, list_ops, resolve_backend
+    from gpu_ops.registry import resolve_backend
+    from gpu_ops.rundir import check_out_dir
 
-    if cfg.backend not in BACKEND_CHOICES:
-        raise choice_error("backend", cfg.backend, BACKEND_CHOICES)
     for op, name in cfg.backends.items():
-        if op == "extract":
-            continue
-        if op not in list_ops():
-            raise choice_error("op in --backend", op, list_ops())
-        resolve_backend(op, name)
-    if cfg.extractor not in EXTRACTORS:
-        raise choice_error("extractor", cfg.extractor, EXTRACTORS)
+        if op != "extract" and name not in BACKEND_CHOICES:
+            resolve_backend(op, name)
+    if cfg.out is not None:
+        check_out_dir(cfg.out, cfg.dataset, cfg.cache_root())
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
-    if cfg.k != "auto" and cfg.k > len(dataset):
-        raise InputError(f"k={cfg.k} is larger than the number of images ({len(dataset)}) in {cfg.dataset}")
-    del list_backends
+    n = len(dataset)
+    if cfg.k != "auto" and cfg.k > n:
+        raise InputError(f"k={cfg.k} is larger than the number of images ({n}) in {cfg.dataset}")
+    if cfg.k == "auto" and n <= cfg.k_range[0]:
+        raise InputError(f"k=auto tries k from {cfg.k_range[0]}: it needs more than {cfg.k_range[0]} images; "
+                         f"{cfg.dataset} has {n}")
+    for what, fewest in minimum_sizes(cfg):
+        if n < fewest:
+            raise InputError(f"{what} needs at least {fewest} images; {cfg.dataset} has {n}"
+                             + (f" (limit {cfg.limit})" if cfg.limit is not None else ""))
 
 
 def print_metrics(doc: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@
 # "RunConfig" cannot be resolved there ("Cluster_ImagesModel is not fully defined").
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -13,13 +12,13 @@ from prefect import flow
 from flows.scaleout import cluster_store, extract_store, scale_out
 from flows.tasks import build_report, configured, evaluate, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
-from gpu_ops.rundir import commit_run, default_run_dir, start_run
+from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, start_run
 
 
 @flow(name="cluster-images")
 def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     """Cluster a dataset and write ``config.out`` (metrics.json's content is returned)."""
-    out = Path(config.out or default_run_dir(config.dataset))
+    out = check_out_dir(config.out or default_run_dir(config.dataset), config.dataset, config.cache_root())
     staging = start_run(out)
     try:
         with scale_out(config) as dask_address:  # None: every stage in this process
@@ -35,12 +34,12 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         timings["reduce"] = reduced["seconds"]
         metrics = configured(evaluate, config, "evaluate")(store["store"], clusters)
         doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings)
-        report = configured(build_report, config, "report")(str(staging), str(out.absolute()))
+        report = configured(build_report, config, "report")(str(staging), str(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_run(staging, out)
-    return {**doc, "run_dir": str(out.absolute()), "report": report["html"]}
+    return {**doc, "run_dir": str(out), "report": report["html"]}
 
 
 @flow(name="extract-images")

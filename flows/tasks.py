@@ -118,7 +118,7 @@ def build_report(staging: str, run_dir: str) -> dict[str, Any]:
     """report.html and its figures; a markdown artifact summarises the run and links the report."""
     from gpu_ops.report import build_report as build, summary_markdown
 
-    result = build(Path(staging))
+    result = build(Path(staging), shown_as=Path(run_dir))
     markdown = summary_markdown(Path(staging), result).replace(str(Path(staging)), str(Path(run_dir)))
     create_markdown_artifact(markdown=markdown, key="run-report", description="Run summary and figures")
     return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing]}

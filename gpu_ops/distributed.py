@@ -5,8 +5,11 @@ many workers, merge their manifest entries, and run k-means over a store that sp
 (:meth:`gpu_ops.store.EmbeddingStore.shard_range`), so shards can be written by different
 processes without coordination. The driver (:func:`plan_shards`) fixes the layout (writes
 ``manifest.json`` with ``shard_rows``) and lists the pending shards; each worker
-(:func:`extract_shards`) writes ``part-NNNNN.parquet`` atomically and then a per-shard manifest
-entry ``.shards/NNNNN.json`` (also atomically) — it never touches ``manifest.json``. The driver
+(:func:`extract_shards`) runs the single-process routine,
+:func:`gpu_ops.features.extract.extract_to_store`, for its shards: it writes
+``part-NNNNN.parquet`` atomically and then a per-shard manifest entry ``.shards/NNNNN.json``
+(also atomically) — it never touches ``manifest.json``. In a daemonic worker process (Dask's
+default) images are decoded without loader worker processes. The driver
 alone merges the entries into ``manifest.json`` (:func:`merge_shards`), checking each part's row
 count, and marks the store complete. A worker killed mid-shard leaves neither a part nor an entry
 for it; finished shards keep their entries and are merged (not redone) by the next run.
@@ -32,7 +35,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -52,8 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Per-shard manifest entries written by workers, merged into manifest.json by the driver.
 ENTRIES = ".shards"
-#: Rows per shard of a new store when the parameters name none (``extract_to_store``'s default).
-DEFAULT_SHARD_ROWS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,37 +176,19 @@ def worker_count(address: str) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(dataset: str, split: str, limit: int | None) -> Any:
-    from gpu_ops.data import load_dataset
+def _opened(params_json: str, device: str) -> tuple[Any, Any]:
+    from gpu_ops.features.extract import build_extractor, open_dataset
 
-    return load_dataset(dataset, split, limit)
-
-
-@functools.lru_cache(maxsize=4)
-def _extractor(name: str, weights: str | None, image_size: int | None, device: str, seed: int) -> Any:
-    from gpu_ops.features import create_extractor
-
-    return create_extractor(name, weights=weights, image_size=image_size, device=device, seed=seed)
+    params = json.loads(params_json)
+    dataset = open_dataset(params)
+    return dataset, build_extractor(params, dataset, device=device, progress=False)
 
 
-def _dataset_and_extractor(params: dict[str, Any], device: str) -> tuple[Any, Any]:
-    """The dataset and extractor an extract run with ``params`` uses (cached per process)."""
-    from gpu_ops.data.readers import FolderDataset
-
-    dataset = _dataset(params["dataset"], params["split"], params["limit"])
-    image_size = params["image_size"]
-    if params["extractor"] == "raw" and image_size is None and isinstance(dataset, FolderDataset):
-        image_size = 32  # as gpu_ops.pipeline.extract_stage: a folder's raw pixels need one size
-    extractor = _extractor(params["extractor"], params["weights"], image_size, device, params["seed"])
-    return dataset, extractor
-
-
-def store_metadata(dataset: Any, extractor: Any) -> dict[str, str]:
-    """Schema metadata of the store (as :func:`gpu_ops.features.extract.extract_to_store` writes it)."""
-    from gpu_ops.store import library_versions
-
-    return {**extractor.metadata(), "store_key": extractor.store_key(), "dataset": dataset.name,
-            "dataset_fingerprint": dataset.fingerprint(), "versions": str(library_versions())}
+def dataset_and_extractor(params: dict[str, Any], device: str) -> tuple[Any, Any]:
+    """The dataset and extractor an extract run with ``params`` uses, the extractor on ``device``
+    (:func:`gpu_ops.features.extract.build_extractor`), opened once per process: a worker that
+    embeds many shards loads its model once."""
+    return _opened(json.dumps(params, sort_keys=True, default=str), device)
 
 
 class ShardedStore(EmbeddingStore):
@@ -247,9 +230,9 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
     """Fix the store's layout and list its pending shards (driver side; builds the extractor on
     the CPU only to learn its identity). A new store gets ``params["shard_rows"]`` rows per
     shard (the same layout as a single-process extraction); one that exists keeps its own."""
-    dataset, extractor = _dataset_and_extractor(params, "cpu")
-    from gpu_ops.features.extract import store_directory
+    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_directory, store_metadata
 
+    dataset, extractor = dataset_and_extractor(params, "cpu")
     directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
     n = len(dataset)
     if (directory / MANIFEST).is_file():
@@ -271,42 +254,29 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
             "pending": pending}
 
 
-def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_rows: int,
-                   device: str = "cpu") -> dict[str, Any]:
-    """Worker side: embed ``shards`` of the store at ``store`` with the extractor on ``device``."""
-    from torch.utils.data import DataLoader
-
-    from gpu_ops.features.extract import AdaptiveEmbedder, _collate, _Items, _ShardBuffer, store_directory
+def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_rows: int, device: str = "cpu",
+                   on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Worker side: embed those of ``shards`` still pending in the store at ``store`` with the
+    extractor on ``device``, through the same routine as a single-process extraction
+    (:func:`gpu_ops.features.extract.extract_to_store` with ``shards``): every option of the
+    run's ``params`` applies. ``on_shard(done, total)`` follows the given shards."""
+    from gpu_ops.features.extract import extract_options, extract_to_store, store_directory
 
     t0 = time.perf_counter()
-    dataset, extractor = _dataset_and_extractor(params, device)
-    directory = Path(store)
-    expected = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
-    if expected.resolve() != directory.resolve():
-        raise InputError(f"{directory}: this worker's data/extractor belong in {expected} (different dataset "
+    dataset, extractor = dataset_and_extractor(params, device)
+    store_root = Path(params["cache_root"]) / "stores"
+    expected = store_directory(store_root, dataset, extractor)
+    if expected.resolve() != Path(store).resolve():
+        raise InputError(f"{store}: this worker's data/extractor belong in {expected} (different dataset "
                          "files or library versions on the workers?)")
-    writer = ShardedStore(directory, store_metadata(dataset, extractor), len(dataset), shard_rows, shards=shards)
-    pending = writer.pending_shards()
-    indices = [i for s in pending for i in writer.shard_range(s)]
+    options = {**extract_options(params, extractor.device), "shard_rows": shard_rows}
+    done = extract_to_store(dataset, extractor, store_root, shards=shards, progress=False, on_shard=on_shard,
+                            **options)
     label = device_label(extractor.device)
-    if indices:
-        workers = params["num_workers"]
-        if workers is None:
-            from gpu_ops.features.extract import default_workers
-
-            workers = default_workers(dataset)
-        loader = DataLoader(_Items(dataset, extractor, indices), batch_size=params["batch_size"], shuffle=False,
-                            num_workers=workers, collate_fn=_collate, pin_memory=extractor.device == "cuda")
-        embed = AdaptiveEmbedder(extractor, params["batch_size"])
-        buffer = _ShardBuffer(writer, dataset)
-        for good, tensor, bad in loader:
-            buffer.add(good, embed(tensor) if tensor is not None else None, bad)
-            buffer.flush_finished()
-        buffer.flush_all()
-    log.info("shards %s: %d items with %s on %s", pending, len(indices), extractor.name, label)
-    return {"shards": pending, "skipped": sorted(set(shards) - set(pending)), "items": len(indices),
-            "device": extractor.device, "device_label": label, "writer": f"{socket.gethostname()}:{os.getpid()}",
-            "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("shards %s: %d items with %s on %s", list(done.written), done.items, extractor.name, label)
+    return {"shards": list(done.written), "skipped": sorted(set(shards) - set(done.written)), "items": done.items,
+            "rows": done.rows, "quarantined": done.quarantined, "device": extractor.device, "device_label": label,
+            "writer": f"{socket.gethostname()}:{os.getpid()}", "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | None:
@@ -337,8 +307,11 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
         return None
     if missing:
         raise RuntimeError(f"{directory}: shard(s) {missing[:10]} were not written")
+    from gpu_ops.features.extract import checked_summary
+
     store = EmbeddingStore(directory, manifest["metadata"], int(manifest["n_items"]), int(manifest["shard_rows"]))
-    return store.finish()
+    return checked_summary(store.finish(), manifest["metadata"].get("dataset", str(directory)),
+                           int(manifest["n_items"]))
 
 
 # --------------------------------------------------------------------------------------------

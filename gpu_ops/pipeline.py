@@ -17,12 +17,16 @@ import yaml
 from gpu_ops.cluster.choose_k import choose_k
 from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
-from gpu_ops.data.readers import FolderDataset
 from gpu_ops.device import torch_device
 from gpu_ops.errors import InputError
-from gpu_ops.features import create_extractor
-from gpu_ops.features.autoencoder import RECONSTRUCTIONS, trained_autoencoder
-from gpu_ops.features.extract import dataset_directory, extract_to_store
+from gpu_ops.features.autoencoder import RECONSTRUCTIONS
+from gpu_ops.features.extract import (
+    build_extractor,
+    dataset_directory,
+    extract_options,
+    extract_to_store,
+    open_dataset,
+)
 from gpu_ops.metrics import evaluate
 from gpu_ops.registry import create_estimator
 from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
@@ -42,30 +46,17 @@ def extract_params(cfg: RunConfig) -> dict[str, Any]:
 
 def dataset_fingerprint(params: dict[str, Any]) -> str:
     """Content hash of the dataset selection an extract run would read."""
-    return load_dataset(params["dataset"], params["split"], params["limit"]).fingerprint()
+    return open_dataset(params).fingerprint()
 
 
 def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Embed the dataset into the Parquet store (resuming a partial one); return its summary."""
     t0 = time.perf_counter()
-    dataset = load_dataset(params["dataset"], params["split"], params["limit"])
-    image_size = params["image_size"]
-    if params["extractor"] == "raw" and image_size is None and isinstance(dataset, FolderDataset):
-        image_size = 32  # a folder's images differ in size: raw pixels need one size
-    store_root = Path(params["cache_root"]) / "stores"
-    if params["extractor"] == "autoencoder":
-        extractor = trained_autoencoder(dataset, dataset_directory(store_root, dataset) / "autoencoder",
-                                        latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
-                                        image_size=image_size, seed=params["seed"], device=params["device"],
-                                        progress=progress)
-    else:
-        extractor = create_extractor(params["extractor"], weights=params["weights"], image_size=image_size,
-                                     device=params["device"], seed=params["seed"])
-    summary = extract_to_store(dataset, extractor, store_root,
-                               batch_size=params["batch_size"], num_workers=params["num_workers"],
-                               shard_rows=params.get("shard_rows", 4096), on_shard=on_shard, progress=progress,
-                               decode_on_device=bool(params.get("decode_on_device")) and params["device"] == "cuda")
+    dataset = open_dataset(params)
+    extractor = build_extractor(params, dataset, progress=progress)
+    summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores", on_shard=on_shard,
+                               progress=progress, **extract_options(params, params["device"]))
     return {"store": summary.directory, "rows": summary.rows, "dim": summary.dim,
             "quarantined": summary.quarantined, "device": params["device"], "extractor": params["extractor"],
             "seconds": round(time.perf_counter() - t0, 3)}

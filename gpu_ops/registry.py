@@ -13,7 +13,9 @@ returned :class:`Resolution` so the run can record which backend actually ran an
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -43,6 +45,14 @@ class BackendSpec:
     def usable(self) -> tuple[bool, str]:
         """(usable here, why)."""
         return self.availability()
+
+    def keywords(self) -> frozenset[str] | None:
+        """The keyword arguments the estimator takes (None: not known, any is passed on).
+
+        Read from the factory's own named parameters, else from the ``__init__`` of the class
+        its return annotation names (factories are ``def f(**params) -> Estimator``).
+        """
+        return _keywords(self.factory)
 
 
 @dataclass
@@ -124,6 +134,27 @@ def register_backend(
     return decorate
 
 
+def _named_parameters(func: Callable[..., Any]) -> frozenset[str] | None:
+    """Named keyword parameters of ``func``; None when it also takes ``**kwargs``."""
+    params = list(inspect.signature(func).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params
+                     if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                     and p.name != "self")
+
+
+def _keywords(factory: Callable[..., Any]) -> frozenset[str] | None:
+    named = _named_parameters(factory)
+    if named is not None:
+        return named
+    try:
+        returned = typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - an unresolvable annotation only means "not known"
+        return None
+    return _named_parameters(returned.__init__) if inspect.isclass(returned) else None
+
+
 def _ensure_loaded() -> None:
     # Backends register themselves when their op modules are imported.
     import gpu_ops.cluster  # noqa: F401
@@ -143,6 +174,39 @@ def list_backends(op: str) -> list[BackendSpec]:
     return sorted(_REGISTRY[op].values(), key=lambda s: (s.kind != "gpu", s.priority))
 
 
+def backend_names(op: str) -> list[str]:
+    """Every value a backend setting of ``op`` may take: auto, gpu, cpu and each backend's name."""
+    return ["auto", "gpu", "cpu", *(s.name for s in list_backends(op))]
+
+
+def check_backend_name(op: str, backend: str) -> None:
+    """InputError unless ``backend`` is a valid setting for ``op`` (whether or not it is usable here)."""
+    names = backend_names(op)
+    if backend not in names:
+        raise choice_error(f"{op} backend", backend, names)
+
+
+def estimator_keywords(op: str) -> frozenset[str] | None:
+    """The keywords some backend of ``op`` takes (None: a backend takes any)."""
+    found: set[str] = set()
+    for spec in list_backends(op):
+        keywords = spec.keywords()
+        if keywords is None:
+            return None
+        found |= keywords
+    return frozenset(found)
+
+
+def check_estimator_keywords(op: str, params: dict[str, Any]) -> None:
+    """InputError naming the first keyword no backend of ``op`` takes, and the valid ones."""
+    valid = estimator_keywords(op)
+    if valid is None:
+        return
+    for name in params:
+        if name not in valid:
+            raise InputError(f"unknown {op} parameter {name!r}; expected one of: {', '.join(sorted(valid))}")
+
+
 def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None) -> tuple[BackendSpec, Resolution]:
     """Pick the backend for ``op``; the single place where auto/gpu/cpu is decided.
 
@@ -150,9 +214,7 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
     """
     params = params or {}
     specs = list_backends(op)
-    names = [s.name for s in specs]
-    if backend not in ("auto", "gpu", "cpu") and backend not in names:
-        raise choice_error(f"{op} backend", backend, ["auto", "gpu", "cpu", *names])
+    check_backend_name(op, backend)
 
     fallbacks: list[str] = []
 
@@ -200,6 +262,16 @@ def _is_gpu(op: str, name: str) -> bool:
 
 
 def create_estimator(op: str, backend: str = "auto", **params: Any) -> tuple[Any, Resolution]:
-    """Resolve the backend for ``op`` and build its estimator with ``params``."""
+    """Resolve the backend for ``op`` and build its estimator with ``params``.
+
+    A keyword that no backend of ``op`` takes (a misspelling) raises InputError listing the valid
+    ones. A keyword that only other backends take (``knn`` of umap-learn, ``n_jobs`` of openTSNE)
+    is a tuning hint for those and is not passed to the chosen one; parameters that change the
+    result where a backend lacks them are turned away by its ``unsupported`` check first.
+    """
+    check_estimator_keywords(op, params)
     spec, resolution = resolve_backend(op, backend, params)
+    accepted = spec.keywords()
+    if accepted is not None:
+        params = {k: v for k, v in params.items() if k in accepted}
     return spec.factory(**params), resolution

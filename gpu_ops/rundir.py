@@ -2,17 +2,39 @@
 
 A run that fails leaves its staging directory (``.NAME.partial-*``) and never a directory that
 looks complete; a previous good run at the same path is replaced only by a finished one.
+
+gpuclust only ever replaces what it wrote itself: a finished run directory holds the marker file
+``.gpuclust-run``, and ``--out`` may name only a missing path, an empty directory or such an
+earlier run (:func:`check_out_dir`). A staging directory holds ``.gpuclust-staging`` with the
+PID and host of the run writing it, so a later run removes only the leftovers of dead runs
+(:func:`remove_leftovers`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from gpu_ops.errors import InputError
+
 RUN_FILES = ("config.yaml", "assignments.parquet", "map2d.parquet", "metrics.json", "map.png")
+
+#: In every finished run directory: gpuclust wrote it, so a later run may replace it.
+RUN_MARKER = ".gpuclust-run"
+#: In every staging directory: the PID and host of the run writing it.
+STAGING_MARKER = ".gpuclust-staging"
+#: ``.NAME.partial-XXXXXXXX`` (a run being written) and ``.NAME.old-XXXXXXXX`` (a run being replaced).
+_LEFTOVER = re.compile(r"\..+\.(?P<kind>partial|old)-[0-9a-f]{8}")
+#: What every refusal of ``--out`` ends with.
+OUT_RULE = "--out must name a new path, an empty directory or an earlier gpuclust run"
+_NAME_MAX = 255 - len(".partial-00000000.")
 
 
 def default_run_dir(dataset: str) -> Path:
@@ -20,25 +42,233 @@ def default_run_dir(dataset: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset.split(':', 1)[0]}"
 
 
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` is a directory that gpuclust wrote as a run (it holds the run marker)."""
+    return Path(path).is_dir() and (Path(path) / RUN_MARKER).is_file()
+
+
+def dataset_path(spec: str) -> Path | None:
+    """The file or folder a dataset spec reads (``folder:DIR`` -> DIR); None for ``digits``."""
+    from gpu_ops.data.readers import env_path
+
+    kind, _, arg = spec.partition(":")
+    return env_path(arg) if kind != "digits" and arg else None
+
+
+def _overlap(out: Path, other: Path) -> str | None:
+    """How ``out`` and ``other`` (both resolved) share files, in words; None when they do not."""
+    if out == other:
+        return "is"
+    if out.is_relative_to(other):
+        return "is inside"
+    if other.is_relative_to(out):
+        return "contains"
+    return None
+
+
+def _refusal(out: Path, dataset: str | None, cache_root: Path | None) -> str | None:
+    """Why ``out`` (absolute, ``~`` expanded) must not be written; None when it may."""
+    real = out.resolve()
+    if real.parent == real:
+        return "is the filesystem root"
+    for place, what in ((Path.home(), "your home directory"), (Path.cwd(), "the working directory")):
+        how = _overlap(real, place.resolve())
+        if how in ("is", "contains"):
+            return f"{how} {what}"
+    data = dataset_path(dataset) if dataset else None
+    if data is not None:
+        how = _overlap(real, data.resolve())
+        if how:
+            return f"{how} the dataset {dataset}"
+    if cache_root is not None:
+        how = _overlap(real, Path(cache_root).expanduser().resolve())
+        if how:
+            return f"{how} the cache {cache_root}"
+    if out.is_symlink() and not out.exists():
+        return "is a broken symbolic link"
+    if out.exists():
+        if not out.is_dir():
+            return "is a file, not a directory"
+        if os.path.ismount(out):
+            return "is a mount point"
+        try:
+            empty = next(out.iterdir(), None) is None
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if not empty and not is_run_dir(out):
+            return f"is a directory that gpuclust did not write (not empty, no {RUN_MARKER} file)"
+    if len(out.name.encode()) > _NAME_MAX:
+        return f"has a name longer than {_NAME_MAX} bytes"
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    try:  # a probe, not os.access: root passes that even on a read-only filesystem or /proc
+        Path(tempfile.mkdtemp(prefix=".gpuclust-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        return f"cannot be created: {parent} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def check_out_dir(out: Path | str, dataset: str | None = None, cache_root: Path | None = None) -> Path:
+    """Refuse, before any work, a run directory whose replacement could destroy what is not ours.
+
+    ``out`` may name a missing path (its parent creatable), an empty directory, or an earlier
+    gpuclust run (it holds :data:`RUN_MARKER`). Refused: an empty string, ``/``, the home or
+    working directory or a folder holding them, a file, an impossible path, the dataset
+    (``dataset`` is its spec string) or anything inside or around it, and the cache root.
+
+    Returns
+    -------
+    Path
+        ``out``, absolute, with ``~`` expanded.
+
+    Raises
+    ------
+    InputError
+        One line naming the path, why it is refused and what ``--out`` may name.
+    """
+    raw = os.fspath(out)
+    if not raw.strip():
+        raise InputError(f'--out "": an empty path is not a run directory; {OUT_RULE}')
+    path = Path(os.path.abspath(os.path.expanduser(raw)))
+    try:
+        why = _refusal(path, dataset, cache_root)
+    except OSError as exc:
+        why = f"cannot be used ({exc.strerror or exc})"
+    if why:
+        raise InputError(f"{path}: {why}; {OUT_RULE}")
+    return path
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused PID apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else -1
+
+
+def _owner_alive(marker: dict[str, object]) -> bool:
+    """True unless the run that wrote a staging marker is certainly gone (same host, PID dead)."""
+    if marker.get("host") != socket.gethostname():
+        return True  # another machine's run (shared filesystem): cannot tell
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start(pid)
+    if start == -1:
+        return False  # a zombie: killed, not yet reaped
+    return start is None or marker.get("start") in (None, start)
+
+
+def _remove_marked(path: Path, marker: str) -> None:
+    """Delete ``path``, its marker last: an interrupted removal still leaves a marked directory."""
+    for child in path.iterdir():
+        if child.name == marker:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    (path / marker).unlink(missing_ok=True)
+    path.rmdir()
+
+
+def remove_leftovers(parent: Path) -> list[Path]:
+    """Remove staging (``.NAME.partial-*``) and replaced (``.NAME.old-*``) directories in ``parent``
+    left by killed runs; returns what was removed.
+
+    A staging directory goes only when its marker names a dead process on this host (a live
+    run's staging, another host's, or an unmarked directory is kept); a replaced directory goes
+    when it is an earlier run (marked) or empty.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            if match["kind"] == "partial":
+                try:
+                    marker = json.loads((entry / STAGING_MARKER).read_text())
+                except (OSError, ValueError):
+                    continue
+                if not isinstance(marker, dict) or _owner_alive(marker):
+                    continue
+                _remove_marked(entry, STAGING_MARKER)
+            elif (entry / RUN_MARKER).is_file():
+                _remove_marked(entry, RUN_MARKER)
+            else:
+                entry.rmdir()  # only when empty: an emptied directory moved aside
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
 def start_run(out: Path) -> Path:
-    """Create and return a fresh staging directory beside ``out``."""
-    out = Path(out).absolute()
+    """Create and return a fresh staging directory beside ``out`` (marked with this process's
+    PID and host), after removing the leftovers of dead runs there."""
+    out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out.parent)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    (staging / STAGING_MARKER).write_text(json.dumps(owner))
     return staging
 
 
+def _replaceable(out: Path) -> bool:
+    """An earlier run or an empty directory (or a link, which is moved aside, never followed)."""
+    if out.is_symlink():
+        return True
+    return out.is_dir() and (is_run_dir(out) or next(out.iterdir(), None) is None)
+
+
 def commit_run(staging: Path, out: Path) -> Path:
-    """Move a finished staging directory to ``out``, replacing an older run there."""
-    out = Path(out).absolute()
+    """Mark a finished staging directory as a run and move it to ``out``, replacing an earlier
+    run or an empty directory there. Anything else at ``out`` is left alone: :class:`InputError`,
+    and the finished run stays in ``staging``."""
+    from gpu_ops import __version__
+
+    out = Path(out).expanduser().absolute()
+    marker = {"gpuclust": __version__, "run_id": uuid.uuid4().hex,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (staging / RUN_MARKER).write_text(json.dumps(marker))
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        if not _replaceable(out):
+            (staging / STAGING_MARKER).unlink(missing_ok=True)  # keep the finished run from clean-up
+            raise InputError(f"{out}: not replaced: it now holds files that gpuclust did not write; "
+                             f"the finished run is in {staging}")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
     os.replace(staging, out)
+    (out / STAGING_MARKER).unlink(missing_ok=True)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if old.is_symlink():
+                old.unlink()
+            elif (old / RUN_MARKER).is_file():
+                _remove_marked(old, RUN_MARKER)
+            else:
+                old.rmdir()
+        except OSError:
+            pass  # a later run's remove_leftovers retries
     return out

@@ -121,9 +121,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def run_cli(args: list[str], *, api_url: str | None = None, cwd: Path | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the installed ``gpuclust`` command; against ``api_url`` when given, else ephemeral."""
-    env = dict(os.environ)
+            timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``gpuclust`` command; against ``api_url`` when given, else ephemeral.
+    ``env``: variables set on top of this process's environment (e.g. a scratch ``HOME``)."""
+    env = {**os.environ, **(env or {})}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     exe = Path(sys.executable).parent / "gpuclust"

@@ -446,8 +446,8 @@ def test_config_rejects_unknown_algorithm_and_accepts_new_ones():
     from gpu_ops.config import ALGORITHMS, make_config
 
     assert {"hdbscan", "gmm"} <= set(ALGORITHMS)
-    cfg = make_config(algorithms="kmeans,hdbscan,gmm", memory_mb=256, distance_threshold=3.5)
-    assert cfg.algorithms == ["kmeans", "hdbscan", "gmm"]
+    cfg = make_config(algorithms="kmeans,hdbscan,gmm,agglomerative", memory_mb=256, distance_threshold=3.5)
+    assert cfg.algorithms == ["kmeans", "hdbscan", "gmm", "agglomerative"]
     with pytest.raises(InputError, match="unknown algorithm 'dbscan'"):
         make_config(algorithms="dbscan")
     with pytest.raises(InputError, match="memory_mb"):

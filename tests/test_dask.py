@@ -169,3 +169,61 @@ def test_mnist_on_a_two_worker_local_cluster_matches_the_single_process_run(pref
     flat = [i for ids in _ids_per_part(store) for i in ids]
     assert len(flat) == len(set(flat)) == 10_000  # every image in exactly one Parquet part
     assert flat == read_embeddings(Path(single["store"])).image_ids
+
+
+def _extract_on_cluster(address: str, params: dict) -> Path:
+    """The Dask path without Prefect: plan on the driver, one task per shard on the workers, merge."""
+    from distributed import Client
+
+    plan = gd.plan_shards(params, n_workers=2)
+    with Client(address, set_as_default=False) as client:
+        futures = [client.submit(gd.extract_shards, params, plan["store"], [s], plan["shard_rows"], "cpu", pure=False)
+                   for s in plan["pending"]]
+        results = client.gather(futures)
+    assert sorted(s for r in results for s in r["shards"]) == plan["pending"]
+    gd.merge_shards(plan["store"])
+    return Path(plan["store"])
+
+
+def test_raw_pixels_of_a_limited_folder_of_mixed_sizes_on_dask_match_the_local_run(cifar_folder, tmp_path):
+    """--limit wraps the folder dataset; raw pixels still resize its differing images to 32 px."""
+    from distributed import LocalCluster
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = [None, (40, 28), (24, 36), (64, 64)]
+    for i, src in enumerate(sorted(cifar_folder.rglob("*.jpg"))[::7][:30]):
+        with Image.open(src) as im:
+            size = sizes[i % len(sizes)]
+            (im.resize(size, Image.BILINEAR) if size else im).save(folder / f"{i:03d}.jpg", quality=90)
+    (folder / "002b.jpg").write_bytes(b"")  # an unreadable item inside the limit: quarantined on both paths
+    common = dict(dataset=f"folder:{folder}", limit=25, extractor="raw", shard_rows=10, num_workers=0)
+    local = pipeline.extract_stage(_params(tmp_path / "local", **common), progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        store = _extract_on_cluster(cluster.scheduler_address, _params(tmp_path / "dask", **common))
+    a, b = read_embeddings(Path(local["store"])), read_embeddings(store)
+    assert (local["rows"], local["dim"], local["quarantined"]) == (24, 32 * 32 * 3, 1)
+    assert a.image_ids == b.image_ids and len(b.image_ids) == 24
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert (store / "quarantine.csv").read_text() == (Path(local["store"]) / "quarantine.csv").read_text()
+    assert "002b.jpg,empty file (0 bytes)" in (store / "quarantine.csv").read_text()
+
+
+def test_an_image_folder_is_extracted_on_daemonic_worker_processes(cifar_folder, tmp_path):
+    """Dask worker processes are daemonic: the loader must not start processes of its own there."""
+    from distributed import LocalCluster
+
+    common = dict(dataset=f"folder:{cifar_folder}", limit=100, extractor="resnet18", weights="none", image_size=32,
+                  shard_rows=25)
+    local = pipeline.extract_stage(_params(tmp_path / "local", **common), progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        store = _extract_on_cluster(cluster.scheduler_address, _params(tmp_path / "dask", **common))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 4
+    assert len({s["writer"] for s in manifest["shards"].values()}) == 2  # both worker processes wrote parts
+    flat = [i for ids in _ids_per_part(store) for i in ids]
+    assert len(flat) == len(set(flat)) == 100  # exactly one row per image
+    a, b = read_embeddings(Path(local["store"])), read_embeddings(store)
+    assert a.image_ids == b.image_ids == flat
+    np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5)

@@ -79,8 +79,8 @@ class SklearnAgglomerative:
     """
 
     def __init__(self, n_clusters: int | None = 8, linkage: str = "ward", distance_threshold: float | None = None,
-                 max_exact_n: int = EXACT_MAX_N, n_micro: int = 1000, kmeans_backend: str = "auto", seed: int = 0,
-                 **_: object) -> None:
+                 max_exact_n: int = EXACT_MAX_N, n_micro: int = 1000, kmeans_backend: str = "auto",
+                 seed: int = 0) -> None:
         self.n_clusters = n_clusters
         self.linkage = linkage
         self.distance_threshold = distance_threshold
@@ -172,7 +172,7 @@ class CumlAgglomerative:
     """
 
     def __init__(self, n_clusters: int = 8, linkage: str = "single", connectivity: str = "auto",
-                 linkage_matrix_max_n: int = CPU_LINKAGE_MAX_N, **_: object) -> None:
+                 linkage_matrix_max_n: int = CPU_LINKAGE_MAX_N) -> None:
         self.n_clusters = n_clusters
         self.linkage = linkage
         self.connectivity = connectivity

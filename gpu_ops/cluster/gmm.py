@@ -45,8 +45,7 @@ class SklearnGMM:
     """
 
     def __init__(self, n_clusters: int = 8, covariance_type: str = "diag", max_iter: int = 100, n_init: int = 1,
-                 seed: int = 0, reg_covar: float = 1e-4, init: str = "kmeans", kmeans_backend: str = "auto",
-                 **_: object) -> None:
+                 seed: int = 0, reg_covar: float = 1e-4, init: str = "kmeans", kmeans_backend: str = "auto") -> None:
         self.n_clusters = n_clusters
         self.covariance_type = covariance_type
         self.max_iter = max_iter

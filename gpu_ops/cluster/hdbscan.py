@@ -26,7 +26,7 @@ SELECTION_METHODS = ("eom", "leaf")
 class _HDBSCANParams:
     def __init__(self, min_cluster_size: int = 15, min_samples: int | None = None,
                  cluster_selection_epsilon: float = 0.0, cluster_selection_method: str = "eom",
-                 n_clusters: int | None = None, seed: int = 0, **_: object) -> None:
+                 n_clusters: int | None = None, seed: int = 0) -> None:
         self.min_cluster_size = min_cluster_size
         self.min_samples = min_samples
         self.cluster_selection_epsilon = cluster_selection_epsilon

@@ -242,7 +242,7 @@ class CumlKMeans:
     n_iter_ : int
     """
 
-    def __init__(self, n_clusters: int = 8, max_iter: int = 300, n_init: int = 1, seed: int = 0, **_: object) -> None:
+    def __init__(self, n_clusters: int = 8, max_iter: int = 300, n_init: int = 1, seed: int = 0) -> None:
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.n_init = n_init
@@ -436,7 +436,7 @@ class FaissKMeans:
 class SklearnKMeans:
     """scikit-learn ``KMeans`` (Lloyd, k-means++ init) with the common parameter names."""
 
-    def __init__(self, n_clusters: int = 8, max_iter: int = 300, n_init: int = 10, seed: int = 0, **_: object) -> None:
+    def __init__(self, n_clusters: int = 8, max_iter: int = 300, n_init: int = 10, seed: int = 0) -> None:
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.n_init = n_init

@@ -203,8 +203,7 @@ class MicroClusterAgglomerative:
     """
 
     def __init__(self, n_clusters: int | None = 8, linkage: str = "ward", distance_threshold: float | None = None,
-                 n_micro: int = N_MICRO, kmeans_backend: str = "auto", max_iter: int = 20, seed: int = 0,
-                 **_: object) -> None:
+                 n_micro: int = N_MICRO, kmeans_backend: str = "auto", max_iter: int = 20, seed: int = 0) -> None:
         self.n_clusters = n_clusters
         self.linkage = linkage
         self.distance_threshold = distance_threshold

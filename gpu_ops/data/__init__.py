@@ -10,6 +10,6 @@ so extraction can stream.
 """
 
 from gpu_ops.data.base import BadImageError, Dataset, SPLITS
-from gpu_ops.data.registry import DATASET_KINDS, load_dataset
+from gpu_ops.data.registry import DATASET_KINDS, SPLIT_KINDS, dataset_kind, load_dataset
 
-__all__ = ["BadImageError", "Dataset", "SPLITS", "DATASET_KINDS", "load_dataset"]
+__all__ = ["BadImageError", "Dataset", "SPLITS", "DATASET_KINDS", "SPLIT_KINDS", "dataset_kind", "load_dataset"]

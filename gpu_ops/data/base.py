@@ -40,6 +40,8 @@ class Dataset(ABC):
     class_names: list[str] | None = None
     #: "image" items are (h, w) or (h, w, c) uint8; "vector" items are (d,) float32.
     item_kind: Literal["image", "vector"] = "image"
+    #: False when images may differ in size (an image folder): pixel features then need one size.
+    uniform_size: bool = True
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -96,6 +98,7 @@ class _Head(Dataset):
         self.labels = None if parent.labels is None else parent.labels[:limit]
         self.class_names = parent.class_names
         self.item_kind = parent.item_kind
+        self.uniform_size = parent.uniform_size
         self._limit = limit
 
     def load(self, index: int) -> np.ndarray:

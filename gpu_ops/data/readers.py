@@ -8,12 +8,14 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from gpu_ops.data.base import (ArrayDataset, BadImageError, Dataset, check_labels, check_vectors, hash_array,
                                hash_strings, to_uint8_images)
 from gpu_ops.errors import InputError
+from gpu_ops.rundir import is_run_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -160,17 +162,29 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise InputError(f"{path}: cannot read arrays ({detail})") from None
 
 
+def image_files(root: Path) -> Iterator[Path]:
+    """Image files in the tree under ``root``, skipping hidden files and folders and every gpuclust
+    run directory (a run written inside the folder, its figures included, is not data)."""
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not is_run_dir(Path(top, d))]
+        for name in files:
+            path = Path(top, name)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                yield path
+
+
 class FolderDataset(Dataset):
     """Images in a folder tree. Labels come from class-named subfolders when every image sits in
     one (``root/cat/1.jpg``); otherwise there are none. Ids are paths relative to the root."""
+
+    uniform_size = False
 
     def __init__(self, root: Path) -> None:
         if not root.exists():
             raise InputError(f"{root}: image folder does not exist")
         if not root.is_dir():
             raise InputError(f"{root}: expected a folder of images, found a file")
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        paths = sorted(image_files(root))
         if not paths:
             raise InputError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
         self.root = root

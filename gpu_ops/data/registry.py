@@ -7,6 +7,19 @@ from gpu_ops.data.base import SPLITS, Dataset
 from gpu_ops.errors import InputError, choice_error
 
 DATASET_KINDS = ("digits", "idx", "folder", "npz", "npy", "usps", "parquet")
+#: The kinds whose files hold a train/test split (``split`` selects from it); the others have none.
+SPLIT_KINDS = ("idx", "usps")
+
+
+def dataset_kind(spec: str) -> str:
+    """The kind of a dataset spec (``digits``, ``idx``, ...); InputError for an unknown kind or a missing path."""
+    kind, _, arg = spec.partition(":")
+    if kind not in DATASET_KINDS:
+        raise InputError(f"unknown dataset {spec!r}; expected digits or KIND:PATH with KIND one of: "
+                         + ", ".join(k for k in DATASET_KINDS if k != "digits"))
+    if kind != "digits" and not arg:
+        raise InputError(f"dataset {spec!r} needs a path: {kind}:PATH")
+    return kind
 
 
 def load_dataset(spec: str, split: str = "all", limit: int | None = None) -> Dataset:
@@ -19,12 +32,8 @@ def load_dataset(spec: str, split: str = "all", limit: int | None = None) -> Dat
         raise choice_error("split", split, SPLITS)
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive integer; got {limit}")
-    kind, _, arg = spec.partition(":")
-    if kind not in DATASET_KINDS:
-        raise InputError(f"unknown dataset {spec!r}; expected digits or KIND:PATH with KIND one of: "
-                         + ", ".join(k for k in DATASET_KINDS if k != "digits"))
-    if kind != "digits" and not arg:
-        raise InputError(f"dataset {spec!r} needs a path: {kind}:PATH")
+    kind = dataset_kind(spec)
+    arg = spec.partition(":")[2]
     path = readers.env_path(arg) if arg else None
     if kind == "digits":
         ds: Dataset = readers.digits(split)

@@ -1,12 +1,21 @@
-"""Batched, streaming extraction of a dataset into the Parquet embedding store."""
+"""Batched, streaming extraction of a dataset into the Parquet embedding store.
+
+:func:`extract_to_store` is the one extraction routine: a single process calls it for the whole
+store, each Dask worker for its shards (:mod:`gpu_ops.distributed`). :func:`open_dataset` and
+:func:`build_extractor` decide, from an extract run's parameters, what both of them read and
+with which extractor."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import multiprocessing
 import os
 import re
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,13 +24,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gpu_ops.data import load_dataset
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
-from gpu_ops.features import jpeg
+from gpu_ops.features import create_extractor, jpeg
+from gpu_ops.features.autoencoder import trained_autoencoder
 from gpu_ops.features.base import Extractor
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
 
 log = logging.getLogger(__name__)
+
+#: Rows per shard (Parquet part) of a new store when none is asked for.
+DEFAULT_SHARD_ROWS = 4096
+#: Side in pixels that raw-pixel features resize images of differing sizes to.
+RAW_SIZE = 32
 
 ShardCallback = Callable[[int, int], None]
 
@@ -124,42 +140,151 @@ def default_workers(dataset: Dataset) -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, batch_size: int = 256,
-                     num_workers: int | None = None, shard_rows: int = 4096, progress: bool = True,
-                     on_shard: ShardCallback | None = None, decode_on_device: bool = False) -> StoreSummary:
-    """Embed every item of ``dataset`` into a store under ``store_root``; resume if one exists.
+@functools.lru_cache(maxsize=1)
+def _note_daemonic() -> None:
+    log.info("this is a daemonic process (a Dask worker): images are decoded in it, without loader worker processes")
 
-    Unreadable items are quarantined (source + reason) and the run goes on. Returns the summary
-    of the finished store. Raises InputError when no item at all could be read.
+
+def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
+    """Loader worker processes for ``dataset``: ``requested`` (the default when None), but none in a
+    daemonic process (a Dask worker), which multiprocessing forbids to start children."""
+    workers = default_workers(dataset) if requested is None else requested
+    if workers and multiprocessing.current_process().daemon:
+        _note_daemonic()
+        return 0
+    return workers
+
+
+def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int,
+                 num_workers: int | None = None, decode_on_device: bool = False) -> DataLoader:
+    """Batches ``(indices, tensor or raw payloads, [(index, reason), ...])`` of the items at ``indices``,
+    in order. Items are preprocessed for ``extractor`` (only read when ``decode_on_device``);
+    unreadable ones come back with their reason instead."""
+    workers = loader_workers(dataset, num_workers)
+    return DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, collate_fn=_collate,
+                      multiprocessing_context=worker_start_method() if workers else None,
+                      pin_memory=extractor.device == "cuda" and not decode_on_device)
+
+
+def open_dataset(params: dict[str, Any]) -> Dataset:
+    """The dataset selection an extract run with ``params`` (:func:`gpu_ops.pipeline.extract_params`) reads."""
+    return load_dataset(params["dataset"], params["split"], params["limit"])
+
+
+def build_extractor(params: dict[str, Any], dataset: Dataset, *, device: str | None = None,
+                    progress: bool = True) -> Extractor:
+    """The extractor an extract run with ``params`` uses on ``dataset`` (on ``device``, else
+    ``params["device"]``). Raw pixels of images that differ in size are resized to
+    :data:`RAW_SIZE` unless ``image_size`` says otherwise; the autoencoder is trained here (or
+    its checkpoint beside the dataset's stores is loaded)."""
+    image_size = params["image_size"]
+    if params["extractor"] == "raw" and image_size is None and not dataset.uniform_size:
+        image_size = RAW_SIZE
+    device = device or params["device"]
+    if params["extractor"] == "autoencoder":
+        store_root = Path(params["cache_root"]) / "stores"
+        return trained_autoencoder(dataset, dataset_directory(store_root, dataset) / "autoencoder",
+                                   latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
+                                   image_size=image_size, seed=params["seed"], device=device, progress=progress)
+    return create_extractor(params["extractor"], weights=params["weights"], image_size=image_size, device=device,
+                            seed=params["seed"])
+
+
+def extract_options(params: dict[str, Any], device: str) -> dict[str, Any]:
+    """:func:`extract_to_store`'s keyword options from an extract run's ``params`` for an extractor
+    on ``device`` (JPEG batches are decoded on the device only where it is a GPU)."""
+    return {"batch_size": params["batch_size"], "num_workers": params["num_workers"],
+            "shard_rows": params.get("shard_rows") or DEFAULT_SHARD_ROWS,
+            "decode_on_device": bool(params.get("decode_on_device")) and device == "cuda"}
+
+
+def store_metadata(dataset: Dataset, extractor: Extractor) -> dict[str, str]:
+    """The store's schema metadata: the extractor's identity, the dataset's and library versions."""
+    return {**extractor.metadata(), "store_key": extractor.store_key(), "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint(), "versions": str(library_versions())}
+
+
+@dataclass(frozen=True)
+class ExtractSummary(StoreSummary):
+    """What :func:`extract_to_store` did: the store's summary plus the shards this call wrote
+    (``written``) and the items it read (``items``, embedded or quarantined).
+
+    For a writer of some shards only (``shards=`` given) the store is not finished here:
+    ``complete`` is False and ``rows``, ``dim``, ``shards`` and ``quarantined`` count the
+    shards this call wrote.
+    """
+
+    written: tuple[int, ...] = ()
+    items: int = 0
+
+
+def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, shards: list[int] | None = None,
+                     batch_size: int = 256, num_workers: int | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
+                     progress: bool = True, on_shard: ShardCallback | None = None,
+                     decode_on_device: bool = False) -> ExtractSummary:
+    """Embed the items of ``dataset`` into its store under ``store_root``; resume if one exists.
+
+    ``shards=None``: this process is the store's only writer; it embeds every pending shard and
+    finishes the store. ``shards=[...]``: one of many writers (a Dask worker); it embeds those of
+    the given shards that are still pending into their part files and per-shard entries
+    (:class:`gpu_ops.distributed.ShardedStore`), never ``manifest.json``; the driver merges them
+    (:func:`gpu_ops.distributed.merge_shards`). ``shard_rows`` applies to a new store only.
+
+    Unreadable items are quarantined (source + reason) and the run goes on. Raises InputError
+    when no item at all could be read (for a sharded store: when it is merged).
     ``decode_on_device`` decodes JPEG batches on the extractor's device (image folders and
-    pretrained image extractors only).
+    pretrained image extractors only). ``on_shard(done, total)`` follows the shards this call
+    covers. On CUDA out-of-memory the batch is halved (:class:`AdaptiveEmbedder`).
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size}")
     if decode_on_device and not (hasattr(dataset, "paths") and hasattr(extractor, "_mean")):
         raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
                          f"(got {dataset.name} with {extractor.name})")
-    metadata = {
-        **extractor.metadata(),
-        "store_key": extractor.store_key(),
-        "dataset": dataset.name,
-        "dataset_fingerprint": dataset.fingerprint(),
-        "versions": str(library_versions()),
-    }
-    store = EmbeddingStore(store_directory(store_root, dataset, extractor), metadata, len(dataset), shard_rows)
+    directory = store_directory(store_root, dataset, extractor)
+    metadata = store_metadata(dataset, extractor)
+    if shards is None:
+        store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
+    else:
+        from gpu_ops.distributed import ShardedStore  # the multi-writer protocol lives with its merge
+
+        store = ShardedStore(directory, metadata, len(dataset), shard_rows, shards=shards)
+        outside = [s for s in shards if not 0 <= s < store.n_shards]
+        if outside:
+            raise InputError(f"{directory}: shard(s) {outside} outside the store's {store.n_shards} shard(s)")
     pending = store.pending_shards()
-    if not pending:
-        log.info("store %s is complete: nothing to extract", store.directory)
-        return _checked(store.finish(), dataset)
+    covered = store.n_shards if shards is None else len(set(shards))
     indices = [i for s in pending for i in store.shard_range(s)]
-    workers = default_workers(dataset) if num_workers is None else num_workers
-    loader = DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, collate_fn=_collate,
-                        multiprocessing_context=worker_start_method() if workers else None,
-                        pin_memory=extractor.device == "cuda" and not decode_on_device)
+    if pending:
+        log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending),
+                 extractor.name, extractor.device, store.directory)
+        _embed_shards(store, dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
+                      decode_on_device=decode_on_device, progress=progress,
+                      on_shard=(lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None)
+    else:
+        log.info("store %s: nothing to extract in the shard(s) given", store.directory)
+    if shards is None:
+        summary = store.finish()
+    else:
+        entries = [store.manifest["shards"][f"{s:05d}"] for s in pending]
+        dims = [int(e["dim"]) for e in entries if e.get("dim")]
+        summary = StoreSummary(str(directory), sum(e["rows"] for e in entries), dims[0] if dims else 0, len(entries),
+                               sum(len(e["quarantined"]) for e in entries), False)
+    if on_shard:
+        on_shard(covered, covered)
+    if shards is None:
+        summary = checked_summary(summary, dataset.name, len(dataset))
+    return ExtractSummary(**dataclasses.asdict(summary), written=tuple(pending), items=len(indices))
+
+
+def _embed_shards(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, indices: list[int], *,
+                  batch_size: int, num_workers: int | None, decode_on_device: bool, progress: bool,
+                  on_shard: Callable[[], None] | None) -> None:
+    """Embed ``indices`` (the store's pending shards, in order) and write each shard once it is whole."""
+    loader = batch_loader(dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
+                          decode_on_device=decode_on_device)
     embed = AdaptiveEmbedder(extractor, batch_size)
-    log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending), extractor.name,
-             extractor.device, store.directory)
     bar = tqdm(total=len(indices), unit="img", desc=f"extract {extractor.name}", disable=not progress)
     buffer = _ShardBuffer(store, dataset)
     for good, tensor, bad in loader:
@@ -172,20 +297,16 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
         bar.update(len(good) + len(bad))
         for done_shard in buffer.flush_finished():
             if on_shard:
-                on_shard(store.n_shards - len(store.pending_shards()), store.n_shards)
+                on_shard()
             log.debug("shard %d written", done_shard)
     bar.close()
     buffer.flush_all()
-    summary = store.finish()
-    if on_shard:
-        on_shard(store.n_shards, store.n_shards)
-    return _checked(summary, dataset)
 
 
-def _checked(summary: StoreSummary, dataset: Dataset) -> StoreSummary:
-    """Fail on a store with no rows at all; report quarantined items."""
+def checked_summary(summary: StoreSummary, dataset_name: str, n_items: int) -> StoreSummary:
+    """``summary`` of a finished store; fails on one with no rows at all, reports quarantined items."""
     if summary.rows == 0:
-        raise InputError(f"{dataset.name}: no readable image among {len(dataset)} files "
+        raise InputError(f"{dataset_name}: no readable image among {n_items} files "
                          f"(see {Path(summary.directory) / 'quarantine.csv'})")
     if summary.quarantined:
         log.warning("%d unreadable item(s) skipped; listed in %s", summary.quarantined,

@@ -35,7 +35,7 @@ class CumlPCA:
         Fraction of the total variance carried by each component.
     """
 
-    def __init__(self, n_components: int = 2, seed: int = 0, whiten: bool = False, **_: object) -> None:
+    def __init__(self, n_components: int = 2, seed: int = 0, whiten: bool = False) -> None:
         self.n_components = n_components
         self.seed = seed
         self.whiten = whiten
@@ -64,7 +64,7 @@ class CumlPCA:
 class SklearnPCA:
     """scikit-learn PCA; ``embedding_`` (n, n_components)."""
 
-    def __init__(self, n_components: int = 2, seed: int = 0, whiten: bool = False, **_: object) -> None:
+    def __init__(self, n_components: int = 2, seed: int = 0, whiten: bool = False) -> None:
         self.n_components = n_components
         self.seed = seed
         self.whiten = whiten

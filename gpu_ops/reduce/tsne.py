@@ -34,7 +34,7 @@ class OpenTSNE:
     """openTSNE (Barnes-Hut below 10 000 points, FFT interpolation above; multi-threaded);
     ``embedding_`` (n, n_components)."""
 
-    def __init__(self, n_components: int = 2, perplexity: float = 30.0, seed: int = 0, n_jobs: int = -1, **_: object) -> None:
+    def __init__(self, n_components: int = 2, perplexity: float = 30.0, seed: int = 0, n_jobs: int = -1) -> None:
         self.n_components = n_components
         self.perplexity = perplexity
         self.seed = seed
@@ -80,7 +80,7 @@ class CumlTSNE:
     embedding_ : np.ndarray of shape (n, 2), float32
     """
 
-    def __init__(self, n_components: int = 2, perplexity: float = 30.0, seed: int = 0, **_: object) -> None:
+    def __init__(self, n_components: int = 2, perplexity: float = 30.0, seed: int = 0) -> None:
         self.n_components = n_components
         self.perplexity = perplexity
         self.seed = seed

@@ -107,7 +107,7 @@ class CumlUMAP:
     """
 
     def __init__(self, n_components: int = 2, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0,
-                 metric: str = "euclidean", **_: object) -> None:
+                 metric: str = "euclidean") -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
@@ -175,7 +175,7 @@ class UmapLearn:
     """
 
     def __init__(self, n_components: int = 2, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0,
-                 metric: str = "euclidean", knn: str = "auto", **_: object) -> None:
+                 metric: str = "euclidean", knn: str = "auto") -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist

@@ -20,8 +20,9 @@ labels), and optionally ``k_selection.json``, ``linkage-<algorithm>.npy`` and
 config.yaml names (``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is
 absent or unusable (a deleted file, a moved dataset, a malformed array) is skipped, named in
 :attr:`ReportResult.missing` with a one-line reason, and listed at the top of the page;
-:class:`~gpu_ops.errors.InputError` is raised only when ``run_dir`` does not exist or has neither
-``assignments.parquet`` nor ``metrics.json``.
+:class:`~gpu_ops.errors.InputError` is raised only when ``run_dir`` does not exist, has neither
+``assignments.parquet`` nor ``metrics.json``, or has a ``metrics.json`` that is not valid (not JSON,
+or a field of the wrong type; :mod:`gpu_ops.report.metrics_doc`).
 
 ``reconstructions.npz`` contract (written by autoencoder runs; the report shows inputs beside
 their reconstructions)::

@@ -172,7 +172,8 @@ class FigureWriter:
 
 
 def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10, montage_rows: int = 5,
-                 max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0) -> ReportResult:
+                 max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0,
+                 shown_as: Path | None = None) -> ReportResult:
     """Write the figures and ``report.html`` for the run directory ``run_dir``.
 
     Parameters
@@ -192,6 +193,9 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
         Montage tile size in pixels.
     seed : int
         Seeds the choice of montage members and thumbnails.
+    shown_as : Path, optional
+        The run directory the page names (default ``run_dir``): where a run being written in a
+        staging directory will be once it is complete.
 
     Returns
     -------
@@ -200,7 +204,8 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     Raises
     ------
     InputError
-        ``run_dir`` does not exist or holds neither assignments.parquet nor metrics.json.
+        ``run_dir`` does not exist or holds neither assignments.parquet nor metrics.json, or its
+        metrics.json is not valid (not JSON, a field of the wrong type): the message names the field.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -214,10 +219,11 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     tmp.mkdir()
     try:
         figs = FigureWriter(run_dir, tmp, inputs, embed=embed_images, per_row=per_row, montage_rows=montage_rows,
-                        max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed)
+                            max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed)
         images = D.ImageSource.open(inputs) if (inputs.assignments is not None or inputs.map2d is not None) else None
         sections = [s for make in SECTIONS for s in make(figs, inputs, images)]
-        page = render_page(sections, inputs, run_dir, time.perf_counter() - t0)
+        page = render_page(sections, inputs, Path(shown_as) if shown_as is not None else run_dir,
+                           time.perf_counter() - t0)
         final = run_dir / FIGURES_DIR
         old = run_dir / f".{FIGURES_DIR}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
@@ -578,12 +584,13 @@ def header_facts(inputs: D.RunInputs) -> list[str]:
     return facts
 
 
-def render_page(sections: list[Section], inputs: D.RunInputs, run_dir: Path, seconds: float) -> str:
-    """``report.html``'s text: ``report.html.j2`` filled with the sections and the run's facts."""
+def render_page(sections: list[Section], inputs: D.RunInputs, shown_as: Path, seconds: float) -> str:
+    """``report.html``'s text: ``report.html.j2`` filled with the sections and the run's facts;
+    ``shown_as`` is the run directory the page names."""
     return _environment().get_template(TEMPLATE).render(
-        title=f"gpuclust run · {inputs.dataset_spec or run_dir.name}",
+        title=f"gpuclust run · {inputs.dataset_spec or shown_as.name}",
         facts=header_facts(inputs),
-        run_dir=str(run_dir.absolute()),
+        run_dir=str(Path(shown_as).absolute()),
         store=(inputs.metrics or {}).get("store"),
         missing=inputs.missing,
         sections=sections,

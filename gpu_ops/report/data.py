@@ -5,7 +5,8 @@ data (which images a montage shows, where a thumbnail sits, what the confusion m
 without looking at pixels.
 
 Reading a run directory is forgiving: :func:`load_run` returns what it could read plus one
-:class:`Missing` note per absent or unusable file, and never raises for a single bad file.
+:class:`Missing` note per absent or unusable file, and raises for one bad file only: a
+``metrics.json`` that is there but not valid (see :mod:`gpu_ops.report.metrics_doc`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gpu_ops.reduce.tsne import SWEEP_FILE
+from gpu_ops.report.metrics_doc import read_metrics
 
 RECONSTRUCTIONS = "reconstructions.npz"
 K_SELECTION = "k_selection.json"
@@ -129,8 +131,10 @@ def load_run(run_dir: Path) -> RunInputs:
             inputs.note("config.yaml", f"unreadable ({str(exc).splitlines()[0]}); the dataset is reopened from metrics.json's name")
     else:
         inputs.note("config.yaml", "not found; settings table skipped, the dataset is reopened from metrics.json's name (split all)")
-    inputs.metrics = _read_json(run_dir / "metrics.json", inputs,
-                                "metrics table, timings and backends skipped")
+    if (run_dir / "metrics.json").is_file():
+        inputs.metrics = read_metrics(run_dir / "metrics.json")  # InputError naming the bad field
+    else:
+        inputs.note("metrics.json", "not found; metrics table, timings and backends skipped")
     inputs.assignments = _read_parquet(run_dir / "assignments.parquet", ("image_id",), inputs,
                                        "cluster maps, montages, confusion matrices and dendrogram skipped")
     if inputs.assignments is not None:

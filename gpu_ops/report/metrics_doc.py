@@ -1,0 +1,98 @@
+"""The shape of a run directory's ``metrics.json`` (written by :func:`gpu_ops.pipeline.finalize_run`).
+
+The report trusts what it reads, so :func:`read_metrics` checks the document first: a
+``metrics.json`` that is not JSON, or has a field of the wrong type (``"n": "abc"``,
+``"algorithms": []``), is an :class:`~gpu_ops.errors.InputError` naming the file and the field.
+Keys beyond the ones listed are allowed (newer writers may add some).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpu_ops.errors import InputError
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class AlgorithmMetrics(_Part):
+    """One algorithm's entry: k, the backend that ran, cluster sizes, and scores when labels exist."""
+
+    k: int
+    backend: str | None = None
+    cluster_sizes: list[int] = Field(default_factory=list)
+    noise: int | None = None
+    acc: float | None = None
+    nmi: float | None = None
+    ari: float | None = None
+
+
+class ExtractInfo(_Part):
+    extractor: str | None = None
+    device: str | None = None
+    dim: int | None = None
+
+
+class ReducerInfo(_Part):
+    name: str | None = None
+    backend: str | None = None
+
+
+class BackendRow(_Part):
+    """One backend resolution (see :class:`gpu_ops.registry.Resolution`)."""
+
+    op: str | None = None
+    requested: str | None = None
+    backend: str | None = None
+    kind: str | None = None
+    reason: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+
+
+class MetricsDoc(_Part):
+    """``metrics.json``: what the run found, per algorithm, and how it ran."""
+
+    dataset: str
+    n: int = Field(ge=0)
+    algorithms: dict[str, AlgorithmMetrics]
+    quarantined: int = 0
+    store: str | None = None
+    extract: ExtractInfo | None = None
+    reducer: ReducerInfo | None = None
+    backends: list[BackendRow] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+
+
+def _problem(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return f"{path}: not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')})"
+    where = ".".join(str(p) for p in err["loc"])
+    if not where:
+        return f"{path}: expected a JSON object of run metrics ({err['msg']})"
+    if err["type"] == "missing":
+        return f"{path}: field {where} is missing"
+    return f"{path}: field {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """The checked content of ``path`` (a ``metrics.json``) as a dict, with any extra keys kept.
+
+    Raises InputError naming the file and the field when it is unreadable, not JSON, or a field
+    has the wrong type.
+    """
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        doc = MetricsDoc.model_validate_json(text)
+    except ValidationError as exc:
+        raise InputError(_problem(path, exc)) from None
+    return doc.model_dump(exclude_unset=True)
