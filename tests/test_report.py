@@ -206,8 +206,10 @@ def test_tsne_sweep_is_drawn_by_the_report_and_map_png_is_its_first_map(tmp_path
     page = result.html.read_text()
     assert '<a href="#tsne-sweep">t-SNE perplexity sweep</a>' in page
     section = re.search(r'<section id="tsne-sweep">.*?</section>', page).group(0)
-    assert 'src="figures/tsne-sweep.png"' in section and "t-SNE maps at perplexity 5, 30, coloured by true label" in section
-    assert result.map == run / "map.png" and (run / "map.png").read_bytes() == (run / "figures" / "map-kmeans.png").read_bytes()
+    assert 'src="figures/tsne-sweep.png"' in section
+    assert "t-SNE maps at perplexity 5, 30, coloured by true label" in section
+    assert result.map == run / "map.png"
+    assert (run / "map.png").read_bytes() == (run / "figures" / "map-kmeans.png").read_bytes()
     (run / "tsne_sweep.npz").write_bytes(b"not an npz")
     again = build_report(run, max_clusters=2, thumbnails=0)
     assert [m.name for m in again.missing] == ["tsne_sweep.npz"]

@@ -233,11 +233,17 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
         atomic_write_bytes(run_dir / REPORT_NAME, page.encode("utf-8"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    primary = final / f"map-{_slug(inputs.algorithms[0])}.png" if inputs.algorithms else None
-    if primary is not None and primary.is_file():
-        atomic_write_bytes(run_dir / MAP_NAME, primary.read_bytes())
     return ReportResult(run_dir / REPORT_NAME, [final / n for n in figs.names], list(inputs.missing),
-                        run_dir / MAP_NAME if primary is not None and primary.is_file() else None)
+                        _save_map_png(run_dir, inputs.algorithms))
+
+
+def _save_map_png(run_dir: Path, algorithms: list[str]) -> Path | None:
+    """Copy the first algorithm's map figure to ``RUN_DIR/map.png``; None when none was drawn."""
+    drawn = run_dir / FIGURES_DIR / f"map-{_slug(algorithms[0])}.png" if algorithms else None
+    if drawn is None or not drawn.is_file():
+        return None
+    atomic_write_bytes(run_dir / MAP_NAME, drawn.read_bytes())
+    return run_dir / MAP_NAME
 
 
 # ---------------------------------------------------------------- sections, in page order
@@ -331,7 +337,8 @@ def _thumbnails(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource, 
     else:
         by_id, point_labels = {}, np.zeros(len(m), np.int64)
     F.thumbnail_map(_map_xy(inputs), point_labels, placements, tiles, figs.path("thumbnails.png"),
-                    f"{len(tiles)} sample images at their map positions" + (f" · frames: {primary} cluster" if primary else ""),
+                    f"{len(tiles)} sample images at their map positions"
+                    + (f" · frames: {primary} cluster" if primary else ""),
                     frame_labels=by_id)
     return figs.figure("thumbnails.png", f"{len(tiles)} images drawn at their own 2-D coordinates (spread out: no "
                                          "two closer than 1% of the map's diagonal)", "map big")
@@ -352,7 +359,8 @@ def tsne_sweep_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageS
             labels = by_id.reindex(sweep.image_ids).fillna(-1).to_numpy().astype(np.int64)
             coloured = f"{primary} cluster"
     n = len(sweep.image_ids)
-    titles = [f"perplexity {p:g} ({b}, {s:.0f} s)" for p, b, s in zip(sweep.perplexities, sweep.backends, sweep.seconds)]
+    titles = [f"perplexity {p:g} ({backend}, {secs:.0f} s)"
+              for p, backend, secs in zip(sweep.perplexities, sweep.backends, sweep.seconds)]
     caption = (f"t-SNE maps at perplexity {', '.join(f'{p:g}' for p in sweep.perplexities)}"
                + (f", coloured by {coloured}" if coloured else "")
                + ": small perplexities show local structure (and break clusters into fragments), large ones keep "
@@ -513,7 +521,8 @@ def backends_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
         sec.blocks.append(Text("No fallbacks: every op ran on the backend it resolved to."))
     ext = metrics.get("extract") or {}
     red = metrics.get("reducer") or {}
-    rows = [["extract", "", str(ext.get("extractor", "")), str(ext.get("device", "")), f"{ext.get('dim', '')}-d features", ""]]
+    rows = [["extract", "", str(ext.get("extractor", "")), str(ext.get("device", "")),
+             f"{ext.get('dim', '')}-d features", ""]]
     rows += [[str(r["op"]), _fmt(r["requested"]), _fmt(r["backend"]), _fmt(r["kind"]), str(r["reason"]),
               "; ".join(r["fallbacks"]) or "–"] for r in D.backend_rows(metrics)]
     if red.get("name"):
@@ -556,11 +565,11 @@ SECTIONS: tuple[Callable[[FigureWriter, D.RunInputs, D.ImageSource | None], list
 # ---------------------------------------------------------------- page
 
 
-def _environment() -> jinja2.Environment:
-    template = resources.files("gpu_ops.report").joinpath(TEMPLATE).read_text(encoding="utf-8")
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             loader=jinja2.DictLoader({TEMPLATE: template}))
-    return env
+def _template() -> jinja2.Template:
+    """``report.html.j2`` (package data), autoescaped: every value it is given is text."""
+    text = resources.files("gpu_ops.report").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(text)
 
 
 def header_facts(inputs: D.RunInputs) -> list[str]:
@@ -587,7 +596,7 @@ def header_facts(inputs: D.RunInputs) -> list[str]:
 def render_page(sections: list[Section], inputs: D.RunInputs, shown_as: Path, seconds: float) -> str:
     """``report.html``'s text: ``report.html.j2`` filled with the sections and the run's facts;
     ``shown_as`` is the run directory the page names."""
-    return _environment().get_template(TEMPLATE).render(
+    return _template().render(
         title=f"gpuclust run · {inputs.dataset_spec or shown_as.name}",
         facts=header_facts(inputs),
         run_dir=str(Path(shown_as).absolute()),
