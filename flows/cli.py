@@ -235,16 +235,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_backends(_args: argparse.Namespace) -> int:
     from gpu_ops.device import cuda_available, installed_faiss_distributions
-    from gpu_ops.registry import list_backends, list_ops, resolve_backend
+    from gpu_ops.placement import place, stages
+    from gpu_ops.registry import list_backends, list_ops
 
     print(f"CUDA available: {cuda_available()}")
     faiss = installed_faiss_distributions()
     if len(faiss) > 1:
         print(f"WARNING: several faiss distributions installed ({', '.join(faiss)}): keep only one")
-    for op in list_ops():
-        spec, res = resolve_backend(op, "auto")
-        print(f"\n{op}: auto -> {spec.name} ({res.reason})")
-        for s in list_backends(op):
+    ops = list_ops()
+    for stage in stages():
+        print(f"\n{place(stage, 'auto').summary()}")
+        for s in list_backends(stage) if stage in ops else []:
             ok, why = s.usable()
             print(f"  {'+' if ok else '-'} {s.name:<11} {s.kind:<4} {'usable' if ok else 'unusable'}: {why}")
     return 0

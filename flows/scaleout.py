@@ -38,7 +38,7 @@ from flows.tasks import (
 )
 from gpu_ops import distributed, pipeline
 from gpu_ops.config import RunConfig
-from gpu_ops.device import torch_device
+from gpu_ops.placement import place
 
 
 def _worker_env() -> dict[str, str]:
@@ -97,7 +97,7 @@ def plan_shards(params: dict[str, Any], n_workers: int | None, address: str) -> 
 @task(name="extract-shard", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
 def extract_shard(params: dict[str, Any], store: str, shards: list[int], shard_rows: int, backend: str) -> dict[str, Any]:
     """Embed some shards on a Dask worker; the device is resolved on the worker itself."""
-    device = torch_device(backend if backend in ("auto", "gpu", "cpu") else "auto")
+    device = place("extract", backend).torch_device
     get_run_logger().info("extract shards %s: %s on %s", shards, params["extractor"], distributed.device_label(device))
     return distributed.extract_shards(params, store, shards, shard_rows, device)
 
@@ -146,6 +146,7 @@ def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
                               "process, not on the Dask cluster")
         address = None
     if address is None:
+        # params["device"] is the extract placement's torch device
         return configured(extract_features, config, "extract", gpu=params["device"] == "cuda")(params)
     from prefect_dask import DaskTaskRunner
 

@@ -21,6 +21,7 @@ from prefect import get_run_logger
 
 from gpu_ops import pipeline
 from gpu_ops.config import RunConfig
+from gpu_ops.device import Machine
 from gpu_ops.distributed import device_label
 from gpu_ops.errors import InputError
 
@@ -124,21 +125,15 @@ def build_report(staging: str, run_dir: str) -> dict[str, Any]:
     return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing]}
 
 
-def uses_gpu(config: RunConfig, *ops: str) -> bool:
-    """True when the backend that ``auto``/``gpu``/a named backend resolves to for any of ``ops``
-    is a GPU one here (ops named in an algorithm, e.g. ``umap-kmeans``, count separately)."""
-    from gpu_ops.registry import list_ops, resolve_backend
+def uses_gpu(config: RunConfig, stage: str, machine: Machine | None = None) -> bool:
+    """True when ``stage`` (``extract``, an algorithm or a reducer) of this run is placed on a GPU
+    here (or on a described ``machine``): the task then carries the ``gpu`` tag."""
+    from gpu_ops.placement import placement_for
 
-    known = set(list_ops())
-    names = [part for op in ops for part in ([op] if op in known else op.split("-")) if part in known]
-    for op in names:
-        try:
-            spec, _ = resolve_backend(op, config.backend_for(op))
-        except InputError:
-            continue  # reported by the stage itself
-        if spec.kind == "gpu":
-            return True
-    return False
+    try:
+        return placement_for(config, stage, machine).kind == "gpu"
+    except InputError:
+        return False  # nothing to place (reducer none), or a bad setting the stage itself reports
 
 
 def configured(task_: Any, config: RunConfig, stage: str, gpu: bool = False) -> Any:

@@ -214,12 +214,13 @@ class RunConfig(BaseModel):
         from gpu_ops.device import BACKEND_CHOICES
         from gpu_ops.registry import check_backend_name, list_ops
 
-        ops = [*list_ops(), "extract"]
+        torch_stages = ("extract", *DEEP_ALGORITHMS)
+        ops = [*list_ops(), *torch_stages]
         for op, name in value.items():
             if op not in ops:
                 raise _error(info, "backends", f"unknown op {op!r} in {_name(info, 'backends')}; "
                              f"expected one of: {', '.join(sorted(ops))}")
-            if op == "extract":  # extraction runs in torch: a device choice, no named backends
+            if op in torch_stages:  # these run in torch: a device choice, no named backends
                 if name not in BACKEND_CHOICES:
                     raise _error(info, "backends", str(choice_error("extract backend", name, BACKEND_CHOICES)))
             else:

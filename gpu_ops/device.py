@@ -1,18 +1,17 @@
-"""What this machine can run: CUDA, optional GPU packages, and the one place where
-``backend="auto" | "gpu" | "cpu"`` is resolved."""
+"""What this machine can run: CUDA and the optional GPU packages. Where each stage runs is
+decided in :mod:`gpu_ops.placement` from these probes (or from a described :class:`Machine`)."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.metadata as md
-import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
+#: The backend settings every stage accepts (ops also accept a backend's own name).
 BACKEND_CHOICES = ("auto", "gpu", "cpu")
 
 
@@ -27,6 +26,27 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
     except Exception:  # a broken driver must not take the CPU path down with it
         return False
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine described instead of probed: whether CUDA is visible and which GPU backends
+    (registry names such as ``cuml`` or ``faiss-gpu``) work on it. CPU backends are still
+    checked for real. Placement decisions take one to show what they would do elsewhere."""
+
+    cuda: bool
+    gpu_backends: Iterable[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gpu_backends", frozenset(self.gpu_backends))
+
+    def gpu_backend_status(self, name: str) -> tuple[bool, str]:
+        """(usable, why) of GPU backend ``name`` on this described machine."""
+        if not self.cuda:
+            return False, "no CUDA device visible"
+        if name in self.gpu_backends:
+            return True, f"CUDA device and {name} available"
+        return False, f"{name} not available"
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,21 +87,6 @@ def installed_faiss_distributions() -> list[str]:
         if name.startswith("faiss"):
             names.append(name)
     return sorted(set(names))
-
-
-def torch_device(backend: str = "auto") -> str:
-    """Resolve a torch device string ("cuda" or "cpu") from a backend setting."""
-    if backend not in BACKEND_CHOICES:
-        from gpu_ops.errors import choice_error
-
-        raise choice_error("backend", backend, BACKEND_CHOICES)
-    if backend == "cpu":
-        return "cpu"
-    if cuda_available():
-        return "cuda"
-    if backend == "gpu":
-        log.warning("backend 'gpu' requested but CUDA is not available: running on CPU")
-    return "cpu"
 
 
 def to_host(a: Any) -> np.ndarray:

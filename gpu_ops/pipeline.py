@@ -17,7 +17,6 @@ import yaml
 from gpu_ops.cluster.choose_k import choose_k
 from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
-from gpu_ops.device import torch_device
 from gpu_ops.errors import InputError
 from gpu_ops.features.autoencoder import RECONSTRUCTIONS
 from gpu_ops.features.extract import (
@@ -28,6 +27,7 @@ from gpu_ops.features.extract import (
     open_dataset,
 )
 from gpu_ops.metrics import evaluate
+from gpu_ops.placement import placement_for
 from gpu_ops.registry import create_estimator
 from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
 
@@ -39,7 +39,7 @@ def extract_params(cfg: RunConfig) -> dict[str, Any]:
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
             "shard_rows", "decode_on_device", "latent_dim", "ae_epochs")
     params = {k: getattr(cfg, k) for k in keys}
-    params["device"] = torch_device(cfg.backend_for("extract") if cfg.backend_for("extract") in ("auto", "gpu", "cpu") else "auto")
+    params["device"] = placement_for(cfg, "extract").torch_device
     params["cache_root"] = str(cfg.cache_root())
     return params
 
@@ -104,20 +104,20 @@ def deep_cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str)
         raise InputError(f"{algorithm} clusters images; {cfg.dataset} holds vectors (use kmeans or umap-kmeans)")
     images = images_for_ids(dataset, table.image_ids, cfg.image_size or 32)
     k = int(cfg.k) if cfg.k != "auto" else _k_for(cfg, table.embeddings, Path(staging))
-    device = torch_device(cfg.backend if cfg.backend in ("auto", "gpu", "cpu") else "auto")
+    placed = placement_for(cfg, algorithm)
     overrides: dict[str, Any] = {"latent_dim": cfg.latent_dim}
     if cfg.deep_epochs is not None:
         overrides["pretrain_epochs"] = cfg.deep_epochs
-    result = fit_deep(algorithm, images, k, seed=cfg.seed, device=device, labels=table.labels,  # type: ignore[arg-type]
+    result = fit_deep(algorithm, images, k, seed=cfg.seed, device=placed.torch_device, labels=table.labels,  # type: ignore[arg-type]
                       checkpoint_dir=dataset_directory(Path(cfg.cache_root()) / "stores", dataset) / "deep",
                       backend=cfg.backend_for("kmeans"), **overrides)
     labels_path = Path(staging) / f"labels-{algorithm}.npy"
     np.save(labels_path, result.labels.astype(np.int64))
     atomic_write_json(Path(staging) / f"history-{algorithm}.json", result.history, sort_keys=False)
     backend = f"torch-{result.device}"
-    resolution = {"op": algorithm, "requested": cfg.backend, "backend": backend,
-                  "kind": "gpu" if "cuda" in backend else "cpu", "reason": f"deep clustering in torch on {result.device}",
-                  "fallbacks": [], "skipped": [], "stage": algorithm}
+    resolution = {"op": algorithm, "requested": placed.requested, "backend": backend,
+                  "kind": "gpu" if "cuda" in backend else "cpu", "reason": f"deep clustering in torch on {result.device}; "
+                  f"{placed.reason}", "fallbacks": list(placed.fallbacks), "skipped": [], "stage": algorithm}
     return {"algorithm": algorithm, "labels": str(labels_path), "k": k, "backend": backend,
             "resolutions": [resolution], "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -1,4 +1,5 @@
-"""Backend registry: one table of (op, backend) -> estimator factory, resolved in one place.
+"""Backend registry: one table of (op, backend) -> estimator factory, and the one rule that picks
+an op's backend (:func:`resolve_backend`; :mod:`gpu_ops.placement` asks it for every op).
 
 Every op (``kmeans``, ``agglomerative``, ``tsne``, ``umap``, ``pca``) has backends that speak the
 scikit-learn estimator protocol: ``__init__`` stores parameters, ``fit(X)`` returns ``self``,
@@ -19,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from gpu_ops.device import cuda_available, package_status
+from gpu_ops.device import BACKEND_CHOICES, Machine, cuda_available, package_status
 from gpu_ops.errors import InputError, choice_error
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def list_backends(op: str) -> list[BackendSpec]:
 
 def backend_names(op: str) -> list[str]:
     """Every value a backend setting of ``op`` may take: auto, gpu, cpu and each backend's name."""
-    return ["auto", "gpu", "cpu", *(s.name for s in list_backends(op))]
+    return [*BACKEND_CHOICES, *(s.name for s in list_backends(op))]
 
 
 def check_backend_name(op: str, backend: str) -> None:
@@ -207,8 +208,17 @@ def check_estimator_keywords(op: str, params: dict[str, Any]) -> None:
             raise InputError(f"unknown {op} parameter {name!r}; expected one of: {', '.join(sorted(valid))}")
 
 
-def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None) -> tuple[BackendSpec, Resolution]:
-    """Pick the backend for ``op``; the single place where auto/gpu/cpu is decided.
+def backend_status(spec: BackendSpec, machine: Machine | None = None) -> tuple[bool, str]:
+    """(usable, why) of ``spec`` here, or on ``machine`` when one is described (GPU backends only:
+    CPU backends are always checked for real)."""
+    if machine is None or spec.kind == "cpu":
+        return spec.usable()
+    return machine.gpu_backend_status(spec.name)
+
+
+def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | None = None,
+                    machine: Machine | None = None) -> tuple[BackendSpec, Resolution]:
+    """Pick the backend for ``op`` on this machine (or on a described ``machine``).
 
     Raises :class:`InputError` for an unknown name, or a named backend that is not usable here.
     """
@@ -218,9 +228,9 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
 
     fallbacks: list[str] = []
 
-    if backend not in ("auto", "gpu", "cpu"):
+    if backend not in BACKEND_CHOICES:
         spec = next(s for s in specs if s.name == backend)
-        ok, why = spec.usable()
+        ok, why = backend_status(spec, machine)
         if not ok:
             raise InputError(f"{op} backend {backend!r} is not usable here: {why}")
         problem = spec.unsupported(params)
@@ -235,7 +245,7 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
         candidates = specs
 
     for spec in candidates:
-        ok, why = spec.usable()
+        ok, why = backend_status(spec, machine)
         if not ok:
             fallbacks.append(f"{spec.name}: {why}")
             continue
@@ -246,7 +256,8 @@ def resolve_backend(op: str, backend: str = "auto", params: dict[str, Any] | Non
         reason = why if not fallbacks else f"{why}; skipped " + "; ".join(fallbacks)
         gpu_skipped = [f for f in fallbacks if _is_gpu(op, f.split(":")[0])]
         # On a machine without CUDA, "auto" choosing CPU is the plan, not a fallback.
-        is_fallback = spec.kind == "cpu" and bool(gpu_skipped) and (backend != "auto" or cuda_available())
+        is_fallback = spec.kind == "cpu" and bool(gpu_skipped) and (
+            backend != "auto" or (machine.cuda if machine is not None else cuda_available()))
         res = Resolution(op, backend, spec.name, spec.kind, reason, gpu_skipped if is_fallback else [], fallbacks)
         if is_fallback:
             log.warning("%s: falling back to CPU backend %r: %s", op, spec.name, "; ".join(gpu_skipped))

@@ -209,25 +209,6 @@ def _accumulate(sums: np.ndarray, counts: np.ndarray, X: np.ndarray, labels: np.
     counts += np.bincount(labels, minlength=k)
 
 
-def _resolve_kmeans(backend: str) -> str:
-    """``auto`` without any GPU package installed is ``cpu``, decided without importing torch.
-
-    The registry checks CUDA through torch, whose import alone costs ~600 MB of resident memory:
-    more than a small ``memory_mb`` budget. When neither cuML nor a GPU build of FAISS is
-    installed there is nothing for CUDA to enable, so the answer is known without asking.
-    """
-    if backend != "auto":
-        return backend
-    if importlib.util.find_spec("cuml") is not None:
-        return backend
-    if importlib.util.find_spec("faiss") is not None:
-        from gpu_ops.cluster.kmeans import import_faiss
-
-        if hasattr(import_faiss(), "StandardGpuResources"):
-            return backend
-    return "cpu"
-
-
 @dataclass
 class MemoryPlan:
     """How ``memory_mb`` is spent: rows per buffer."""
@@ -335,7 +316,7 @@ class StreamingKMeans:
         ``labels_path``: write labels to this ``.npy`` (memory-mapped, int64) instead of memory.
         ``assignments_path``: also write a Parquet of ``image_id, label`` (int32), batch by batch.
         """
-        from gpu_ops.registry import resolve_backend
+        from gpu_ops.placement import op_backend
 
         k = _check_positive_int("n_clusters", self.n_clusters)
         memory_mb = _check_positive_int("memory_mb", self.memory_mb)
@@ -367,10 +348,9 @@ class StreamingKMeans:
                  k, n, d, len(sample), plan.batch_rows, memory_mb)
 
         t0 = time.perf_counter()
-        backend = _resolve_kmeans(self.backend)
         params: dict[str, Any] = {"n_clusters": k, "max_iter": int(self.max_iter), "n_init": int(self.n_init),
                                   "seed": int(self.seed)}
-        spec, res = resolve_backend("kmeans", backend, params)
+        spec, res = op_backend("kmeans", self.backend, params, without_torch=True)
         if spec.name.startswith("faiss"):
             params["init_sample"] = min(plan.seed_rows, len(sample))
         est = spec.factory(**params)

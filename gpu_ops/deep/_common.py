@@ -15,32 +15,28 @@ import numpy as np
 import torch
 
 from gpu_ops.data.base import to_unit_scale
+from gpu_ops.device import BACKEND_CHOICES
 from gpu_ops.errors import InputError
 
 log = logging.getLogger("gpu_ops.deep")
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "gpu")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when usable else CPU; ``"cpu"``; ``"cuda"``/``"gpu"``/``"cuda:N"``.
 
-    Asking for CUDA on a machine without it logs a warning and runs on the CPU.
+    Decided by :func:`gpu_ops.placement.torch_device`: asking for CUDA on a machine without it
+    logs a warning and runs on the CPU.
     """
     if isinstance(device, torch.device):
         return device
-    name = str(device).lower()
-    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r}; expected one of: auto, cpu, cuda, cuda:N")
-    if name == "cpu":
-        return torch.device("cpu")
-    from gpu_ops.device import cuda_available
+    from gpu_ops.placement import torch_device
 
-    if cuda_available():
-        return torch.device("cuda" if name in ("auto", "gpu") else name)
-    if name != "auto":
-        log.warning("device %r requested but CUDA is not available: running on CPU", device)
-    return torch.device("cpu")
+    name = str(device).lower()
+    setting = "gpu" if name == "cuda" or name.startswith("cuda:") else name
+    if setting not in BACKEND_CHOICES:
+        raise InputError(f"unknown device {device!r}; expected one of: auto, cpu, cuda, cuda:N")
+    placed = torch_device(setting)
+    return torch.device(name if placed == "cuda" and name.startswith("cuda:") else placed)
 
 
 def seed_everything(seed: int) -> None:
