@@ -26,3 +26,11 @@ def check_n_clusters(n_clusters: int, n_samples: int) -> None:
         raise InputError(f"n_clusters must be a positive integer; got {n_clusters!r}")
     if n_clusters > n_samples:
         raise InputError(f"k={n_clusters} is larger than the number of images ({n_samples})")
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (1: positive, 0: non-negative), or raise InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise InputError(f"{name} must be {kind}; got {value!r}")
+    return int(value)

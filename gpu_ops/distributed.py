@@ -15,13 +15,14 @@ count, and marks the store complete. A worker killed mid-shard leaves neither a 
 for it; finished shards keep their entries and are merged (not redone) by the next run.
 
 **Clustering a store that spans workers** (:func:`dask_kmeans`). CPU route: every worker loads
-its part files; the driver gathers a sample of at most ``init_sample_rows`` rows (all rows when
-the store is smaller: then the initial fit is exactly the single-process fit) and fits it with the
-registry's k-means backend (FAISS / scikit-learn, ``n_init`` restarts); then exact Lloyd passes
-run over every partition (workers return per-cluster sums and counts, the driver moves the
-centres) until the inertia improves by less than ``tol``; a last pass assigns every row. GPU route
-(workers with CUDA and cuML): ``cuml.dask.cluster.KMeans`` over a CuPy-backed Dask array whose
-blocks cuDF reads from the part files on each worker's GPU.
+its part files (:class:`gpu_ops.cluster.sources.DaskSource`); the driver gathers a sample of at
+most ``init_sample_rows`` rows (all rows when the store is smaller: then the initial fit is exactly
+the single-process fit) and fits it with the registry's k-means backend (FAISS / scikit-learn,
+``n_init`` restarts); then the package's Lloyd driver (:func:`gpu_ops.cluster.lloyd.lloyd`) runs
+exact passes over every partition (workers return per-cluster sums and counts, the driver moves the
+centres) until the inertia improves by less than ``tol``, and a last pass assigns every row. GPU
+route (workers with CUDA and cuML): ``cuml.dask.cluster.KMeans`` over a CuPy-backed Dask array
+whose blocks cuDF reads from the part files on each worker's GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -318,56 +318,6 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
 # k-means over a store whose parts live on the workers
 
 
-def _load_part(path: str) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    from gpu_ops.store import embeddings_to_numpy
-
-    return np.ascontiguousarray(embeddings_to_numpy(pq.read_table(path, columns=["embedding"]).column("embedding")))
-
-
-def _rows(X: np.ndarray) -> int:
-    return int(X.shape[0])
-
-
-def _take(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return X[rows]
-
-
-def _nearest(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest centre and the squared distance to it, in row blocks."""
-    labels = np.empty(X.shape[0], np.int64)
-    dist = np.empty(X.shape[0], np.float64)
-    c = centers.astype(np.float32)
-    c_sq = (c.astype(np.float64) ** 2).sum(1)
-    for start in range(0, X.shape[0], 8192):
-        block = X[start:start + 8192]
-        d = c_sq[None, :] - 2.0 * (block @ c.T).astype(np.float64)
-        idx = d.argmin(1)
-        labels[start:start + len(block)] = idx
-        x_sq = (block.astype(np.float64) ** 2).sum(1)
-        dist[start:start + len(block)] = np.maximum(d[np.arange(len(block)), idx] + x_sq, 0.0)
-    return labels, dist
-
-
-def _partial_stats(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-cluster sums (k, d) and counts (k,) in float64, and this partition's inertia."""
-    from scipy import sparse
-
-    k = centers.shape[0]
-    labels, dist = _nearest(X, centers)
-    sums = np.zeros((k, X.shape[1]), np.float64)
-    for start in range(0, X.shape[0], 65536):
-        lab = labels[start:start + 65536]
-        onehot = sparse.csr_matrix((np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
-        sums += onehot @ X[start:start + 65536].astype(np.float64)
-    return sums, np.bincount(labels, minlength=k).astype(np.float64), float(dist.sum())
-
-
-def _assign(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    return _nearest(X, centers)[0]
-
-
 def _worker_has_cuml() -> bool:
     try:
         import cuml.dask.cluster  # noqa: F401
@@ -389,6 +339,10 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
     """
     from distributed import Client
 
+    from gpu_ops.cluster.lloyd import lloyd
+    from gpu_ops.cluster.sources import DaskSource
+    from gpu_ops.registry import create_estimator
+
     parts = [str(p) for p in part_files(Path(store))]
     with Client(address, set_as_default=False) as client:
         client.wait_for_workers(1)
@@ -397,45 +351,22 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
             return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
         why = "workers have no CUDA/cuML" if backend in ("auto", "gpu", "cuml") else f"backend {backend!r}"
         init_backend = "cpu" if backend in ("auto", "gpu", "cuml") else backend
-        data = client.map(_load_part, parts)
-        sizes = client.gather(client.map(_rows, data))
-        n = int(sum(sizes))
+        source = DaskSource.from_parts(client, parts)
+        n = source.count()
         if n_clusters > n:
             raise InputError(f"k={n_clusters} is larger than the number of rows ({n})")
         # 1. initial fit on a sample gathered to the driver (all rows when the store is small)
-        if n <= init_sample_rows:
-            sample = np.concatenate(client.gather(data))
-        else:
-            chosen = np.sort(np.random.default_rng(seed).choice(n, init_sample_rows, replace=False))
-            bounds = np.cumsum([0, *sizes])
-            picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-            sample = np.concatenate(client.gather(client.map(_take, data, picks)))
-        from gpu_ops.registry import create_estimator
-
+        sample = source.subset(init_sample_rows, seed)
         est, res = create_estimator("kmeans", init_backend, n_clusters=n_clusters, n_init=n_init, max_iter=max_iter,
                                     seed=seed)
-        centers = np.asarray(est.fit(sample).cluster_centers_, np.float64)
-        # 2. exact Lloyd passes over every partition
-        previous, inertia, n_iter = math.inf, math.inf, 0
-        for n_iter in range(1, max_iter + 1):
-            c = client.scatter(centers.astype(np.float32), broadcast=True)
-            stats = client.gather(client.map(_partial_stats, data, [c] * len(data)))
-            sums = sum(s for s, _, _ in stats)
-            counts = sum(k for _, k, _ in stats)
-            inertia = float(sum(i for _, _, i in stats))  # of the centres before this update
-            filled = counts > 0
-            centers[filled] = sums[filled] / counts[filled, None]
-            if previous - inertia <= tol * max(inertia, 1e-12):
-                break
-            previous = inertia
-        # 3. assignment
-        c = client.scatter(centers.astype(np.float32), broadcast=True)
-        labels = np.concatenate(client.gather(client.map(_assign, data, [c] * len(data))))
+        centers = est.fit(sample).cluster_centers_
+        # 2. exact Lloyd passes over every partition, then the assignment, on the workers
+        result = lloyd(source, n_clusters, init_centroids=centers, max_iter=max_iter, tol=tol)
         workers = len(client.scheduler_info()["workers"])
     log.info("dask k-means: %d rows over %d partition(s) on %d worker(s): init %s on %d rows, %d Lloyd pass(es), "
-             "inertia %.6g", n, len(parts), workers, res.backend, len(sample), n_iter, inertia)
-    return {"labels": labels.astype(np.int64), "centers": centers.astype(np.float32), "inertia": inertia,
-            "n_iter": n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
+             "inertia %.6g", n, len(parts), workers, res.backend, len(sample), result.n_iter, result.inertia)
+    return {"labels": result.labels, "centers": result.centroids, "inertia": result.inertia,
+            "n_iter": result.n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
             "reason": f"{why}: initial fit with {res.backend} on {len(sample)} of {n} rows, then exact Lloyd passes "
                       f"over {len(parts)} partition(s) on {workers} worker(s)",
             "init_resolution": res.as_dict()}

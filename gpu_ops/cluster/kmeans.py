@@ -9,6 +9,7 @@ device computed them. GPU packages are imported inside ``fit``, so a CPU install
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -16,8 +17,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gpu_ops._validation import as_float32_matrix, check_n_clusters
-from gpu_ops.device import faiss_has_gpu, to_host
+from gpu_ops._validation import as_float32_matrix, check_int, check_n_clusters
+from gpu_ops.cluster.sources import NearestCentre, faiss_gpu_usable
+from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
 from gpu_ops.registry import register_backend, requires
 
@@ -195,6 +197,20 @@ def kmeans_plusplus(X: np.ndarray, n_clusters: int, *, seed: int = 0, n_local_tr
     return centers, potential
 
 
+def best_kmeans_plusplus(sample: np.ndarray, n_clusters: int, n_seedings: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """The lowest-potential of ``n_seedings`` :func:`kmeans_plusplus` seedings of ``sample``.
+
+    Every k-means++ start of this package goes through here (FAISS estimator, Lloyd driver).
+    """
+    best, best_pot = None, np.inf
+    for _ in range(max(1, int(n_seedings))):
+        centers, pot = kmeans_plusplus(sample, int(n_clusters), seed=int(rng.integers(2**31)))
+        if pot < best_pot:
+            best, best_pot = centers, pot
+    return best
+
+
 def seeding_rows(n: int, k: int, d: int, n_seedings: int, init_sample: int | None = None,
                  max_iter: int = 25) -> tuple[int, int]:
     """Rows to draw for k-means++ seeding and how many seedings to try: ``(rows, n_seedings)``.
@@ -212,11 +228,6 @@ def seeding_rows(n: int, k: int, d: int, n_seedings: int, init_sample: int | Non
         if r >= min(n, 2 * k):
             return r, tries
     return 0, 0
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer; got {value!r}")
 
 
 class CumlKMeans:
@@ -252,8 +263,8 @@ class CumlKMeans:
         """Fit on ``X`` of shape (n, d); the data is copied to the GPU once."""
         X = as_float32_matrix(X)
         check_n_clusters(self.n_clusters, X.shape[0])
-        _check_positive_int("max_iter", self.max_iter)
-        _check_positive_int("n_init", self.n_init)
+        check_int("max_iter", self.max_iter)
+        check_int("n_init", self.n_init)
         from cuml.cluster import KMeans
 
         self._km = KMeans(
@@ -273,12 +284,6 @@ class CumlKMeans:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Nearest centre for each row of ``X`` (n, d) -> (n,)."""
         return to_host(self._km.predict(as_float32_matrix(X))).astype(np.int64)
-
-
-def _objective(dist: np.ndarray, weights: np.ndarray | None) -> float:
-    """Sum (weighted when ``weights``) of the squared distances ``dist`` (n, 1), in float64."""
-    d = dist[:, 0].astype(np.float64)
-    return float(d.sum() if weights is None else d @ weights.astype(np.float64))
 
 
 class FaissKMeans:
@@ -352,12 +357,14 @@ class FaissKMeans:
         rng = np.random.default_rng(seed)
         n = X.shape[0]
         sample = X if rows >= n else X[np.sort(rng.choice(n, size=rows, replace=False))]
-        best, best_pot = None, np.inf
-        for j in range(n_seedings):
-            centers, pot = kmeans_plusplus(sample, int(self.n_clusters), seed=int(rng.integers(2**31)))
-            if pot < best_pot:
-                best, best_pot = centers, pot
-        return best
+        return best_kmeans_plusplus(sample, int(self.n_clusters), n_seedings, rng)
+
+    def _assign(self, X: np.ndarray, centroids: np.ndarray,
+                weights: np.ndarray | None) -> tuple[float, np.ndarray]:
+        """(objective, labels) of ``X`` against ``centroids``, by the package's nearest-centre kernel."""
+        labels, dist = NearestCentre(centroids, gpu=bool(self.gpu))(X)
+        d = dist.astype(np.float64)
+        return float(d.sum() if weights is None else d @ weights.astype(np.float64)), labels
 
     def fit(self, X: np.ndarray, sample_weight: np.ndarray | None = None) -> "FaissKMeans":
         """Fit on ``X`` of shape (n, d); ``sample_weight`` (n,) weights the Lloyd updates."""
@@ -367,13 +374,13 @@ class FaissKMeans:
         n, d = X.shape
         k = self.n_clusters
         check_n_clusters(k, n)
-        _check_positive_int("max_iter", self.max_iter)
-        _check_positive_int("n_init", self.n_init)
-        _check_positive_int("n_seedings", self.n_seedings)
+        check_int("max_iter", self.max_iter)
+        check_int("n_init", self.n_init)
+        check_int("n_seedings", self.n_seedings)
         if self.init not in INITS:
             raise InputError(f"unknown init {self.init!r}; expected one of: {', '.join(INITS)}")
         if self.max_points_per_centroid is not None:
-            _check_positive_int("max_points_per_centroid", self.max_points_per_centroid)
+            check_int("max_points_per_centroid", self.max_points_per_centroid)
         weights = None
         if sample_weight is not None:
             weights = np.ascontiguousarray(sample_weight, dtype=np.float32)
@@ -404,8 +411,7 @@ class FaissKMeans:
             if init == "random" or int(k) == 1:
                 km = clustering(int(self.n_init), int(self.seed))
                 km.train(X, weights=weights)
-                dist, idx = km.index.search(X, 1)
-                best = (_objective(dist, weights), km, idx)
+                best = (*self._assign(X, km.centroids, weights), km)
             else:
                 best = None
                 for r in range(int(self.n_init)):
@@ -413,15 +419,13 @@ class FaissKMeans:
                     init_centers = self._seed_centers(X, rows, n_seedings, seed_r)
                     km = clustering(1, seed_r)
                     km.train(X, weights=weights, init_centroids=init_centers)
-                    dist, idx = km.index.search(X, 1)
-                    inertia = _objective(dist, weights)
+                    inertia, labels = self._assign(X, km.centroids, weights)
                     if best is None or inertia < best[0]:
-                        best = (inertia, km, idx)
-        inertia, km, idx = best
+                        best = (inertia, labels, km)
+        inertia, labels, km = best
         self.init_ = init
-        self._index = km.index
         self.cluster_centers_ = np.asarray(km.centroids, dtype=np.float32)
-        self.labels_ = idx[:, 0].astype(np.int64)
+        self.labels_ = labels
         self.inertia_ = inertia
         self.n_iter_ = int(self.max_iter)
         self.objective_history_ = [float(v) for v in km.obj]
@@ -429,8 +433,7 @@ class FaissKMeans:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Nearest centre for each row of ``X`` (n, d) -> (n,)."""
-        _, idx = self._index.search(as_float32_matrix(X), 1)
-        return idx[:, 0].astype(np.int64)
+        return NearestCentre(self.cluster_centers_, gpu=bool(self.gpu))(as_float32_matrix(X))[0]
 
 
 class SklearnKMeans:
@@ -465,14 +468,6 @@ class SklearnKMeans:
         return self._km.predict(as_float32_matrix(X)).astype(np.int64)
 
 
-def _faiss_gpu_usable() -> bool:
-    try:
-        import_faiss()
-    except Exception:  # noqa: BLE001 - faiss_has_gpu reports the import failure as "not usable"
-        pass
-    return faiss_has_gpu()
-
-
 @register_backend(
     "kmeans", "cuml", kind="gpu", priority=0, availability=requires("cuml", gpu=True),
     description="cuML KMeans on the GPU (k-means|| init)",
@@ -483,7 +478,7 @@ def _cuml(**params: object) -> CumlKMeans:
 
 @register_backend(
     "kmeans", "faiss-gpu", kind="gpu", priority=1,
-    availability=lambda: (True, "faiss GPU build sees a GPU") if _faiss_gpu_usable() else (False, "faiss GPU build or GPU not available"),
+    availability=lambda: (True, "faiss GPU build sees a GPU") if faiss_gpu_usable() else (False, "faiss GPU build or GPU not available"),
     description="FAISS k-means on the GPU",
 )
 def _faiss_gpu(**params: object) -> FaissKMeans:

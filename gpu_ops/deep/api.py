@@ -295,11 +295,11 @@ def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int,
 
 def cluster_means(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Mean of ``z`` (n, d) per label in [0, k): (k, d) float32; an empty cluster gets a random point."""
+    from gpu_ops.cluster.sources import cluster_sums
+
     z = np.asarray(z, dtype=np.float32)
-    counts = np.bincount(labels, minlength=k).astype(np.float32)
-    sums = np.zeros((k, z.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, z)
-    means = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+    sums, counts = cluster_sums(z, labels, k)
+    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         means[empty] = z[np.random.default_rng(0).choice(len(z), len(empty), replace=False)]

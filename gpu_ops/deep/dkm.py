@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpu_ops.cluster.sources import NearestCentre
 from gpu_ops.deep._common import autocast, evaluate_labels, format_metrics, log
 
 
@@ -110,7 +111,7 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
             s_rec += float(rec_loss.detach()) * len(idx)
             s_clu += float(clu_loss.detach()) * len(idx)
         z_all = torch.from_numpy(encode_tensor(model, X, device=device))
-        pred = squared_distances(z_all, C.detach().float().cpu()).argmin(1).numpy().astype(np.int64)
+        pred = NearestCentre(C.detach().float().cpu().numpy())(z_all.numpy())[0]
         rec_ = {"phase": "dkm-warmup" if warm else "dkm", "epoch": epoch + 1, "alpha": alpha, "rec": s_rec / n, "clu": s_clu / n,
                 "loss": (s_rec + lam * s_clu) / n, "seconds": time.perf_counter() - t0}
         rec_.update(evaluate_labels(labels, pred))
@@ -121,5 +122,5 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     model.eval()
     z_all = torch.from_numpy(encode_tensor(model, X, device=device))
     Cc = C.detach().float().cpu()
-    pred = squared_distances(z_all, Cc).argmin(1).numpy().astype(np.int64)
+    pred = NearestCentre(Cc.numpy())(z_all.numpy())[0]
     return pred, Cc.numpy(), history

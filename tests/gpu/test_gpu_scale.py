@@ -165,3 +165,25 @@ def test_tsne_three_components_fall_back_with_the_reason(cuml_gpu, caplog):
         spec, res = resolve_backend("tsne", "auto", {"n_components": 3})
     assert spec.name == "opentsne"
     assert any("supports 2 components only" in r.getMessage() for r in caplog.records)
+
+
+def test_gpu_nearest_centre_kernel_matches_the_cpu_kernel():
+    """The GPU kernel (FAISS GPU flat index of the centroids) assigns as the CPU kernel does, and
+    the streaming source with ``gpu=True`` reaches the CPU objective (written against faiss's
+    ``StandardGpuResources`` / ``index_cpu_to_gpu``; not yet run on a GPU)."""
+    from gpu_ops.cluster.lloyd import lloyd
+    from gpu_ops.cluster.sources import ArraySource, NearestCentre, faiss_gpu_usable
+
+    if not faiss_gpu_usable():
+        pytest.skip("no GPU build of faiss that sees a GPU")
+    X = np.random.default_rng(0).standard_normal((200_000, 64), dtype=np.float32)
+    centroids = X[:1000]
+    gpu = NearestCentre(centroids, gpu=True)
+    assert gpu.device == "gpu"
+    g_labels, g_dist = gpu(X)
+    c_labels, c_dist = NearestCentre(centroids)(X)
+    assert (g_labels == c_labels).mean() > 0.999  # float32 near-ties may differ
+    np.testing.assert_allclose(g_dist, c_dist, rtol=1e-3, atol=1e-3)
+    on_gpu = lloyd(ArraySource(X, gpu=True), 1000, init_centroids=centroids, max_iter=5, tol=0.0)
+    on_cpu = lloyd(ArraySource(X), 1000, init_centroids=centroids, max_iter=5, tol=0.0)
+    assert on_gpu.inertia == pytest.approx(on_cpu.inertia, rel=1e-3)
