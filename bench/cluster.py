@@ -348,6 +348,7 @@ def cmd_choose_k(args: argparse.Namespace, env: dict[str, Any]) -> None:
     from sklearn.datasets import load_digits, make_blobs
 
     from gpu_ops.cluster.choose_k import choose_k, save_k_selection
+    from gpu_ops.report.figures import k_selection_figure
 
     rows = []
     for name in args.datasets.split(","):
@@ -369,6 +370,7 @@ def cmd_choose_k(args: argparse.Namespace, env: dict[str, Any]) -> None:
             out = Path(args.out) / name
             out.mkdir(parents=True, exist_ok=True)
             save_k_selection(sel, out)
+            k_selection_figure(sel.as_dict(), out / "k_selection.png")
     emit(rows, ["dataset", "n", "chosen_k", "elbow_k", "best_silhouettes", "backend", "seconds"], args.jsonl, env)
 
 

@@ -128,8 +128,8 @@ class RunConfig(BaseModel):
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
     memory_mb: int | None = Field(None, ge=16, description="kmeans: stream the store through out-of-core k-means "
                                   "within this memory budget (None: load it)")
-    tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also draw a sweep over "
-                                           "these perplexities (tsne_perplexity_sweep.png)")
+    tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also map these "
+                                           "perplexities (tsne_sweep.npz; the report shows them side by side)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
     backend: str = Field("auto", description="auto | gpu | cpu, for every op")
     backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}; "

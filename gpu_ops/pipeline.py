@@ -29,7 +29,6 @@ from gpu_ops.features.extract import (
 from gpu_ops.metrics import evaluate
 from gpu_ops.placement import placement_for
 from gpu_ops.registry import create_estimator
-from gpu_ops.report.figures import scatter_map
 from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
 
 log = logging.getLogger(__name__)
@@ -184,11 +183,11 @@ def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
     xy = est.fit(X).embedding_
     path = Path(staging) / "map2d.npy"
     np.save(path, xy.astype(np.float32))
-    if cfg.reducer == "tsne" and cfg.tsne_perplexities:  # several perplexities -> one figure
-        from gpu_ops.reduce.tsne import perplexity_sweep
+    if cfg.reducer == "tsne" and cfg.tsne_perplexities:  # several perplexities: the report draws them
+        from gpu_ops.reduce.tsne import SWEEP_FILE, perplexity_sweep
 
-        perplexity_sweep(X, cfg.tsne_perplexities, backend=cfg.backend_for("tsne"), seed=cfg.seed,
-                         labels=read_embeddings(Path(store)).labels, path=Path(staging) / "tsne_perplexity_sweep.png")
+        sweep = perplexity_sweep(X, cfg.tsne_perplexities, backend=cfg.backend_for("tsne"), seed=cfg.seed)
+        sweep.save(Path(staging) / SWEEP_FILE, read_embeddings(Path(store)).image_ids)
     return {"map": str(path), "backend": res.backend, "resolutions": [{**res.as_dict(), "stage": "map"}],
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -221,10 +220,6 @@ def finalize_run(cfg: RunConfig, store: dict[str, Any], clusters: list[dict[str,
     xy = np.load(reduced["map"]) if reduced["map"] else np.zeros((len(table.image_ids), 2), np.float32)
     atomic_write_table(stage / "map2d.parquet", pa.table({"image_id": pa.array(table.image_ids, pa.string()),
                                                            "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1])}))
-    if reduced["map"]:
-        primary = clusters[0]
-        scatter_map(xy, np.load(primary["labels"]), stage / "map.png",
-                    f"{cfg.dataset} · {primary['algorithm']} (k={primary['k']}) · {cfg.reducer} map")
     (stage / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     resolutions = [r for c in clusters for r in c["resolutions"]] + reduced["resolutions"]
     doc = {

@@ -278,6 +278,41 @@ def test_distance_cut_follows_scikit_learn():
         cut_distance(Z, -1.0)
 
 
+def _merged_prefix(Z: np.ndarray, n_merges: int) -> np.ndarray:
+    """Reference cut: replay the first ``n_merges`` merges on explicit member lists."""
+    m = Z.shape[0] + 1
+    members = {i: [i] for i in range(m)}
+    for step in range(n_merges):
+        members[m + step] = members.pop(int(Z[step, 0])) + members.pop(int(Z[step, 1]))
+    labels = np.empty(m, dtype=np.int64)
+    for c, leaves in enumerate(sorted(members.values(), key=min)):
+        labels[leaves] = c
+    return labels
+
+
+@pytest.mark.parametrize("method", ["ward", "average", "complete", "single"])
+def test_tree_cuts_replay_the_merges_on_digits(method):
+    """The micro-cluster tree of real data (digits, 300 leaves) cut at every k and at merge heights
+    gives the clusters of replaying the first merges, numbered by first leaf; with tied heights
+    (each digit three times) a cut still gives exactly k clusters."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data.astype(np.float32)
+    Z = MicroClusterAgglomerative(n_clusters=10, linkage=method, n_micro=300, seed=0).fit(X).linkage_matrix_
+    m = Z.shape[0] + 1
+    for k in range(1, m + 1):
+        np.testing.assert_array_equal(cut_n_clusters(Z, k), _merged_prefix(Z, m - k))
+    heights = np.maximum.accumulate(Z[:, 2])
+    for t in heights[::13]:  # merges at or above the threshold stay undone
+        np.testing.assert_array_equal(cut_distance(Z, float(t)), _merged_prefix(Z, int((heights < t).sum())))
+    tied = weighted_linkage(np.repeat(X[:60], 3, axis=0), None, method)
+    assert (tied[:, 2] == 0).sum() == 120
+    for k in (100, 60, 59, 10):
+        labels = cut_n_clusters(tied, k)
+        assert labels.max() + 1 == k
+        np.testing.assert_array_equal(labels, _merged_prefix(tied, 180 - k))
+
+
 def test_microcluster_ward_recovers_blobs_and_cuts_both_ways():
     X, y = make_blobs(n_samples=20_000, n_features=16, centers=8, random_state=3)
     est = MicroClusterAgglomerative(n_clusters=8, n_micro=200, seed=0).fit(X)
@@ -428,21 +463,24 @@ def test_iter_tables_and_streaming_agree_on_row_order(small_store):
 # ---------------------------------------------------------------- maps
 
 
-def test_tsne_perplexity_sweep_draws_one_figure(tmp_path, caplog):
+def test_tsne_perplexity_sweep_maps_each_usable_perplexity(tmp_path, caplog):
     pytest.importorskip("openTSNE")
     from sklearn.datasets import load_digits
 
     from gpu_ops.reduce.tsne import perplexity_sweep
 
-    X, y = load_digits(return_X_y=True)
-    X, y = X[:400], y[:400]
+    X = load_digits().data[:400]
     with caplog.at_level(logging.WARNING, logger="gpu_ops.reduce.tsne"):
-        out = perplexity_sweep(X, [5, 30, 200], seed=0, labels=y, path=tmp_path / "sweep.png")
-    assert out["perplexities"] == [5.0, 30.0] and out["skipped"] == [200.0]
+        out = perplexity_sweep(X, [5, 30, 200], seed=0)
+    assert out.perplexities == [5.0, 30.0] and out.skipped == [200.0]
     assert "skipping perplexities [200.0]" in caplog.text
-    assert [e.shape for e in out["embeddings"]] == [(400, 2), (400, 2)]
-    assert out["backends"] == ["opentsne", "opentsne"]
-    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert [e.shape for e in out.embeddings] == [(400, 2), (400, 2)]
+    assert out.backends == ["opentsne", "opentsne"]
+    ids = [f"digits/{i:07d}" for i in range(400)]
+    with np.load(out.save(tmp_path / "sweep.npz", ids), allow_pickle=False) as saved:
+        assert saved["perplexities"].tolist() == [5.0, 30.0] and saved["skipped"].tolist() == [200.0]
+        np.testing.assert_array_equal(saved["embeddings"], np.stack(out.embeddings))
+        assert saved["image_ids"].tolist() == ids and saved["backends"].tolist() == ["opentsne", "opentsne"]
     with pytest.raises(InputError, match="no perplexity in \\[500\\] is usable with 400 samples"):
         perplexity_sweep(X, [500])
 
@@ -457,7 +495,9 @@ def test_pipeline_reduce_stage_writes_the_sweep(blob_npz, tmp_path):
     store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)["store"]
     out = pipeline.reduce_stage(store, cfg, str(tmp_path))
     assert np.load(out["map"]).shape == (600, 2)
-    assert (tmp_path / "tsne_perplexity_sweep.png").is_file()
+    with np.load(tmp_path / "tsne_sweep.npz", allow_pickle=False) as sweep:
+        assert sweep["embeddings"].shape == (2, 600, 2) and sweep["perplexities"].tolist() == [10.0, 40.0]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_import_umap_caches_every_kernel_and_restores_numba():

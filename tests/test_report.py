@@ -32,6 +32,7 @@ from gpu_ops.report import (
     summary_markdown,
     thumbnail_positions,
 )
+from gpu_ops.report import build as B
 from gpu_ops.report import data as D
 from gpu_ops.report import figures as F
 from gpu_ops.rundir import commit_run, start_run
@@ -42,7 +43,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def make_run(tmp: Path, **settings) -> Path:
     """A real run directory from the pipeline's stage functions (what the flow does, minus Prefect)."""
     out = tmp / "run"
-    cfg = make_config(cache_dir=tmp / "cache", out=out, reducer="pca", **settings)
+    cfg = make_config(cache_dir=tmp / "cache", out=out, **{"reducer": "pca", **settings})
     staging = start_run(out)
     t0 = time.perf_counter()
     store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)
@@ -186,6 +187,69 @@ def test_thumbnails_sit_at_their_map_coordinates(digits_run, tmp_path):
     for (i, x, y), (j, dx, dy) in zip(pos, drawn):
         assert i == j and (dx, dy) == pytest.approx((x, y))
     assert (run / "figures" / "thumbnails.png").is_file()
+
+
+def test_tsne_sweep_is_drawn_by_the_report_and_map_png_is_its_first_map(tmp_path):
+    """``tsne_perplexities``: the reduce stage saves the maps (no figure), the report draws and shows
+    them; map.png comes from the report too (the stages draw nothing)."""
+    pytest.importorskip("openTSNE")
+    run = make_run(tmp_path, dataset="digits", limit=300, algorithms=["kmeans"], k=10, reducer="tsne",
+                   tsne_perplexities=[5, 30])
+    assert not list(run.glob("*.png"))
+    with np.load(run / "tsne_sweep.npz", allow_pickle=False) as sweep:
+        assert sweep["perplexities"].tolist() == [5.0, 30.0] and sweep["embeddings"].shape == (2, 300, 2)
+    result = build_report(run, max_clusters=2, thumbnails=0)
+    assert result.missing == []
+    assert "tsne-sweep.png" in {p.name for p in result.figures}
+    with Image.open(run / "figures" / "tsne-sweep.png") as im:
+        assert im.width == round(2 * 3.6 * 110)  # two maps side by side
+    page = result.html.read_text()
+    assert '<a href="#tsne-sweep">t-SNE perplexity sweep</a>' in page
+    section = re.search(r'<section id="tsne-sweep">.*?</section>', page).group(0)
+    assert 'src="figures/tsne-sweep.png"' in section
+    assert "t-SNE maps at perplexity 5, 30, coloured by true label" in section
+    assert result.map == run / "map.png"
+    assert (run / "map.png").read_bytes() == (run / "figures" / "map-kmeans.png").read_bytes()
+    (run / "tsne_sweep.npz").write_bytes(b"not an npz")
+    again = build_report(run, max_clusters=2, thumbnails=0)
+    assert [m.name for m in again.missing] == ["tsne_sweep.npz"]
+    assert "t-SNE perplexity sweep skipped" in again.missing[0].reason
+    assert "tsne-sweep.png" not in {p.name for p in again.figures} and 'id="tsne-sweep"' not in again.html.read_text()
+
+
+def test_page_escapes_every_value(digits_run, tmp_path):
+    run = copy_run(digits_run[0], tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["dataset"] = "folder:/nowhere/<script>alert(1)</script>"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    page = build_report(run, max_clusters=1, thumbnails=0).html.read_text()
+    assert "<script" not in page.lower()
+    assert "<title>gpuclust run · folder:/nowhere/&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
+    # the template itself: cells, captions and attributes are text, never markup
+    sections = [B.Section("x", "<i>t</i>", [B.Table(["<th>"], [['<img src=x onerror="y">']], "c"),
+                                             B.Figure('figures/a".png', 'say "hi" & <b>bye</b>')])]
+    html = B.render_page(sections, load_run(run), run, 0.0)
+    assert "<i>t</i>" not in html and "&lt;i&gt;t&lt;/i&gt;" in html
+    assert "<td>&lt;img src=x onerror=&#34;y&#34;&gt;</td>" in html
+    assert '<img src="figures/a&#34;.png" alt="say &#34;hi&#34; &amp; &lt;b&gt;bye&lt;/b&gt;" class="">' in html
+
+
+def test_matplotlib_is_imported_only_by_the_report():
+    """Figures are drawn in gpu_ops/report only: no other module of the product imports matplotlib
+    or the report's figures."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*(root / "gpu_ops").rglob("*.py"), *(root / "flows").rglob("*.py")]):
+        if (root / "gpu_ops" / "report") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] == "matplotlib" or n.startswith("gpu_ops.report.figures")]
+    assert offenders == []
 
 
 def test_scatter_map_keeps_its_signature(tmp_path):

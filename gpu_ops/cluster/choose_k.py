@@ -5,7 +5,7 @@ FAISS on a CPU, cuML on a GPU) is fitted on at most ``fit_sample_size`` rows; th
 computed on at most ``sample_size`` of those rows against one precomputed distance matrix (the
 O(m^2) distances are computed once, not once per k). The k with the highest silhouette is
 chosen; the elbow (kneedle) and the Calinski-Harabasz index are recorded beside it.
-:func:`save_k_selection` writes the curves as ``k_selection.json`` and ``k_selection.png``.
+:func:`save_k_selection` writes the curves as ``k_selection.json``; the run report draws them.
 
 What it picks (k in 2..20, seed 0, faiss-cpu; ``bench/cluster.py choose-k``, BENCHMARKS.md): 7 on
 ``make_blobs(5000, 32, centers=7, cluster_std=2)`` (silhouette 0.639 at 7, next best 0.564 at 6);
@@ -109,19 +109,10 @@ def choose_k(X: np.ndarray, k_min: int = 2, k_max: int = 20, *, backend: str = "
     return KSelection(ks, inertia, sil, elbow, chosen, used, ch, method, m, len(sil_pos))
 
 
-def plot_k_selection(selection: KSelection, path: Path) -> Path:
-    """Inertia (with the elbow) and silhouette (with the chosen k) over k, as a PNG (the report's figure)."""
-    from gpu_ops.report.figures import k_selection_figure
-
-    return k_selection_figure(selection.as_dict(), Path(path))
-
-
-def save_k_selection(selection: KSelection, directory: Path) -> dict[str, str]:
-    """Write ``k_selection.json`` and ``k_selection.png`` into ``directory``; return their paths."""
+def save_k_selection(selection: KSelection, directory: Path) -> Path:
+    """Write ``k_selection.json`` (the curves; the report draws them) into ``directory``; return its path."""
     from gpu_ops.store import atomic_write_bytes
 
-    directory = Path(directory)
-    json_path = directory / "k_selection.json"
+    json_path = Path(directory) / "k_selection.json"
     atomic_write_bytes(json_path, (json.dumps(selection.as_dict(), indent=2, sort_keys=True) + "\n").encode())
-    png_path = plot_k_selection(selection, directory / "k_selection.png")
-    return {"json": str(json_path), "png": str(png_path)}
+    return json_path

@@ -126,7 +126,7 @@ def cut_n_clusters(Z: np.ndarray, n_clusters: int) -> np.ndarray:
     m = Z.shape[0] + 1
     if not 1 <= int(n_clusters) <= m:
         raise InputError(f"n_clusters={n_clusters} must be between 1 and the number of leaves ({m})")
-    return _apply_merges(Z, m - int(n_clusters))
+    return first_merges(Z, m - int(n_clusters))
 
 
 def cut_distance(Z: np.ndarray, threshold: float) -> np.ndarray:
@@ -137,32 +137,25 @@ def cut_distance(Z: np.ndarray, threshold: float) -> np.ndarray:
     heights = Z[:, 2]
     # heights are monotone for these linkages, so the merges below the threshold are a prefix
     n_merges = int(np.searchsorted(np.maximum.accumulate(heights), threshold, side="left"))
-    return _apply_merges(Z, n_merges)
+    return first_merges(Z, n_merges)
 
 
-def _apply_merges(Z: np.ndarray, n_merges: int) -> np.ndarray:
+def first_merges(Z: np.ndarray, n_merges: int) -> np.ndarray:
+    """Leaf labels (m,) after applying the first ``n_merges`` rows of ``Z``; clusters are numbered
+    0, 1, ... in the order of their first leaf, so labels do not depend on node ids.
+
+    scipy's ``fcluster`` with the merge index as the monotone criterion cuts by merge order, not
+    by height: ties in height at the cut still give exactly ``m - n_merges`` clusters.
+    """
+    from scipy.cluster.hierarchy import fcluster
+
     m = Z.shape[0] + 1
-    parent = np.arange(2 * m - 1)
-
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for step in range(n_merges):
-        a, b = int(Z[step, 0]), int(Z[step, 1])
-        parent[find(a)] = m + step
-        parent[find(b)] = m + step
-    roots = np.array([find(i) for i in range(m)])
-    _, labels = np.unique(roots, return_inverse=True)
-    # number clusters by first appearance, so labels do not depend on node ids
-    order = np.unique(labels, return_index=True)[1]
-    remap = np.empty(len(order), dtype=np.int64)
-    remap[np.argsort(order)] = np.arange(len(order))
-    return remap[labels]
+    merge_index = np.arange(m - 1, dtype=np.float64)
+    flat = fcluster(Z, t=n_merges - 1, criterion="monocrit", monocrit=merge_index)
+    _, first_leaf, labels = np.unique(flat, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_leaf), dtype=np.int64)
+    rank[np.argsort(first_leaf)] = np.arange(len(first_leaf))
+    return rank[labels]
 
 
 def point_counts(Z: np.ndarray, leaf_sizes: np.ndarray) -> np.ndarray:
@@ -225,7 +218,7 @@ class MicroClusterAgglomerative:
 
         if self.linkage not in LINKAGES:
             raise InputError(f"unknown linkage {self.linkage!r}; expected one of: {', '.join(LINKAGES)}")
-        _check_cut(self.n_clusters, self.distance_threshold)
+        check_cut(self.n_clusters, self.distance_threshold)
         X = as_float32_matrix(X)
         n = X.shape[0]
         if n < 2:
@@ -267,7 +260,8 @@ class MicroClusterAgglomerative:
         return self
 
 
-def _check_cut(n_clusters: object, distance_threshold: object) -> None:
+def check_cut(n_clusters: object, distance_threshold: object) -> None:
+    """Raise InputError unless exactly one of ``n_clusters`` and a non-negative ``distance_threshold`` is given."""
     if (n_clusters is None) == (distance_threshold is None):
         raise InputError("give exactly one of n_clusters and distance_threshold; "
                          f"got n_clusters={n_clusters!r}, distance_threshold={distance_threshold!r}")

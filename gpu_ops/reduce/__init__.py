@@ -3,7 +3,7 @@
 Every backend takes ``n_components, seed`` (+ op-specific parameters) and after ``fit(X)``
 exposes ``embedding_`` of shape (n, n_components), float32. t-SNE with 3 components runs on
 openTSNE (cuML is 2-D only; the registry logs the fallback); :func:`gpu_ops.reduce.tsne.perplexity_sweep`
-draws several perplexities in one figure; umap-learn's numba kernels are cached on disk across
+maps several perplexities (the report draws them side by side); umap-learn's numba kernels are cached on disk across
 processes (:func:`gpu_ops.reduce.umap.import_umap`).
 """
 

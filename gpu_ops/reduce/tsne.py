@@ -1,4 +1,4 @@
-"""t-SNE backends: cuML (2-D only) and openTSNE, and a perplexity sweep (several maps, one figure).
+"""t-SNE backends: cuML (2-D only) and openTSNE, and a perplexity sweep (several maps of one input).
 
 Three (or more) components run on openTSNE (Barnes-Hut): the registry sends ``n_components != 2``
 away from cuML and logs why.
@@ -6,12 +6,20 @@ away from cuML and logs why.
 
 from __future__ import annotations
 
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 
 from gpu_ops._validation import as_float32_matrix
 from gpu_ops.errors import InputError
 from gpu_ops.reduce.pca import to_host
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.registry import create_estimator, register_backend, requires
+
+log = logging.getLogger(__name__)
 
 
 def check_perplexity(perplexity: float, n_samples: int) -> None:
@@ -121,15 +129,57 @@ def _opentsne(**params: object) -> OpenTSNE:
     return OpenTSNE(**params)
 
 
+#: The sweep's maps in a run directory (see :meth:`PerplexitySweep.save`); the report draws them.
+SWEEP_FILE = "tsne_sweep.npz"
+
+
+@dataclass
+class PerplexitySweep:
+    """2-D t-SNE maps of one input at several perplexities (see :func:`perplexity_sweep`).
+
+    ``embeddings[i]`` (n, 2) float32 is the map at ``perplexities[i]``, made by ``backends[i]`` in
+    ``seconds[i]``; ``skipped`` lists the perplexities that needed more points than there were.
+    """
+
+    perplexities: list[float]
+    embeddings: list[np.ndarray]
+    backends: list[str]
+    seconds: list[float]
+    skipped: list[float] = field(default_factory=list)
+
+    def save(self, path: Path, image_ids: "list[str] | np.ndarray") -> Path:
+        """Write the maps as an ``.npz`` (read back with ``np.load(path, allow_pickle=False)``)::
+
+            perplexities  float64 (p,)
+            embeddings    float32 (p, n, 2)
+            backends      str (p,)
+            seconds       float64 (p,)
+            skipped       float64 (s,)
+            image_ids     str (n,): the image of each row, in the order the maps were computed
+        """
+        from gpu_ops.store import atomic_write_bytes
+
+        ids = np.asarray([str(i) for i in image_ids])
+        if ids.shape != (self.embeddings[0].shape[0],):
+            raise ValueError(f"{len(ids)} image ids for maps of {self.embeddings[0].shape[0]} points")
+        buffer = io.BytesIO()
+        np.savez(buffer, perplexities=np.asarray(self.perplexities, dtype=np.float64),
+                 embeddings=np.stack(self.embeddings).astype(np.float32),
+                 backends=np.asarray(self.backends, dtype=str), seconds=np.asarray(self.seconds, dtype=np.float64),
+                 skipped=np.asarray(self.skipped, dtype=np.float64), image_ids=ids)
+        atomic_write_bytes(Path(path), buffer.getvalue())
+        return Path(path)
+
+
 def perplexity_sweep(X: np.ndarray, perplexities: "list[float] | tuple[float, ...]" = (5.0, 30.0, 50.0, 100.0), *,
-                     backend: str = "auto", seed: int = 0, labels: np.ndarray | None = None,
-                     path: "str | None" = None, title: str | None = None) -> dict:
-    """2-D t-SNE maps of ``X`` (n, d) at several perplexities, side by side in one figure.
+                     backend: str = "auto", seed: int = 0) -> PerplexitySweep:
+    """2-D t-SNE maps of ``X`` (n, d) at several perplexities.
 
     Perplexity is roughly the number of neighbours each point attends to: small values show local
     structure (and break clusters into fragments), large ones keep more of the global layout.
     One map per perplexity, each from the registry's ``tsne`` backend (cuML on a GPU, openTSNE
     here) with the same seed; perplexities that need more than n / 3 points are skipped (logged).
+    The report draws the maps side by side (``tsne-sweep.png``) from :meth:`PerplexitySweep.save`'s file.
 
     Parameters
     ----------
@@ -137,24 +187,11 @@ def perplexity_sweep(X: np.ndarray, perplexities: "list[float] | tuple[float, ..
     perplexities : sequence of float
     backend : str
     seed : int
-    labels : np.ndarray of shape (n,) or None
-        Colours for the points (clusters or classes); one colour when None.
-    path : str or Path or None
-        Where to write the PNG (a row of panels, at most four per row).
-    title : str or None
 
     Returns
     -------
-    dict with ``perplexities`` (those run), ``embeddings`` (list of (n, 2) float32), ``backends``,
-    ``seconds``, ``skipped`` and ``figure`` (the PNG's path or None).
+    PerplexitySweep
     """
-    import logging
-    import time
-    from pathlib import Path
-
-    from gpu_ops.registry import create_estimator
-
-    log = logging.getLogger(__name__)
     X = as_float32_matrix(X)
     n = X.shape[0]
     if not len(perplexities):
@@ -169,45 +206,11 @@ def perplexity_sweep(X: np.ndarray, perplexities: "list[float] | tuple[float, ..
         log.warning("t-SNE sweep: skipping perplexities %s (need more than 3 x perplexity points; have %d)", skipped, n)
     if not run:
         raise InputError(f"no perplexity in {list(perplexities)} is usable with {n} samples (need n > 3 x perplexity)")
-    out: dict = {"perplexities": run, "embeddings": [], "backends": [], "seconds": [], "skipped": skipped, "figure": None}
+    out = PerplexitySweep(perplexities=run, embeddings=[], backends=[], seconds=[], skipped=skipped)
     for p in run:
         t0 = time.perf_counter()
         est, res = create_estimator("tsne", backend, n_components=2, perplexity=p, seed=seed)
-        out["embeddings"].append(est.fit(X).embedding_)
-        out["backends"].append(res.backend)
-        out["seconds"].append(round(time.perf_counter() - t0, 3))
-    if path is not None:
-        out["figure"] = str(_sweep_figure(out, labels, Path(path), title or f"t-SNE perplexity sweep (n={n})"))
+        out.embeddings.append(est.fit(X).embedding_)
+        out.backends.append(res.backend)
+        out.seconds.append(round(time.perf_counter() - t0, 3))
     return out
-
-
-def _sweep_figure(sweep: dict, labels: np.ndarray | None, path: "Path", title: str) -> "Path":
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    maps = sweep["embeddings"]
-    cols = min(4, len(maps))
-    rows = -(-len(maps) // cols)
-    fig = Figure(figsize=(3.6 * cols, 3.6 * rows + 0.4), dpi=110)
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    n = maps[0].shape[0]
-    size = max(0.5, min(8.0, 8000.0 / max(n, 1)))
-    if labels is not None:
-        labels = np.asarray(labels)
-        ids, codes = np.unique(labels, return_inverse=True)
-        cmap = matplotlib.colormaps["tab20" if len(ids) > 10 else "tab10"]
-        colors = cmap(codes % cmap.N)
-        colors[labels < 0] = (0.7, 0.7, 0.7, 1.0)  # noise / unlabelled in grey
-    else:
-        colors = "tab:blue"
-    for ax, xy, p, backend, secs in zip(axes, maps, sweep["perplexities"], sweep["backends"], sweep["seconds"]):
-        ax.scatter(xy[:, 0], xy[:, 1], s=size, c=colors, linewidths=0)
-        ax.set_title(f"perplexity {p:g} ({backend}, {secs:.0f} s)", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes[len(maps):]:
-        ax.set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path

@@ -7,17 +7,21 @@
   labels exist), ``thumbnails.png`` (a few hundred images drawn at their map coordinates),
   ``montage-<algorithm>-c<cluster>.png`` (a grid of member images per cluster),
   ``confusion-<algorithm>.png`` (after Hungarian mapping), ``dendrogram-<algorithm>.png``,
-  ``k-selection.png`` (elbow and silhouette), ``reconstructions.png``, ``timings.png``;
-* ``RUN_DIR/report.html`` — one page, plain HTML + inline CSS: no JavaScript, no network; images
-  are linked as ``figures/NAME.png`` beside it (or embedded as data URIs with ``embed_images=True``).
+  ``k-selection.png`` (elbow and silhouette), ``tsne-sweep.png`` (t-SNE maps at several
+  perplexities), ``reconstructions.png``, ``timings.png``;
+* ``RUN_DIR/map.png`` — a copy of the first algorithm's ``map-<algorithm>.png``;
+* ``RUN_DIR/report.html`` — one page from the ``report.html.j2`` template (autoescaped), plain
+  HTML + inline CSS: no JavaScript, no network; images are linked as ``figures/NAME.png`` beside
+  it (or embedded as data URIs with ``embed_images=True``).
   It also holds the metrics table (ACC, NMI, ARI, k, backend, cluster sizes), the backend each op
   ran on with every GPU → CPU fallback and its reason, timings per stage, and the settings.
 
 Inputs (from :mod:`gpu_ops.pipeline` / :mod:`gpu_ops.rundir`): ``config.yaml``,
 ``assignments.parquet``, ``map2d.parquet``, ``metrics.json`` (its ``store`` gives the true
-labels), and optionally ``k_selection.json``, ``linkage-<algorithm>.npy`` and
-``reconstructions.npz``. Images for montages and thumbnails come from re-opening the dataset that
-config.yaml names (``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is
+labels), and optionally ``k_selection.json``, ``linkage-<algorithm>.npy``, ``tsne_sweep.npz``
+(:meth:`gpu_ops.reduce.tsne.PerplexitySweep.save` gives its contract) and ``reconstructions.npz``.
+Images for montages and thumbnails come from re-opening the dataset that config.yaml names
+(``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is
 absent or unusable (a deleted file, a moved dataset, a malformed array) is skipped, named in
 :attr:`ReportResult.missing` with a one-line reason, and listed at the top of the page;
 :class:`~gpu_ops.errors.InputError` is raised only when ``run_dir`` does not exist, has neither
@@ -51,6 +55,7 @@ from gpu_ops.report.data import (
     confusion_for,
     load_reconstructions,
     load_run,
+    load_tsne_sweep,
     montage_members,
     thumbnail_positions,
 )
@@ -67,6 +72,7 @@ __all__ = [
     "confusion_for",
     "load_reconstructions",
     "load_run",
+    "load_tsne_sweep",
     "montage_members",
     "summary_markdown",
     "thumbnail_positions",

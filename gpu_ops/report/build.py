@@ -1,12 +1,13 @@
 """Build a run's report: PNG figures in ``RUN_DIR/figures/`` and ``RUN_DIR/report.html``.
 
-See :mod:`gpu_ops.report` for what the page shows and the inputs it reads.
+See :mod:`gpu_ops.report` for what the page shows and the inputs it reads. Each section of the
+page is the data one small function returns (a :class:`Section` of tables, figures and notes);
+``report.html.j2`` lays them out, escaping every value.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import logging
 import os
 import re
@@ -14,9 +15,11 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Union
 
+import jinja2
 import numpy as np
 
 from gpu_ops.errors import InputError
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 REPORT_NAME = "report.html"
+#: The first algorithm's map, also saved beside the run's other files.
+MAP_NAME = "map.png"
+TEMPLATE = "report.html.j2"
 
 
 @dataclass
@@ -36,31 +42,84 @@ class ReportResult:
 
     ``html``: the page; ``figures``: every PNG written (under ``RUN_DIR/figures/``);
     ``missing``: one :class:`~gpu_ops.report.data.Missing` (name, reason) per absent or unusable
-    input, saying what was skipped (``str(m)`` is one line).
+    input, saying what was skipped (``str(m)`` is one line); ``map``: ``RUN_DIR/map.png`` (the
+    first algorithm's map) or None when the run has no map.
     """
 
     html: Path
     figures: list[Path] = field(default_factory=list)
     missing: list[D.Missing] = field(default_factory=list)
+    map: Path | None = None
 
     @property
     def missing_names(self) -> list[str]:
         return [m.name for m in self.missing]
 
 
+# ---------------------------------------------------------------- what the template lays out
+
+
 @dataclass
-class _Section:
+class Figure:
+    """A PNG with its caption; ``src`` is ``figures/NAME.png`` or a data URI."""
+
+    kind: ClassVar[str] = "figure"
+    src: str
+    caption: str
+    cls: str = ""
+
+
+@dataclass
+class Table:
+    """A table of text cells; ``total`` is an optional last row whose first cell is bold."""
+
+    kind: ClassVar[str] = "table"
+    header: list[str]
+    rows: list[list[str]]
+    cls: str = ""
+    total: list[str] | None = None
+
+
+@dataclass
+class Text:
+    """A paragraph (``cls="note"``: a grey remark)."""
+
+    kind: ClassVar[str] = "text"
+    text: str
+    cls: str = ""
+
+
+@dataclass
+class Warn:
+    """A highlighted box: a bold heading over a list."""
+
+    kind: ClassVar[str] = "warn"
+    heading: str
+    items: list[str]
+
+
+@dataclass
+class Montages:
+    """Cluster montages laid out side by side."""
+
+    kind: ClassVar[str] = "montages"
+    figures: list[Figure]
+
+
+Block = Union[Figure, Table, Text, Warn, Montages]
+
+
+@dataclass
+class Section:
+    """One section of the page: its anchor, heading and blocks in order."""
+
     anchor: str
     title: str
-    body: list[str] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -71,19 +130,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """HTML table; cells are already escaped HTML."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+class FigureWriter:
+    """Writes a report's PNGs into a temporary folder and makes the :class:`Figure` blocks for them."""
 
-
-class _Builder:
-    def __init__(self, run_dir: Path, tmp_figs: Path, *, embed: bool, per_row: int, montage_rows: int,
-                 max_clusters: int, thumbnails: int, tile_px: int, seed: int, shown_as: Path | None = None) -> None:
+    def __init__(self, run_dir: Path, tmp_figs: Path, inputs: D.RunInputs, *, embed: bool, per_row: int,
+                 montage_rows: int, max_clusters: int, thumbnails: int, tile_px: int, seed: int) -> None:
         self.run_dir = run_dir
-        self.shown_as = Path(shown_as) if shown_as is not None else run_dir  # the run directory the page names
         self.tmp = tmp_figs
+        self.inputs = inputs
         self.embed = embed
         self.per_row = per_row
         self.montage_rows = montage_rows
@@ -91,31 +145,29 @@ class _Builder:
         self.thumbnails = thumbnails
         self.tile_px = tile_px
         self.seed = seed
-        self.figures: list[str] = []  # names inside figures/
-        self.sections: list[_Section] = []
+        self.names: list[str] = []  # names inside figures/
 
-    # -- helpers
-    def fig_path(self, name: str) -> Path:
-        self.figures.append(name)
+    def path(self, name: str) -> Path:
+        """Where to draw the figure ``name`` (recorded as written)."""
+        self.names.append(name)
         return self.tmp / name
 
-    def img(self, name: str, alt: str, cls: str = "") -> str:
+    def figure(self, name: str, caption: str, cls: str = "") -> Figure:
+        """The page's block for the written figure ``name``."""
         if self.embed:
             src = "data:image/png;base64," + base64.b64encode((self.tmp / name).read_bytes()).decode()
         else:
             src = f"{FIGURES_DIR}/{name}"
-        return f'<img src="{_e(src)}" alt="{_e(alt)}" class="{cls}">'
+        return Figure(src, caption, cls)
 
-    def figure(self, name: str, caption: str, cls: str = "") -> str:
-        return f"<figure>{self.img(name, caption, cls)}<figcaption>{_e(caption)}</figcaption></figure>"
-
-    def attempt(self, what: str, inputs: D.RunInputs, fn: Callable[[], Any]) -> Any:
+    def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one figure's work; a failure becomes a note instead of ending the report."""
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - one broken figure must not cost the page
             log.warning("report: %s failed: %s", what, exc, exc_info=True)
-            inputs.note(what, f"figure failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); skipped")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.inputs.note(what, f"figure failed ({type(exc).__name__}: {first}); skipped")
             return None
 
 
@@ -166,11 +218,12 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     tmp = run_dir / f".{FIGURES_DIR}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        b = _Builder(run_dir, tmp, embed=embed_images, per_row=per_row, montage_rows=montage_rows,
-                     max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed, shown_as=shown_as)
+        figs = FigureWriter(run_dir, tmp, inputs, embed=embed_images, per_row=per_row, montage_rows=montage_rows,
+                            max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed)
         images = D.ImageSource.open(inputs) if (inputs.assignments is not None or inputs.map2d is not None) else None
-        _sections(b, inputs, images)
-        page = _page(b, inputs, time.perf_counter() - t0)
+        sections = [s for make in SECTIONS for s in make(figs, inputs, images)]
+        page = render_page(sections, inputs, Path(shown_as) if shown_as is not None else run_dir,
+                           time.perf_counter() - t0)
         final = run_dir / FIGURES_DIR
         old = run_dir / f".{FIGURES_DIR}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
@@ -180,189 +233,100 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
         atomic_write_bytes(run_dir / REPORT_NAME, page.encode("utf-8"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ReportResult(run_dir / REPORT_NAME, [run_dir / FIGURES_DIR / n for n in b.figures], list(inputs.missing))
+    return ReportResult(run_dir / REPORT_NAME, [final / n for n in figs.names], list(inputs.missing),
+                        _save_map_png(run_dir, inputs.algorithms))
 
 
-# ---------------------------------------------------------------- sections
+def _save_map_png(run_dir: Path, algorithms: list[str]) -> Path | None:
+    """Copy the first algorithm's map figure to ``RUN_DIR/map.png``; None when none was drawn."""
+    drawn = run_dir / FIGURES_DIR / f"map-{_slug(algorithms[0])}.png" if algorithms else None
+    if drawn is None or not drawn.is_file():
+        return None
+    atomic_write_bytes(run_dir / MAP_NAME, drawn.read_bytes())
+    return run_dir / MAP_NAME
 
 
-def _sections(b: _Builder, inputs: D.RunInputs, images: D.ImageSource | None) -> None:
-    metrics = inputs.metrics
-    a = inputs.assignments
-    algos = inputs.algorithms
-    names = {i: n for i, n in enumerate(inputs.class_names)} if inputs.class_names else None
-
-    if metrics is not None:
-        sec = _Section("metrics", "Metrics")
-        rows = []
-        for r in D.metrics_rows(metrics, algos):
-            sizes = r["cluster_sizes"]
-            shown = ", ".join(str(s) for s in sizes[:20]) + (f", … ({len(sizes)} clusters)" if len(sizes) > 20 else "")
-            rows.append([_e(r["algorithm"]), _e(_fmt(r["k"])), _e(_fmt(r["acc"])), _e(_fmt(r["nmi"])),
-                         _e(_fmt(r["ari"])), _e(_fmt(r["backend"])), _e(shown)])
-        sec.body.append(_table(["algorithm", "k", "ACC", "NMI", "ARI", "backend", "cluster sizes (largest first)"],
-                               rows, "metrics"))
-        if rows and all(r["acc"] is None for r in D.metrics_rows(metrics, algos)):
-            sec.body.append("<p class=note>No true labels: ACC, NMI and ARI are not defined for this run.</p>")
-        b.sections.append(sec)
-
-    if inputs.map2d is not None:
-        sec = _Section("maps", "2-D map")
-        m = inputs.map2d
-        xy = m[["x", "y"]].to_numpy(dtype=np.float32)
-        reducer = ((metrics or {}).get("reducer") or {}).get("name") or (inputs.config or {}).get("reducer", "")
-        dataset = inputs.dataset_spec or ""
-        if a is not None:
-            joined = m[["image_id"]].merge(a, on="image_id", how="left")
-            for algo in algos:
-                col = joined[algo]
-                if col.isna().any():
-                    inputs.note(f"map:{algo}", f"{int(col.isna().sum())} map points have no {algo} cluster; they are drawn as cluster -1")
-                lab = col.fillna(-1).to_numpy().astype(np.int64)
-                name = f"map-{_slug(algo)}.png"
-
-                def draw(name=name, lab=lab, algo=algo):
-                    k = len(np.unique(lab))
-                    F.scatter_map(xy, lab, b.fig_path(name), f"{dataset} · {algo} (k={k}) · {reducer} map")
-                    return b.figure(name, f"Map coloured by {algo} cluster", "map")
-                out = b.attempt(f"figure {name}", inputs, draw)
-                if out:
-                    sec.body.append(out)
-        if inputs.labels is not None:
-            y = D.aligned_labels(m["image_id"].astype(str), inputs.labels)
-            assert y is not None
-            if (y >= 0).any():
-                def draw_label():
-                    sel = y >= 0
-                    F.scatter_map(xy[sel], y[sel], b.fig_path("map-label.png"), f"{dataset} · true labels · {reducer} map",
-                                  names=names, legend_title="class")
-                    return b.figure("map-label.png", "Map coloured by true label", "map")
-                out = b.attempt("figure map-label.png", inputs, draw_label)
-                if out:
-                    sec.body.append(out)
-        b.sections.append(sec)
-        if images is not None and b.thumbnails > 0:
-            sec = _Section("thumbnails", "Images on the map")
-            primary = algos[0] if algos else None
-            out = b.attempt("figure thumbnails.png", inputs, lambda: _thumbnails(b, inputs, images, primary, xy))
-            if out:
-                sec.body.append(out)
-                b.sections.append(sec)
-
-    if a is not None and inputs.labels is not None:
-        sec = _Section("confusion", "Confusion after Hungarian mapping")
-        for algo in algos:
-            name = f"confusion-{_slug(algo)}.png"
-
-            def draw(name=name, algo=algo):
-                mat, classes, clusters = D.confusion_for(a, algo, inputs.labels)
-                F.confusion_figure(mat, classes, clusters, b.fig_path(name),
-                                   f"{algo}: {int(mat.sum())} labelled images", inputs.class_names)
-                return b.figure(name, f"{algo}: rows true classes, columns clusters ordered by their matched class "
-                                      f"(a perfect clustering is diagonal)", "confusion")
-            out = b.attempt(f"figure {name}", inputs, draw)
-            if out:
-                sec.body.append(out)
-        b.sections.append(sec)
-
-    if a is not None and images is not None:
-        for algo in algos:
-            sec = _Section(f"montages-{_slug(algo)}", f"Cluster montages · {algo}")
-            out = b.attempt(f"montages {algo}", inputs, lambda algo=algo: _montages(b, inputs, images, algo))
-            if out:
-                sec.body.extend(out)
-                b.sections.append(sec)
-
-    for algo, Z in inputs.linkages.items():
-        sec = _Section(f"dendrogram-{_slug(algo)}", f"Dendrogram · {algo}")
-        name = f"dendrogram-{_slug(algo)}.png"
-        k = None
-        if metrics and algo in (metrics.get("algorithms") or {}):
-            k = metrics["algorithms"][algo].get("k")
-        if k is None and a is not None and algo in a.columns:
-            k = int(a[algo].nunique())
-        k = int(k or 1)
-
-        def draw(name=name, Z=Z, k=k, algo=algo):
-            F.dendrogram_figure(Z, k, D.dendrogram_cut(Z, k), b.fig_path(name),
-                                f"{algo} ({(inputs.config or {}).get('linkage', '')} linkage), cut at k={k}")
-            return b.figure(name, f"Agglomerative merges of {Z.shape[0] + 1} images; the dashed line cuts k={k} clusters", "wide")
-        out = b.attempt(f"figure {name}", inputs, draw)
-        if out:
-            sec.body.append(out)
-            b.sections.append(sec)
-
-    if inputs.k_selection is not None:
-        sec = _Section("k-selection", "Choosing k")
-        sel = inputs.k_selection
-
-        def draw_k():
-            F.k_selection_figure(sel, b.fig_path("k-selection.png"))
-            return b.figure("k-selection.png", f"Elbow at k={sel.get('elbow_k')}; the highest silhouette chose "
-                                               f"k={sel.get('chosen_k')}", "wide")
-        out = b.attempt("figure k-selection.png", inputs, draw_k)
-        if out:
-            sec.body.append(out)
-            b.sections.append(sec)
-
-    rec = b.run_dir / D.RECONSTRUCTIONS
-    if rec.is_file():
-        sec = _Section("reconstructions", "Autoencoder reconstructions")
-        try:
-            inp, outp, ids = D.load_reconstructions(rec, max_pairs=b.per_row * 5)
-        except ValueError as exc:
-            inputs.note(D.RECONSTRUCTIONS, f"{exc}; reconstructions skipped")
-        else:
-            def draw_rec():
-                _reconstructions(b, inp, outp)
-                return b.figure("reconstructions.png", f"{len(inp)} images: each input row is followed by its "
-                                                       "reconstruction", "montage")
-            out = b.attempt("figure reconstructions.png", inputs, draw_rec)
-            if out:
-                sec.body.append(out)
-                b.sections.append(sec)
-
-    if metrics is not None:
-        sec = _Section("backends", "Backends and fallbacks")
-        fallbacks = list(metrics.get("fallbacks") or [])
-        if fallbacks:
-            sec.body.append("<div class=warn><b>GPU → CPU fallbacks</b><ul>" +
-                            "".join(f"<li>{_e(f)}</li>" for f in fallbacks) + "</ul></div>")
-        else:
-            sec.body.append("<p>No fallbacks: every op ran on the backend it resolved to.</p>")
-        ext = metrics.get("extract") or {}
-        red = metrics.get("reducer") or {}
-        rows = [[_e("extract"), "", _e(ext.get("extractor", "")), _e(ext.get("device", "")), _e(f"{ext.get('dim', '')}-d features"), ""]]
-        rows += [[_e(r["op"]), _e(_fmt(r["requested"])), _e(_fmt(r["backend"])), _e(_fmt(r["kind"])), _e(r["reason"]),
-                  _e("; ".join(r["fallbacks"]) or "–")] for r in D.backend_rows(metrics)]
-        if red.get("name"):
-            rows.append([_e(f"map ({red.get('name')})"), "", _e(_fmt(red.get("backend"))), "", "", ""])
-        sec.body.append(_table(["op", "requested", "backend", "kind / device", "why", "fallbacks"], rows, "backends"))
-        b.sections.append(sec)
-        timings = D.timing_rows(metrics, algos)
-        if timings:
-            sec = _Section("timings", "Timings")
-            out = b.attempt("figure timings.png", inputs,
-                            lambda: (F.timings_figure(timings, b.fig_path("timings.png")),
-                                     b.figure("timings.png", "Seconds per stage", "small"))[1])
-            sec.body.append(_table(["stage", "seconds"], [[_e(k), _e(f"{v:.3f}")] for k, v in timings]
-                                   + [["<b>total</b>", _e(f"{sum(v for _, v in timings):.3f}")]], "timings"))
-            if out:
-                sec.body.append(out)
-            b.sections.append(sec)
-
-    if inputs.config is not None:
-        sec = _Section("settings", "Settings")
-        sec.body.append(_table(["setting", "value"], [[_e(k), _e(v)] for k, v in inputs.config.items()], "settings"))
-        b.sections.append(sec)
+# ---------------------------------------------------------------- sections, in page order
 
 
-def _thumbnails(b: _Builder, inputs: D.RunInputs, images: D.ImageSource, primary: str | None,
-                xy: np.ndarray) -> str | None:
+def metrics_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """ACC, NMI, ARI, k, backend and cluster sizes per algorithm."""
+    if inputs.metrics is None:
+        return []
+    rows = D.metrics_rows(inputs.metrics, inputs.algorithms)
+    cells = []
+    for r in rows:
+        sizes = r["cluster_sizes"]
+        shown = ", ".join(str(s) for s in sizes[:20]) + (f", … ({len(sizes)} clusters)" if len(sizes) > 20 else "")
+        cells.append([r["algorithm"], _fmt(r["k"]), _fmt(r["acc"]), _fmt(r["nmi"]), _fmt(r["ari"]),
+                      _fmt(r["backend"]), shown])
+    sec = Section("metrics", "Metrics", [Table(["algorithm", "k", "ACC", "NMI", "ARI", "backend",
+                                                "cluster sizes (largest first)"], cells, "metrics")])
+    if rows and all(r["acc"] is None for r in rows):
+        sec.blocks.append(Text("No true labels: ACC, NMI and ARI are not defined for this run.", "note"))
+    return [sec]
+
+
+def _map_xy(inputs: D.RunInputs) -> np.ndarray:
+    assert inputs.map2d is not None
+    return inputs.map2d[["x", "y"]].to_numpy(dtype=np.float32)
+
+
+def _reducer_name(inputs: D.RunInputs) -> str:
+    return ((inputs.metrics or {}).get("reducer") or {}).get("name") or (inputs.config or {}).get("reducer", "")
+
+
+def map_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The 2-D map coloured by each algorithm's clusters, and by the true labels when there are any."""
+    if inputs.map2d is None:
+        return []
+    m, a = inputs.map2d, inputs.assignments
+    xy = _map_xy(inputs)
+    reducer = _reducer_name(inputs)
+    dataset = inputs.dataset_spec or ""
+    sec = Section("maps", "2-D map")
+    if a is not None:
+        joined = m[["image_id"]].merge(a, on="image_id", how="left")
+        for algo in inputs.algorithms:
+            col = joined[algo]
+            if col.isna().any():
+                inputs.note(f"map:{algo}", f"{int(col.isna().sum())} map points have no {algo} cluster; "
+                                           "they are drawn as cluster -1")
+            lab = col.fillna(-1).to_numpy().astype(np.int64)
+            name = f"map-{_slug(algo)}.png"
+
+            def draw(name: str = name, lab: np.ndarray = lab, algo: str = algo) -> Figure:
+                k = len(np.unique(lab))
+                F.scatter_map(xy, lab, figs.path(name), f"{dataset} · {algo} (k={k}) · {reducer} map")
+                return figs.figure(name, f"Map coloured by {algo} cluster", "map")
+            sec.blocks += filter(None, [figs.attempt(f"figure {name}", draw)])
+    y = D.aligned_labels(m["image_id"].astype(str), inputs.labels)
+    if y is not None and (y >= 0).any():
+        names = dict(enumerate(inputs.class_names)) if inputs.class_names else None
+
+        def draw_label() -> Figure:
+            sel = y >= 0
+            F.scatter_map(xy[sel], y[sel], figs.path("map-label.png"), f"{dataset} · true labels · {reducer} map",
+                          names=names, legend_title="class")
+            return figs.figure("map-label.png", "Map coloured by true label", "map")
+        sec.blocks += filter(None, [figs.attempt("figure map-label.png", draw_label)])
+    return [sec]
+
+
+def thumbnails_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """A few hundred images drawn at their own map coordinates, framed in their cluster's colour."""
+    if inputs.map2d is None or images is None or figs.thumbnails <= 0:
+        return []
+    primary = inputs.algorithms[0] if inputs.algorithms else None
+    out = figs.attempt("figure thumbnails.png", lambda: _thumbnails(figs, inputs, images, primary))
+    return [Section("thumbnails", "Images on the map", [out])] if out else []
+
+
+def _thumbnails(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource, primary: str | None) -> Figure | None:
     m = inputs.map2d
     assert m is not None
     available = m[m["image_id"].astype(str).isin(images.index.keys())]
-    placements = D.thumbnail_positions(available, b.thumbnails, seed=b.seed)
+    placements = D.thumbnail_positions(available, figs.thumbnails, seed=figs.seed)
     tiles = {i: t for i, _, _ in placements if (t := images.tile(i, 32)) is not None}
     if not tiles:
         inputs.note("thumbnails", "no image could be loaded from the dataset; thumbnails skipped")
@@ -372,93 +336,246 @@ def _thumbnails(b: _Builder, inputs: D.RunInputs, images: D.ImageSource, primary
         point_labels = np.array([by_id.get(i, -1) for i in m["image_id"].astype(str)], dtype=np.int64)
     else:
         by_id, point_labels = {}, np.zeros(len(m), np.int64)
-    F.thumbnail_map(xy, point_labels, placements, tiles, b.fig_path("thumbnails.png"),
-                    f"{len(tiles)} sample images at their map positions" + (f" · frames: {primary} cluster" if primary else ""),
+    F.thumbnail_map(_map_xy(inputs), point_labels, placements, tiles, figs.path("thumbnails.png"),
+                    f"{len(tiles)} sample images at their map positions"
+                    + (f" · frames: {primary} cluster" if primary else ""),
                     frame_labels=by_id)
-    return b.figure("thumbnails.png", f"{len(tiles)} images drawn at their own 2-D coordinates (spread out: no two "
-                                      "closer than 1% of the map's diagonal)", "map big")
+    return figs.figure("thumbnails.png", f"{len(tiles)} images drawn at their own 2-D coordinates (spread out: no "
+                                         "two closer than 1% of the map's diagonal)", "map big")
 
 
-def _montages(b: _Builder, inputs: D.RunInputs, images: D.ImageSource, algo: str) -> list[str]:
+def tsne_sweep_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The t-SNE maps at each perplexity of the run's sweep (``tsne_perplexities``), side by side."""
+    sweep = inputs.tsne_sweep
+    if sweep is None:
+        return []
+    labels, coloured = D.aligned_labels(sweep.image_ids, inputs.labels), "true label"
+    names = dict(enumerate(inputs.class_names)) if inputs.class_names else None
+    if labels is None or not (labels >= 0).any():
+        labels, names, coloured = None, None, ""
+        if inputs.assignments is not None and inputs.algorithms:
+            primary = inputs.algorithms[0]
+            by_id = inputs.assignments.set_index("image_id")[primary]
+            labels = by_id.reindex(sweep.image_ids).fillna(-1).to_numpy().astype(np.int64)
+            coloured = f"{primary} cluster"
+    n = len(sweep.image_ids)
+    titles = [f"perplexity {p:g} ({backend}, {secs:.0f} s)"
+              for p, backend, secs in zip(sweep.perplexities, sweep.backends, sweep.seconds)]
+    caption = (f"t-SNE maps at perplexity {', '.join(f'{p:g}' for p in sweep.perplexities)}"
+               + (f", coloured by {coloured}" if coloured else "")
+               + ": small perplexities show local structure (and break clusters into fragments), large ones keep "
+                 "more of the global layout")
+    if sweep.skipped:
+        caption += (f"; perplexity {', '.join(f'{p:g}' for p in sweep.skipped)} skipped "
+                    f"(t-SNE needs more than 3 x perplexity points; the run has {n})")
+
+    def draw() -> Figure:
+        F.perplexity_sweep_figure(sweep.embeddings, titles, labels, figs.path("tsne-sweep.png"),
+                                  f"{inputs.dataset_spec or ''} · t-SNE perplexity sweep (n={n})", names=names)
+        return figs.figure("tsne-sweep.png", caption, "wide")
+    out = figs.attempt("figure tsne-sweep.png", draw)
+    return [Section("tsne-sweep", "t-SNE perplexity sweep", [out])] if out else []
+
+
+def confusion_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """Per algorithm: true classes against clusters ordered by their Hungarian-matched class."""
+    a, labels = inputs.assignments, inputs.labels
+    if a is None or labels is None:
+        return []
+    sec = Section("confusion", "Confusion after Hungarian mapping")
+    for algo in inputs.algorithms:
+        name = f"confusion-{_slug(algo)}.png"
+
+        def draw(name: str = name, algo: str = algo) -> Figure:
+            mat, classes, clusters = D.confusion_for(a, algo, labels)
+            F.confusion_figure(mat, classes, clusters, figs.path(name),
+                               f"{algo}: {int(mat.sum())} labelled images", inputs.class_names)
+            return figs.figure(name, f"{algo}: rows true classes, columns clusters ordered by their matched class "
+                                     f"(a perfect clustering is diagonal)", "confusion")
+        sec.blocks += filter(None, [figs.attempt(f"figure {name}", draw)])
+    return [sec]
+
+
+def montage_sections(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """Per algorithm: a grid of member images for each cluster, largest cluster first."""
+    if inputs.assignments is None or images is None:
+        return []
+    out = []
+    for algo in inputs.algorithms:
+        blocks = figs.attempt(f"montages {algo}", lambda algo=algo: _montages(figs, inputs, images, algo))
+        if blocks:
+            out.append(Section(f"montages-{_slug(algo)}", f"Cluster montages · {algo}", blocks))
+    return out
+
+
+def _montages(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource, algo: str) -> list[Block]:
     a = inputs.assignments
     assert a is not None
     order = D.cluster_order(a, algo)
-    parts = []
-    if len(order) > b.max_clusters:
-        parts.append(f"<p class=note>The {b.max_clusters} largest of {len(order)} clusters.</p>")
+    blocks: list[Block] = []
+    if len(order) > figs.max_clusters:
+        blocks.append(Text(f"The {figs.max_clusters} largest of {len(order)} clusters.", "note"))
+
+    def class_name(c: int) -> str:
+        return inputs.class_names[c] if inputs.class_names and 0 <= c < len(inputs.class_names) else str(c)
     cells = []
-    for cluster_id, size in order[:b.max_clusters]:
-        members = D.montage_members(a, algo, cluster_id, b.per_row * b.montage_rows, seed=b.seed)
-        tiles = [t for i in members if (t := images.tile(i, b.tile_px)) is not None]
+    for cluster_id, size in order[:figs.max_clusters]:
+        members = D.montage_members(a, algo, cluster_id, figs.per_row * figs.montage_rows, seed=figs.seed)
+        tiles = [t for i in members if (t := images.tile(i, figs.tile_px)) is not None]
         if not tiles:
             continue
         name = f"montage-{_slug(algo)}-c{cluster_id}.png"
-        F.save_image(D.grid(tiles, b.per_row), b.fig_path(name))
+        F.save_image(D.grid(tiles, figs.per_row), figs.path(name))
         comp = D.cluster_composition(a, algo, cluster_id, inputs.labels)
         caption = f"cluster {cluster_id} · {size} images"
         if len(tiles) < size:
             caption += f" (showing {len(tiles)})"
         if comp:
-            cname = (lambda c: inputs.class_names[c] if inputs.class_names and 0 <= c < len(inputs.class_names) else str(c))
-            caption += " · " + ", ".join(f"{cname(c)} {100 * n / size:.0f}%" for c, n in comp)
-        cells.append(b.figure(name, caption, "montage"))
+            caption += " · " + ", ".join(f"{class_name(c)} {100 * n / size:.0f}%" for c, n in comp)
+        cells.append(figs.figure(name, caption, "montage"))
     if images.failed:
-        bad = len(images.failed)
         example = next(iter(images.failed.items()))
-        inputs.note("images", f"{bad} image(s) could not be loaded and are left out (e.g. {example[0]}: {example[1]})")
+        inputs.note("images", f"{len(images.failed)} image(s) could not be loaded and are left out "
+                              f"(e.g. {example[0]}: {example[1]})")
         images.failed.clear()
-    parts.append('<div class="montages">' + "".join(cells) + "</div>")
-    return parts
+    blocks.append(Montages(cells))
+    return blocks
 
 
-def _reconstructions(b: _Builder, inp: np.ndarray, outp: np.ndarray) -> None:
+def dendrogram_sections(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """Per agglomerative run: its merges, cut where the run's k clusters form."""
+    out = []
+    for algo, Z in inputs.linkages.items():
+        name = f"dendrogram-{_slug(algo)}.png"
+        k = ((inputs.metrics or {}).get("algorithms") or {}).get(algo, {}).get("k")
+        if k is None and inputs.assignments is not None and algo in inputs.assignments.columns:
+            k = int(inputs.assignments[algo].nunique())
+        k = int(k or 1)
+
+        def draw(name: str = name, Z: np.ndarray = Z, k: int = k, algo: str = algo) -> Figure:
+            F.dendrogram_figure(Z, k, D.dendrogram_cut(Z, k), figs.path(name),
+                                f"{algo} ({(inputs.config or {}).get('linkage', '')} linkage), cut at k={k}")
+            return figs.figure(name, f"Agglomerative merges of {Z.shape[0] + 1} images; the dashed line cuts "
+                                     f"k={k} clusters", "wide")
+        fig = figs.attempt(f"figure {name}", draw)
+        if fig:
+            out.append(Section(f"dendrogram-{_slug(algo)}", f"Dendrogram · {algo}", [fig]))
+    return out
+
+
+def k_selection_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The elbow and silhouette curves of ``k=auto``."""
+    sel = inputs.k_selection
+    if sel is None:
+        return []
+
+    def draw() -> Figure:
+        F.k_selection_figure(sel, figs.path("k-selection.png"))
+        return figs.figure("k-selection.png", f"Elbow at k={sel.get('elbow_k')}; the highest silhouette chose "
+                                              f"k={sel.get('chosen_k')}", "wide")
+    fig = figs.attempt("figure k-selection.png", draw)
+    return [Section("k-selection", "Choosing k", [fig])] if fig else []
+
+
+def reconstructions_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """An autoencoder's inputs, each row followed by its reconstruction."""
+    rec = figs.run_dir / D.RECONSTRUCTIONS
+    if not rec.is_file():
+        return []
+    try:
+        inp, outp, _ = D.load_reconstructions(rec, max_pairs=figs.per_row * 5)
+    except ValueError as exc:
+        inputs.note(D.RECONSTRUCTIONS, f"{exc}; reconstructions skipped")
+        return []
+
+    def draw() -> Figure:
+        _reconstructions(figs, inp, outp)
+        return figs.figure("reconstructions.png", f"{len(inp)} images: each input row is followed by its "
+                                                  "reconstruction", "montage")
+    fig = figs.attempt("figure reconstructions.png", draw)
+    return [Section("reconstructions", "Autoencoder reconstructions", [fig])] if fig else []
+
+
+def _reconstructions(figs: FigureWriter, inp: np.ndarray, outp: np.ndarray) -> None:
     tiles: list[np.ndarray] = []
-    per = b.per_row
+    per, px = figs.per_row, figs.tile_px
     for start in range(0, len(inp), per):
         chunk = range(start, min(start + per, len(inp)))
-        tiles += [D.to_rgb_tile(inp[i], b.tile_px) for i in chunk]
-        tiles += [np.full((b.tile_px, b.tile_px, 3), 255, np.uint8)] * (per - len(chunk))
-        tiles += [D.to_rgb_tile(outp[i], b.tile_px) for i in chunk]
-        tiles += [np.full((b.tile_px, b.tile_px, 3), 255, np.uint8)] * (per - len(chunk))
-    F.save_image(D.grid(tiles, per), b.fig_path("reconstructions.png"))
+        tiles += [D.to_rgb_tile(inp[i], px) for i in chunk]
+        tiles += [np.full((px, px, 3), 255, np.uint8)] * (per - len(chunk))
+        tiles += [D.to_rgb_tile(outp[i], px) for i in chunk]
+        tiles += [np.full((px, px, 3), 255, np.uint8)] * (per - len(chunk))
+    F.save_image(D.grid(tiles, per), figs.path("reconstructions.png"))
+
+
+def backends_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The backend each op ran on, why, and every GPU → CPU fallback."""
+    metrics = inputs.metrics
+    if metrics is None:
+        return []
+    sec = Section("backends", "Backends and fallbacks")
+    fallbacks = [str(f) for f in metrics.get("fallbacks") or []]
+    if fallbacks:
+        sec.blocks.append(Warn("GPU → CPU fallbacks", fallbacks))
+    else:
+        sec.blocks.append(Text("No fallbacks: every op ran on the backend it resolved to."))
+    ext = metrics.get("extract") or {}
+    red = metrics.get("reducer") or {}
+    rows = [["extract", "", str(ext.get("extractor", "")), str(ext.get("device", "")),
+             f"{ext.get('dim', '')}-d features", ""]]
+    rows += [[str(r["op"]), _fmt(r["requested"]), _fmt(r["backend"]), _fmt(r["kind"]), str(r["reason"]),
+              "; ".join(r["fallbacks"]) or "–"] for r in D.backend_rows(metrics)]
+    if red.get("name"):
+        rows.append([f"map ({red.get('name')})", "", _fmt(red.get("backend")), "", "", ""])
+    sec.blocks.append(Table(["op", "requested", "backend", "kind / device", "why", "fallbacks"], rows, "backends"))
+    return [sec]
+
+
+def timings_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """Seconds per stage, as a table and as bars."""
+    timings = D.timing_rows(inputs.metrics, inputs.algorithms) if inputs.metrics is not None else []
+    if not timings:
+        return []
+    sec = Section("timings", "Timings", [Table(["stage", "seconds"], [[k, f"{v:.3f}"] for k, v in timings], "timings",
+                                               total=["total", f"{sum(v for _, v in timings):.3f}"])])
+
+    def draw() -> Figure:
+        F.timings_figure(timings, figs.path("timings.png"))
+        return figs.figure("timings.png", "Seconds per stage", "small")
+    sec.blocks += filter(None, [figs.attempt("figure timings.png", draw)])
+    return [sec]
+
+
+def settings_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The run's config.yaml."""
+    if inputs.config is None:
+        return []
+    return [Section("settings", "Settings", [Table(["setting", "value"],
+                                                   [[str(k), str(v)] for k, v in inputs.config.items()], "settings")])]
+
+
+#: The page's sections in order; each returns zero or more sections.
+SECTIONS: tuple[Callable[[FigureWriter, D.RunInputs, D.ImageSource | None], list[Section]], ...] = (
+    metrics_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section, montage_sections,
+    dendrogram_sections, k_selection_section, reconstructions_section, backends_section, timings_section,
+    settings_section,
+)
 
 
 # ---------------------------------------------------------------- page
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#263238;color:#fff;padding:14px 24px}
-header h1{margin:0;font-size:1.4em}
-header p{margin:4px 0 0;color:#cfd8dc;font-size:.9em}
-header code{background:#37474f;color:#eceff1}
-nav{padding:8px 24px;background:#eceff1;font-size:.9em}
-nav a{margin-right:14px;color:#1565c0;text-decoration:none}
-main{padding:8px 24px 40px}
-section{margin:18px 0;padding:8px 16px 16px;background:#fff;border:1px solid #e0e0e0;border-radius:6px}
-h2{font-size:1.15em;border-bottom:1px solid #eee;padding-bottom:4px}
-table{border-collapse:collapse;font-size:.85em;margin:8px 0}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f5f5f5}
-figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
-figcaption{font-size:.8em;color:#555;max-width:560px}
-img{max-width:100%;height:auto}
-img.map{width:560px}
-img.map.big{width:900px}
-img.wide{width:900px}
-img.small{width:560px}
-img.confusion{max-width:720px}
-img.montage{image-rendering:pixelated}
-.montages figure{margin:6px 10px 10px 0}
-.warn{background:#fff3e0;border-left:4px solid #fb8c00;padding:6px 12px;margin:8px 0}
-.note{color:#666;font-size:.9em}
-code{background:#f1f1f1;padding:0 3px}
-"""
+
+def _template() -> jinja2.Template:
+    """``report.html.j2`` (package data), autoescaped: every value it is given is text."""
+    text = resources.files("gpu_ops.report").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(text)
 
 
-def _page(b: _Builder, inputs: D.RunInputs, seconds: float) -> str:
+def header_facts(inputs: D.RunInputs) -> list[str]:
+    """The header's one-line facts: n, features, algorithms, map, quarantined items."""
     metrics = inputs.metrics or {}
     cfg = inputs.config or {}
-    title = f"gpuclust run · {inputs.dataset_spec or b.shown_as.name}"
     facts = []
     if metrics.get("n") is not None:
         facts.append(f"n={metrics['n']}")
@@ -473,37 +590,22 @@ def _page(b: _Builder, inputs: D.RunInputs, seconds: float) -> str:
         facts.append(f"map: {red}")
     if metrics.get("quarantined"):
         facts.append(f"{metrics['quarantined']} unreadable item(s) skipped at extraction")
-    nav = "".join(f'<a href="#{_e(s.anchor)}">{_e(s.title)}</a>' for s in b.sections)
-    notes = ""
-    if inputs.missing:
-        notes = ('<section id="missing"><h2>Missing or unusable inputs</h2><div class=warn><ul>'
-                 + "".join(f"<li><code>{_e(m.name)}</code>: {_e(m.reason)}</li>" for m in inputs.missing)
-                 + "</ul></div></section>")
-    body = "".join(f'<section id="{_e(s.anchor)}"><h2>{_e(s.title)}</h2>{"".join(s.body)}</section>'
-                   for s in b.sections)
-    store = metrics.get("store")
-    sub = " · ".join(_e(f) for f in facts)
-    where = f"run directory <code>{_e(b.shown_as.absolute())}</code>" + (f" · store <code>{_e(store)}</code>" if store else "")
-    generated = time.strftime("%Y-%m-%d %H:%M:%S")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<header><h1>{_e(title)}</h1><p>{sub}</p><p>{where}</p></header>
-<nav>{nav}</nav>
-<main>
-{notes}
-{body}
-<p class=note>Generated {generated} by gpuclust report in {seconds:.1f} s. This page needs no network and no JavaScript.</p>
-</main>
-</body>
-</html>
-"""
+    return facts
+
+
+def render_page(sections: list[Section], inputs: D.RunInputs, shown_as: Path, seconds: float) -> str:
+    """``report.html``'s text: ``report.html.j2`` filled with the sections and the run's facts;
+    ``shown_as`` is the run directory the page names."""
+    return _template().render(
+        title=f"gpuclust run · {inputs.dataset_spec or shown_as.name}",
+        facts=header_facts(inputs),
+        run_dir=str(Path(shown_as).absolute()),
+        store=(inputs.metrics or {}).get("store"),
+        missing=inputs.missing,
+        sections=sections,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        seconds=f"{seconds:.1f}",
+    )
 
 
 # ---------------------------------------------------------------- markdown summary

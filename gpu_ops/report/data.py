@@ -19,10 +19,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from gpu_ops.reduce.tsne import SWEEP_FILE
 from gpu_ops.report.metrics_doc import read_metrics
 
-#: Files a finished run directory has (see :mod:`gpu_ops.rundir`); optional ones are not listed.
-REQUIRED_FILES = ("config.yaml", "assignments.parquet", "map2d.parquet", "metrics.json")
 RECONSTRUCTIONS = "reconstructions.npz"
 K_SELECTION = "k_selection.json"
 
@@ -52,6 +51,7 @@ class RunInputs:
     assignments: pd.DataFrame | None = None
     map2d: pd.DataFrame | None = None
     k_selection: dict[str, Any] | None = None
+    tsne_sweep: TsneSweep | None = None
     linkages: dict[str, np.ndarray] = field(default_factory=dict)
     labels: pd.Series | None = None
     class_names: list[str] | None = None
@@ -152,6 +152,11 @@ def load_run(run_dir: Path) -> RunInputs:
         if inputs.k_selection is not None and not {"ks", "inertia", "silhouette"} <= set(inputs.k_selection):
             inputs.note(K_SELECTION, "lacks ks/inertia/silhouette; k-selection curves skipped")
             inputs.k_selection = None
+    if (run_dir / SWEEP_FILE).is_file():
+        try:
+            inputs.tsne_sweep = load_tsne_sweep(run_dir / SWEEP_FILE)
+        except ValueError as exc:
+            inputs.note(SWEEP_FILE, f"{exc}; t-SNE perplexity sweep skipped")
     for path in sorted(run_dir.glob("linkage-*.npy")):
         algo = path.stem.removeprefix("linkage-")
         try:
@@ -503,3 +508,44 @@ def load_reconstructions(path: Path, max_pairs: int = 50) -> tuple[np.ndarray, n
         return (np.clip(np.nan_to_num(x[:max_pairs].astype(np.float64)), 0, 1) * 255).round().astype(np.uint8)
 
     return as_uint8(a[:max_pairs], "inputs"), as_uint8(b[:max_pairs], "outputs"), ids
+
+
+@dataclass(frozen=True)
+class TsneSweep:
+    """t-SNE maps of a run at several perplexities (``tsne_sweep.npz``, written by
+    :meth:`gpu_ops.reduce.tsne.PerplexitySweep.save`): ``embeddings`` (p, n, 2) float32, row i of
+    each map is ``image_ids[i]``."""
+
+    perplexities: list[float]
+    embeddings: np.ndarray
+    backends: list[str]
+    seconds: list[float]
+    skipped: list[float]
+    image_ids: list[str]
+
+
+def load_tsne_sweep(path: Path) -> TsneSweep:
+    """Validate and read ``tsne_sweep.npz``; raises ValueError with a one-line reason when the
+    file breaks its contract."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    with npz:
+        lacking = [k for k in ("perplexities", "embeddings", "image_ids") if k not in npz.files]
+        if lacking:
+            raise ValueError(f"lacks array(s) {', '.join(lacking)} (found: {', '.join(npz.files) or 'nothing'})")
+        perplexities = np.asarray(npz["perplexities"], dtype=np.float64).ravel()
+        maps = np.asarray(npz["embeddings"])
+        ids = [str(i) for i in npz["image_ids"]]
+        p = len(perplexities)
+        backends = [str(b) for b in npz["backends"]] if "backends" in npz.files else [""] * p
+        seconds = np.asarray(npz["seconds"], dtype=np.float64).tolist() if "seconds" in npz.files else [np.nan] * p
+        skipped = np.asarray(npz["skipped"], dtype=np.float64).tolist() if "skipped" in npz.files else []
+    if maps.ndim != 3 or maps.shape[0] != p or maps.shape[1] != len(ids) or maps.shape[2] != 2 or p == 0:
+        raise ValueError(f"embeddings {maps.shape} are not {p} maps of the {len(ids)} image ids in 2-D")
+    if not np.issubdtype(maps.dtype, np.floating):
+        raise ValueError(f"embeddings must be floats; got {maps.dtype}")
+    if len(backends) != p or len(seconds) != p:
+        raise ValueError(f"{p} perplexities but {len(backends)} backends and {len(seconds)} timings")
+    return TsneSweep(perplexities.tolist(), maps.astype(np.float32, copy=False), backends, seconds, skipped, ids)

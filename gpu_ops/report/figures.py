@@ -155,6 +155,45 @@ def k_selection_figure(sel: dict[str, Any], path: Path) -> Path:
     return Path(path)
 
 
+def perplexity_sweep_figure(maps: np.ndarray, titles: Sequence[str], labels: np.ndarray | None, path: Path,
+                            title: str, names: dict[int, str] | None = None) -> Path:
+    """2-D maps ``maps`` (p, n, 2) side by side, at most four to a row, each under its title.
+
+    Points are coloured by ``labels`` (n,) (-1: unlabelled, grey; the legend uses ``names``), or
+    all one colour when None.
+    """
+    maps = np.asarray(maps)
+    cols = min(4, len(maps))
+    rows = -(-len(maps) // cols)
+    colors: dict[int, tuple[float, float, float, float]] = {}
+    point_colors: Any = "tab:blue"
+    if labels is not None:
+        labels = np.asarray(labels)
+        colors = label_colors(np.unique(labels[labels >= 0]).tolist())
+        point_colors = np.array([colors.get(int(c), (0.7, 0.7, 0.7, 1.0)) for c in labels])
+    legend_in = 0.3 * -(-len(colors) // 10) if 0 < len(colors) <= 20 else 0.0  # inches for the legend rows
+    fig = _figure((3.6 * cols, 3.6 * rows + 0.4 + legend_in))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    size = max(0.5, min(8.0, 8000.0 / max(maps.shape[1], 1)))
+    for ax, xy, sub in zip(axes, maps, titles):
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, c=point_colors, linewidths=0)
+        ax.set_title(sub, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(maps):]:
+        ax.set_axis_off()
+    if legend_in:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", linestyle="", color=color, label=(names or {}).get(c, str(c)))
+                   for c, color in colors.items()]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    fig.savefig(path)
+    return Path(path)
+
+
 def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarray, path: Path, title: str,
                      class_names: Sequence[str] | None = None) -> Path:
     """Heatmap of a (n_classes, n_clusters) confusion matrix after Hungarian mapping, counts written in."""
