@@ -111,7 +111,7 @@ def choose_k(X: np.ndarray, k_min: int = 2, k_max: int = 20, *, backend: str = "
 
 def save_k_selection(selection: KSelection, directory: Path) -> Path:
     """Write ``k_selection.json`` (the curves; the report draws them) into ``directory``; return its path."""
-    from gpu_ops.store import atomic_write_bytes
+    from gpu_ops.fsutil import atomic_write_bytes
 
     json_path = Path(directory) / "k_selection.json"
     atomic_write_bytes(json_path, (json.dumps(selection.as_dict(), indent=2, sort_keys=True) + "\n").encode())

@@ -157,7 +157,7 @@ class PerplexitySweep:
             skipped       float64 (s,)
             image_ids     str (n,): the image of each row, in the order the maps were computed
         """
-        from gpu_ops.store import atomic_write_bytes
+        from gpu_ops.fsutil import atomic_write_bytes
 
         ids = np.asarray([str(i) for i in image_ids])
         if ids.shape != (self.embeddings[0].shape[0],):

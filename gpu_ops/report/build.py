@@ -25,7 +25,7 @@ import numpy as np
 from gpu_ops.errors import InputError
 from gpu_ops.report import data as D
 from gpu_ops.report import figures as F
-from gpu_ops.store import atomic_write_bytes
+from gpu_ops.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
