@@ -16,7 +16,6 @@ from gpu_ops.errors import InputError, choice_error
 
 DEEP_ALGORITHMS = ("n2d", "dkm", "dec", "idec")
 ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS)
-REDUCERS = ("umap", "tsne", "pca", "none")
 #: numpy's seeding range (``np.random.RandomState`` and FAISS take a 32-bit unsigned seed).
 SEED_MAX = 2**32 - 1
 

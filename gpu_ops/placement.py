@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 from gpu_ops.config import DEEP_ALGORITHMS
 from gpu_ops.device import BACKEND_CHOICES, Machine, cuda_available
 from gpu_ops.errors import choice_error
-from gpu_ops.registry import BackendSpec, Resolution, list_backends, list_ops, resolve_backend
+from gpu_ops.backend_table import BackendSpec, Resolution
+from gpu_ops.registry import list_backends, list_ops, resolve_backend
 
 if TYPE_CHECKING:
     from gpu_ops.config import RunConfig

@@ -20,11 +20,11 @@ import numpy as np
 from gpu_ops._validation import as_float32_matrix, check_n_clusters
 from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
+from gpu_ops.cluster.microcluster import LINKAGES
 
 log = logging.getLogger(__name__)
 
-LINKAGES = ("ward", "average", "complete", "single")
 
 
 def linkage_matrix(children: np.ndarray, distances: np.ndarray, n_samples: int) -> np.ndarray:

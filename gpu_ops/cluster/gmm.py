@@ -14,7 +14,7 @@ import numpy as np
 
 from gpu_ops._validation import as_float32_matrix, check_n_clusters
 from gpu_ops.errors import InputError
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 

@@ -18,7 +18,7 @@ import numpy as np
 from gpu_ops._validation import as_float32_matrix
 from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
 
 SELECTION_METHODS = ("eom", "leaf")
 

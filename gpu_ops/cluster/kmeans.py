@@ -20,7 +20,7 @@ from gpu_ops._validation import as_float32_matrix, check_int, check_n_clusters
 from gpu_ops.cluster.sources import NearestCentre, faiss_gpu_usable
 from gpu_ops.device import to_host
 from gpu_ops.errors import InputError
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
 
 log = logging.getLogger(__name__)
 

@@ -9,4 +9,3 @@ processes (:func:`gpu_ops.reduce.umap.import_umap`).
 
 from gpu_ops.reduce import pca, tsne, umap  # noqa: F401
 
-REDUCERS = ("tsne", "umap", "pca")

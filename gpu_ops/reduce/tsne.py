@@ -17,7 +17,7 @@ import numpy as np
 from gpu_ops._validation import as_float32_matrix
 from gpu_ops.errors import InputError
 from gpu_ops.reduce.pca import to_host
-from gpu_ops.registry import create_estimator, register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ def perplexity_sweep(X: np.ndarray, perplexities: "list[float] | tuple[float, ..
     out = PerplexitySweep(perplexities=run, embeddings=[], backends=[], seconds=[], skipped=skipped)
     for p in run:
         t0 = time.perf_counter()
+        from gpu_ops.registry import create_estimator  # the registry imports this module: not at the top
+
         est, res = create_estimator("tsne", backend, n_components=2, perplexity=p, seed=seed)
         out.embeddings.append(est.fit(X).embedding_)
         out.backends.append(res.backend)

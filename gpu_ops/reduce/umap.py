@@ -26,7 +26,7 @@ import numpy as np
 from gpu_ops._validation import as_float32_matrix
 from gpu_ops.errors import InputError
 from gpu_ops.reduce.pca import to_host
-from gpu_ops.registry import register_backend, requires
+from gpu_ops.backend_table import register_backend, requires
 
 
 def enable_numba_cache() -> None:
