@@ -45,13 +45,12 @@ from gpu_ops.store import (
     EmbeddingStore,
     StoreSummary,
     atomic_write_json,
-    build_table,
     load_manifest,
     part_files,
     part_problem,
     read_manifest,
-    sha256_file,
-    write_part,
+    file_sha256,
+    write_shard_part,
 )
 
 log = logging.getLogger(__name__)
@@ -217,13 +216,9 @@ class ShardedStore(EmbeddingStore):
     def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
                     embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
         """Part file first, then its entry: an entry always stands for a whole part."""
-        entry: dict[str, Any] = {"file": None, "rows": 0}
-        if len(image_ids):
-            entry = write_part(self.directory / f"part-{shard:05d}.parquet",
-                               build_table(image_ids, sources, labels, embeddings, self.metadata))
-        entry.update({"dim": int(embeddings.shape[1]) if len(image_ids) else None,
-                      "quarantined": [{"source": s, "reason": r} for s, r in quarantined],
-                      "writer": f"{socket.gethostname()}:{os.getpid()}"})
+        entry = write_shard_part(self.directory, shard, image_ids, sources, labels, embeddings, quarantined,
+                                 self.metadata)
+        entry["writer"] = f"{socket.gethostname()}:{os.getpid()}"
         self.entry_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.entry_path(shard), entry)
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
@@ -300,7 +295,7 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
                 record = {k: entry[k] for k in ("bytes", "mtime_ns", "sha256")}
             else:  # an entry without its part's record: take it from the part as it is
                 st = part.stat()
-                record = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(part)}
+                record = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(part)}
             rows = pq.ParquetFile(part).metadata.num_rows
             if rows != entry["rows"]:
                 raise RuntimeError(f"{part}: {rows} rows, its manifest entry says {entry['rows']}")

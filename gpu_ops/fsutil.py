@@ -9,6 +9,7 @@ hidden ``.NAME.*.tmp`` file behind, never a half-written ``NAME``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -52,3 +53,12 @@ def json_bytes(obj: Any, sort_keys: bool = True) -> bytes:
 def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes(path, json_bytes(obj, sort_keys))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpu_ops.errors import InputError
-from gpu_ops.fsutil import atomic_write_bytes, atomic_write_json, json_bytes  # noqa: F401 (the store's writers)
+from gpu_ops.fsutil import atomic_write_bytes, atomic_write_json, file_sha256, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     """Write a Parquet file atomically (with page checksums)."""
     atomic_write_bytes(path, parquet_bytes(table))
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
@@ -200,7 +191,7 @@ def part_problem(directory: Path, record: dict[str, Any], full: bool = True) -> 
     if not full:
         return None if st.st_mtime_ns == record["mtime_ns"] else f"{name} changed since it was written"
     try:
-        digest = sha256_file(Path(directory) / name)
+        digest = file_sha256(Path(directory) / name)
     except OSError as exc:
         return f"{name} is unreadable ({exc.strerror})"
     return None if digest == record["sha256"] else f"{name} is damaged (sha256 mismatch)"
@@ -268,6 +259,20 @@ def check_cache_root(path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Writer
+
+
+def write_shard_part(directory: Path, shard: int, image_ids: list[str], sources: list[str],
+                     labels: np.ndarray | None, embeddings: np.ndarray, quarantined: list[tuple[str, str]],
+                     metadata: dict[str, str]) -> dict[str, Any]:
+    """Write shard ``shard``'s part file (when it has rows; ``embeddings`` (b, d)) and return its
+    manifest entry: the part's record (file, rows, bytes, sha256), ``dim`` and the quarantined items."""
+    entry: dict[str, Any] = {"file": None, "rows": 0}
+    if len(image_ids):
+        entry = write_part(Path(directory) / f"part-{shard:05d}.parquet",
+                           build_table(image_ids, sources, labels, embeddings, metadata))
+    entry["dim"] = int(embeddings.shape[1]) if len(image_ids) else None
+    entry["quarantined"] = [{"source": s, "reason": r} for s, r in quarantined]
+    return entry
 
 
 class EmbeddingStore:
@@ -373,12 +378,10 @@ class EmbeddingStore:
     def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
                     embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
         """Write shard ``shard`` (part file, then manifest) atomically. ``embeddings`` (b, d)."""
-        entry: dict[str, Any] = {"file": None, "rows": 0}
-        if len(image_ids):
-            entry = write_part(self.directory / f"part-{shard:05d}.parquet",
-                               build_table(image_ids, sources, labels, embeddings, self.metadata))
-            self.manifest["dim"] = int(embeddings.shape[1])
-        entry["quarantined"] = [{"source": s, "reason": r} for s, r in quarantined]
+        entry = write_shard_part(self.directory, shard, image_ids, sources, labels, embeddings, quarantined,
+                                 self.metadata)
+        if entry["dim"] is not None:
+            self.manifest["dim"] = entry["dim"]
         self.manifest["shards"][f"{shard:05d}"] = entry
         atomic_write_json(self.directory / MANIFEST, self.manifest)
 

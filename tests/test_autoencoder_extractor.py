@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from gpu_ops import pipeline
 from gpu_ops.config import make_config
-from gpu_ops.features.base import file_sha256
+from gpu_ops.fsutil import file_sha256
 
 
 def test_autoencoder_features_train_once_and_are_reused(tmp_path):

@@ -16,8 +16,8 @@ import torch
 
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
-from gpu_ops.features.base import Extractor, describe, file_sha256
-from gpu_ops.fsutil import atomic_path
+from gpu_ops.features.base import Extractor, describe
+from gpu_ops.fsutil import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 

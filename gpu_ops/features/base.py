@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,15 +41,6 @@ class Extractor(ABC):
         """Short hash of :meth:`metadata`: stores of different extractors/weights never mix."""
         blob = json.dumps(self.metadata(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from gpu_ops.errors import InputError
-from gpu_ops.features.base import PretrainedImageExtractor, describe, file_sha256
+from gpu_ops.features.base import PretrainedImageExtractor, describe
+from gpu_ops.fsutil import file_sha256
 
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from gpu_ops.errors import InputError
-from gpu_ops.features.base import PretrainedImageExtractor, describe, file_sha256
+from gpu_ops.features.base import PretrainedImageExtractor, describe
+from gpu_ops.fsutil import file_sha256
 
 log = logging.getLogger(__name__)
 
