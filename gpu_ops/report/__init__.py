@@ -15,7 +15,7 @@
 
 Inputs (from :mod:`gpu_ops.pipeline` / :mod:`gpu_ops.rundir`): ``config.yaml``,
 ``assignments.parquet``, ``map2d.parquet``, ``metrics.json`` (its ``store`` gives the true
-labels), and optionally ``k_selection.json``, ``linkage-<algorithm>.npy`` and
+labels), and optionally ``k_selection.json``, a linkage matrix per hierarchical algorithm and
 ``reconstructions.npz``. Images for montages and thumbnails come from re-opening the dataset that
 config.yaml names (``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is
 absent or unusable (a deleted file, a moved dataset, a malformed array) is skipped, named in

@@ -22,12 +22,13 @@ import numpy as np
 from gpu_ops.errors import InputError
 from gpu_ops.report import data as D
 from gpu_ops.report import figures as F
+from gpu_ops.rundir import RunDir
 from gpu_ops.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-FIGURES_DIR = "figures"
-REPORT_NAME = "report.html"
+FIGURES_DIR = RunDir.FIGURES
+REPORT_NAME = RunDir.REPORT
 
 
 @dataclass

@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 
 from gpu_ops.report.metrics_doc import read_metrics
+from gpu_ops.rundir import RunDir
 
 #: Files a finished run directory has (see :mod:`gpu_ops.rundir`); optional ones are not listed.
-REQUIRED_FILES = ("config.yaml", "assignments.parquet", "map2d.parquet", "metrics.json")
-RECONSTRUCTIONS = "reconstructions.npz"
-K_SELECTION = "k_selection.json"
+REQUIRED_FILES = (RunDir.CONFIG, RunDir.ASSIGNMENTS, RunDir.MAP2D, RunDir.METRICS)
+RECONSTRUCTIONS = RunDir.RECONSTRUCTIONS
+K_SELECTION = RunDir.K_SELECTION
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,12 @@ def load_run(run_dir: Path) -> RunInputs:
     if inputs.map2d is not None and _flat_map(inputs):
         inputs.note("map2d.parquet", "the run had no 2-D map (reducer none: every point at 0, 0); maps and thumbnails skipped")
         inputs.map2d = None
-    if (run_dir / K_SELECTION).is_file():
-        inputs.k_selection = _read_json(run_dir / K_SELECTION, inputs, "k-selection curves skipped")
+    if RunDir(run_dir).k_selection.is_file():
+        inputs.k_selection = _read_json(RunDir(run_dir).k_selection, inputs, "k-selection curves skipped")
         if inputs.k_selection is not None and not {"ks", "inertia", "silhouette"} <= set(inputs.k_selection):
             inputs.note(K_SELECTION, "lacks ks/inertia/silhouette; k-selection curves skipped")
             inputs.k_selection = None
-    for path in sorted(run_dir.glob("linkage-*.npy")):
-        algo = path.stem.removeprefix("linkage-")
+    for algo, path in RunDir(run_dir).linkages().items():
         try:
             Z = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
