@@ -29,11 +29,11 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 
 from flows.tasks import (
-    _retry_unless_bad_input,
     cluster,
     cluster_on_dask,
     configured,
     extract_features,
+    retry_unless_bad_input,
     uses_gpu,
 )
 from gpu_ops import distributed, pipeline
@@ -96,7 +96,7 @@ def plan_shards(params: dict[str, Any], n_workers: int | None, address: str) -> 
     return distributed.plan_shards(params, n_workers=max(1, workers))
 
 
-@task(name="extract-shard", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
+@task(name="extract-shard", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def extract_shard(params: dict[str, Any], store: str, shards: list[int], shard_rows: int, backend: str) -> dict[str, Any]:
     """Embed some shards on a Dask worker; the device is resolved on the worker itself."""
     device = place("extract", backend).torch_device

@@ -39,7 +39,7 @@ def _dataset_content_key(_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
         return uuid.uuid4().hex
 
 
-def _retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
+def retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
     """Retry transient I/O failures only; bad input fails at once."""
     return not isinstance(state.result(raise_on_failure=False), InputError)
 
@@ -50,7 +50,7 @@ def _retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
     persist_result=True,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_bad_input,
+    retry_condition_fn=retry_unless_bad_input,
 )
 def extract_features(params: dict[str, Any]) -> StoreRef:
     """Embed the dataset into the Parquet store; progress shown as a Prefect progress artifact."""

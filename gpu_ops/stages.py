@@ -61,7 +61,7 @@ class ResolutionRecord(StageModel):
     stage: str  #: the algorithm, or ``map`` for the 2-D map
 
     @classmethod
-    def of(cls, resolution: Resolution, stage: str) -> "ResolutionRecord":
+    def of(cls, resolution: Resolution, stage: str) -> ResolutionRecord:
         """The record of a registry :class:`~gpu_ops.registry.Resolution` made for ``stage``."""
         return cls(**resolution.as_dict(), stage=stage)
 

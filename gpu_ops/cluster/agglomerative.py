@@ -93,11 +93,11 @@ class SklearnAgglomerative:
         """Fit on ``X`` of shape (n, d)."""
         from sklearn.cluster import AgglomerativeClustering
 
-        from gpu_ops.cluster.microcluster import MicroClusterAgglomerative, _check_cut
+        from gpu_ops.cluster.microcluster import MicroClusterAgglomerative, check_cut
 
         if self.linkage not in LINKAGES:
             raise InputError(f"unknown linkage {self.linkage!r}; expected one of: {', '.join(LINKAGES)}")
-        _check_cut(self.n_clusters, self.distance_threshold)
+        check_cut(self.n_clusters, self.distance_threshold)
         X = as_float32_matrix(X)
         n = X.shape[0]
         if self.n_clusters is not None:

@@ -225,7 +225,7 @@ class MicroClusterAgglomerative:
 
         if self.linkage not in LINKAGES:
             raise InputError(f"unknown linkage {self.linkage!r}; expected one of: {', '.join(LINKAGES)}")
-        _check_cut(self.n_clusters, self.distance_threshold)
+        check_cut(self.n_clusters, self.distance_threshold)
         X = as_float32_matrix(X)
         n = X.shape[0]
         if n < 2:
@@ -267,7 +267,8 @@ class MicroClusterAgglomerative:
         return self
 
 
-def _check_cut(n_clusters: object, distance_threshold: object) -> None:
+def check_cut(n_clusters: object, distance_threshold: object) -> None:
+    """InputError unless exactly one of ``n_clusters`` and ``distance_threshold`` is set."""
     if (n_clusters is None) == (distance_threshold is None):
         raise InputError("give exactly one of n_clusters and distance_threshold; "
                          f"got n_clusters={n_clusters!r}, distance_threshold={distance_threshold!r}")

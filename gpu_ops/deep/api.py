@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gpu_ops.deep._common import evaluate_labels, images_to_tensor, quick_kmeans, resolve_device, seed_everything
-from gpu_ops.deep.autoencoder import AutoencoderConfig, _train_or_load, data_fingerprint, encode_tensor
+from gpu_ops.deep.autoencoder import AutoencoderConfig, train_or_load, data_fingerprint, encode_tensor
 from gpu_ops.errors import InputError, choice_error
 
 log = logging.getLogger("gpu_ops.deep")
@@ -218,8 +218,8 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
              cfg.latent_dim, ae_cfg.epochs)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    model, ae_hist = _train_or_load(X, ae_cfg, dev, data_fingerprint(X_np), checkpoint_dir, cfg.progress,
-                                    labels, k, cfg.eval_every)
+    model, ae_hist = train_or_load(X, ae_cfg, dev, data_fingerprint(X_np), checkpoint_dir, cfg.progress,
+                                   labels, k, cfg.eval_every)
     t_pre = time.perf_counter()
     history: list[dict[str, Any]] = list(ae_hist)
     info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "pretrain_epochs": ae_cfg.epochs,

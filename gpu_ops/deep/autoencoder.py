@@ -234,7 +234,7 @@ def checkpoint_file(checkpoint_path: Path, cfg: AutoencoderConfig, key: str) -> 
     return checkpoint_path
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random small affine warp per image (rotation ±10°, shift ±~7%, scale ±10%)."""
     n = x.shape[0]
     dev = x.device
@@ -280,7 +280,7 @@ def encode(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device:
     return encode_tensor(model, X, batch_size, dev)
 
 
-def _move_data(X: torch.Tensor, device: torch.device) -> torch.Tensor:
+def move_data(X: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep the whole (preprocessed) dataset on the GPU when it is small enough."""
     if device.type == "cuda" and X.element_size() * X.nelement() < 2 * 1024**3:
         return X.to(device)
@@ -318,7 +318,7 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
     from tqdm.auto import tqdm
 
     model.to(device).train()
-    Xd = _move_data(X, device)
+    Xd = move_data(X, device)
     n = X.shape[0]
     total_steps = max(1, cfg.epochs * math.ceil(n / cfg.batch_size))
 
@@ -350,7 +350,7 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
             xb = Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]
             xb = xb.to(device, non_blocking=True)
             if cfg.augment and xb.ndim == 4:
-                xb = _augment(xb, gen)
+                xb = augment(xb, gen)
             with autocast(device):
                 _, rec = model(xb)
             loss = F.mse_loss(rec.float(), xb)
@@ -461,14 +461,15 @@ def train_autoencoder(
     cfg.validate()
     X, _ = _prepare(images, cfg)
     dev = resolve_device(device)
-    model, history = _train_or_load(X, cfg, dev, data_fingerprint(images), checkpoint_path, progress,
-                                    labels, n_clusters, eval_every)
+    model, history = train_or_load(X, cfg, dev, data_fingerprint(images), checkpoint_path, progress,
+                                   labels, n_clusters, eval_every)
     return model, history
 
 
-def _train_or_load(X: torch.Tensor, cfg: AutoencoderConfig, dev: torch.device, fingerprint: str,
-                   checkpoint_path: Path | str | None, progress: bool, labels: np.ndarray | None,
-                   n_clusters: int | None, eval_every: int) -> tuple[nn.Module, AEHistory]:
+def train_or_load(X: torch.Tensor, cfg: AutoencoderConfig, dev: torch.device, fingerprint: str,
+                  checkpoint_path: Path | str | None, progress: bool, labels: np.ndarray | None,
+                  n_clusters: int | None, eval_every: int) -> tuple[nn.Module, AEHistory]:
+    """Pretrain the autoencoder on ``X``, or load the checkpoint of the same data and settings."""
     vectors = X.ndim == 2
     seed_everything(cfg.seed)
     model = build_autoencoder(cfg.arch, tuple(X.shape[1:]), cfg.latent_dim, hidden=cfg.hidden,

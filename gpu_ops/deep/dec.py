@@ -56,7 +56,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     """
     from tqdm.auto import tqdm
 
-    from gpu_ops.deep.autoencoder import _augment, _move_data, encode_tensor
+    from gpu_ops.deep.autoencoder import augment, move_data, encode_tensor
 
     model.to(device).train()
     mu = nn.Parameter(torch.as_tensor(centroids, dtype=torch.float32, device=device).clone())
@@ -67,7 +67,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr or 1e-3)
     else:
         opt = torch.optim.SGD(params, lr=lr or 0.01, momentum=0.9)
-    Xd = _move_data(X, device)
+    Xd = move_data(X, device)
     n = X.shape[0]
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
@@ -112,7 +112,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         xb = (Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]).to(device, non_blocking=True)
         pb = p_all[idx.to(p_all.device)]  # type: ignore[index]
         if augment and xb.ndim == 4:
-            xb = _augment(xb, gen)
+            xb = augment(xb, gen)
         with autocast(device):
             if improved:
                 z, rec = model(xb)

@@ -76,12 +76,12 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     """
     from tqdm.auto import tqdm
 
-    from gpu_ops.deep.autoencoder import _augment, _move_data, encode_tensor
+    from gpu_ops.deep.autoencoder import augment, move_data, encode_tensor
 
     model.to(device).train()
     C = nn.Parameter(torch.as_tensor(centroids, dtype=torch.float32, device=device).clone())
     opt = torch.optim.Adam([*model.parameters(), C], lr=lr)
-    Xd = _move_data(X, device)
+    Xd = move_data(X, device)
     n = X.shape[0]
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
@@ -99,7 +99,7 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
             idx = perm[start:start + batch_size]
             xb = (Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]).to(device, non_blocking=True)
             if augment and xb.ndim == 4:
-                xb = _augment(xb, gen)
+                xb = augment(xb, gen)
             with autocast(device):
                 z, rec = model(xb)
             rec_loss = (rec.float() - xb).pow(2).flatten(1).sum(1).mean()
