@@ -27,12 +27,12 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
             timings = {"extract": round(time.perf_counter() - t0, 3)}
             clusters = []
             for algorithm in config.algorithms:
-                clusters.append(cluster_store(store["store"], config, algorithm, str(staging), dask_address))
-                timings[f"cluster:{algorithm}"] = clusters[-1]["seconds"]
+                clusters.append(cluster_store(store.store, config, algorithm, str(staging), dask_address))
+                timings[f"cluster:{algorithm}"] = clusters[-1].seconds
         reduced = configured(reduce_to_2d, config, "reduce", gpu=uses_gpu(config, config.reducer))(
-            store["store"], config, str(staging))
-        timings["reduce"] = reduced["seconds"]
-        metrics = configured(evaluate, config, "evaluate")(store["store"], clusters)
+            store.store, config, str(staging))
+        timings["reduce"] = reduced.seconds
+        metrics = configured(evaluate, config, "evaluate")(store.store, clusters)
         doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings)
         report = configured(build_report, config, "report")(str(staging), str(out))
     except BaseException:
@@ -48,4 +48,4 @@ def extract_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     growing folder's features, sharded over a Dask cluster when ``config.task_runner`` says so.
     A later ``cluster-images`` run of the same data and extractor finds the store finished."""
     with scale_out(config) as dask_address:
-        return extract_store(config, dask_address)
+        return extract_store(config, dask_address).model_dump()

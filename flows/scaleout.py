@@ -29,16 +29,17 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 
 from flows.tasks import (
-    retry_unless_bad_input,
     cluster,
     cluster_on_dask,
     configured,
     extract_features,
+    retry_unless_bad_input,
     uses_gpu,
 )
 from gpu_ops import distributed, pipeline
 from gpu_ops.config import RunConfig
 from gpu_ops.placement import place
+from gpu_ops.stages import ClusterResult, StoreRef
 from gpu_ops.store import cached_store_ok
 
 
@@ -111,7 +112,7 @@ def merge_shards(store: str) -> dict[str, Any]:
 
 
 @flow(name="extract-on-dask")
-def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> dict[str, Any]:
+def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> StoreRef:
     """One ``extract-shard`` task per pending shard on the Dask cluster; the store's manifest is
     merged here. Fails when the shards are not done within ``config.timeouts.extract``."""
     import time
@@ -130,16 +131,16 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     writers = sorted({r["writer"] for r in results})
     get_run_logger().info("%d shard(s) written by %d worker process(es) on %s", len(results), len(writers),
                           ", ".join(sorted({r["device_label"] for r in results})) or "-")
-    return {"store": plan["store"], "rows": merged["rows"], "dim": merged["dim"], "quarantined": merged["quarantined"],
-            "device": "+".join(devices), "extractor": params["extractor"], "shard_rows": plan["shard_rows"],
-            "writers": writers, "seconds": round(time.perf_counter() - t0, 3)}
+    return StoreRef(store=str(plan["store"]), rows=merged["rows"], dim=merged["dim"],
+                    quarantined=merged["quarantined"], device="+".join(devices), extractor=params["extractor"],
+                    shard_rows=plan["shard_rows"], writers=writers, seconds=round(time.perf_counter() - t0, 3))
 
 
 # ------------------------------------------------------------------------------------------
 # Stage helpers: the same call whether the run is local or on a Dask cluster
 
 
-def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
+def extract_store(config: RunConfig, address: str | None) -> StoreRef:
     """The extract stage: the cached ``extract`` task here, or sharded over the Dask cluster."""
     params = pipeline.extract_params(config)
     if address is not None and params["extractor"] == "autoencoder":
@@ -150,7 +151,7 @@ def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
         # params["device"] is the extract placement's torch device
         extract = configured(extract_features, config, "extract", gpu=params["device"] == "cuda")
         result = extract(params)
-        if not cached_store_ok(result["store"]):
+        if not cached_store_ok(result.store):
             # a cached result whose store was deleted or altered since: a cache miss (the stage
             # verifies the store and re-extracts what it must)
             result = extract.with_options(refresh_cache=True)(params)
@@ -160,7 +161,7 @@ def extract_store(config: RunConfig, address: str | None) -> dict[str, Any]:
     return extract_on_dask.with_options(task_runner=DaskTaskRunner(address=address))(config, params, address)
 
 
-def cluster_store(store: str, config: RunConfig, algorithm: str, staging: str, address: str | None) -> dict[str, Any]:
+def cluster_store(store: str, config: RunConfig, algorithm: str, staging: str, address: str | None) -> ClusterResult:
     """One clustering algorithm: in this process, or driven from here over the Dask cluster."""
     if address is None:
         return configured(cluster, config, "cluster", gpu=uses_gpu(config, algorithm))(store, config, algorithm,

@@ -24,6 +24,7 @@ from gpu_ops.config import RunConfig
 from gpu_ops.device import Machine
 from gpu_ops.distributed import device_label
 from gpu_ops.errors import InputError
+from gpu_ops.stages import AlgorithmMetrics, ClusterResult, MapResult, StoreRef
 
 #: Tag of tasks that run on a GPU; `prefect concurrency-limit create gpu 1` lets one at a time
 #: hold the card, across every run that talks to the same Prefect server.
@@ -51,7 +52,7 @@ def retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
     retry_delay_seconds=5,
     retry_condition_fn=retry_unless_bad_input,
 )
-def extract_features(params: dict[str, Any]) -> dict[str, Any]:
+def extract_features(params: dict[str, Any]) -> StoreRef:
     """Embed the dataset into the Parquet store; progress shown as a Prefect progress artifact."""
     artifact_id = create_progress_artifact(progress=0.0, key="extract-progress",
                                            description=f"{params['extractor']} features of {params['dataset']}")
@@ -64,14 +65,14 @@ def extract_features(params: dict[str, Any]) -> dict[str, Any]:
     return pipeline.extract_stage(params, on_shard=on_shard)
 
 
-def _log_backends(stage: str, result: dict[str, Any]) -> None:
+def _log_backends(stage: str, result: ClusterResult | MapResult) -> None:
     """Which backend ran and on which device (GPU backends: the CUDA device this process uses)."""
-    gpu = any(r.get("kind") == "gpu" for r in result.get("resolutions", []))
-    get_run_logger().info("%s: backend %s on %s", stage, result.get("backend"), device_label("cuda" if gpu else "cpu"))
+    gpu = any(r.kind == "gpu" for r in result.resolutions)
+    get_run_logger().info("%s: backend %s on %s", stage, result.backend, device_label("cuda" if gpu else "cpu"))
 
 
 @task(name="cluster")
-def cluster(store: str, config: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
+def cluster(store: str, config: RunConfig, algorithm: str, staging: str) -> ClusterResult:
     """One clustering algorithm over the store."""
     result = pipeline.cluster_stage(store, config, algorithm, staging)
     _log_backends(f"cluster {algorithm}", result)
@@ -79,7 +80,7 @@ def cluster(store: str, config: RunConfig, algorithm: str, staging: str) -> dict
 
 
 @task(name="cluster-dask")
-def cluster_on_dask(store: str, config: RunConfig, algorithm: str, staging: str, address: str) -> dict[str, Any]:
+def cluster_on_dask(store: str, config: RunConfig, algorithm: str, staging: str, address: str) -> ClusterResult:
     """One clustering algorithm over a store whose parts are loaded by the Dask cluster's workers
     (k-means: distributed Lloyd or cuML's Dask KMeans; other algorithms gather to this process)."""
     from gpu_ops.distributed import cluster_stage_dask
@@ -90,7 +91,7 @@ def cluster_on_dask(store: str, config: RunConfig, algorithm: str, staging: str,
 
 
 @task(name="reduce")
-def reduce_to_2d(store: str, config: RunConfig, staging: str) -> dict[str, Any]:
+def reduce_to_2d(store: str, config: RunConfig, staging: str) -> MapResult:
     """The 2-D map."""
     result = pipeline.reduce_stage(store, config, staging)
     _log_backends(f"reduce {config.reducer}", result)
@@ -98,18 +99,19 @@ def reduce_to_2d(store: str, config: RunConfig, staging: str) -> dict[str, Any]:
 
 
 @task(name="evaluate")
-def evaluate(store: str, clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def evaluate(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMetrics]:
     """Metrics per algorithm, published as a table artifact keyed so runs form a history."""
     metrics = pipeline.evaluate_stage(store, clusters)
     rows = [{"algorithm": name, **{k: (round(v, 4) if isinstance(v, float) else v)
-                                   for k, v in m.items() if k != "cluster_sizes"}} for name, m in metrics.items()]
+                                   for k, v in m.as_json().items() if k != "cluster_sizes"}}
+            for name, m in metrics.items()]
     create_table_artifact(table=rows, key="cluster-metrics", description="Clustering quality per algorithm")
     return metrics
 
 
 @task(name="write-run")
-def write_run(config: RunConfig, store: dict[str, Any], clusters: list[dict[str, Any]], reduced: dict[str, Any],
-              metrics: dict[str, dict[str, Any]], staging: str, timings: dict[str, float]) -> dict[str, Any]:
+def write_run(config: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
+              metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float]) -> dict[str, Any]:
     """The run directory's files (assignments, map, metrics, figures, config)."""
     return pipeline.finalize_run(config, store, clusters, reduced, metrics, staging, timings)
 

@@ -40,6 +40,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gpu_ops.errors import InputError
+from gpu_ops.registry import Resolution
+from gpu_ops.rundir import RunDir
+from gpu_ops.stages import ClusterResult, ResolutionRecord, k_for, write_cluster_result
 from gpu_ops.store import (
     MANIFEST,
     EmbeddingStore,
@@ -418,24 +421,22 @@ def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_cluste
             "init_resolution": None}
 
 
-def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, address: str) -> dict[str, Any]:
+def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, address: str) -> ClusterResult:
     """:func:`gpu_ops.pipeline.cluster_stage` for a store spread over a Dask cluster: plain
-    k-means runs on the cluster (:func:`dask_kmeans`); every other algorithm, and ``k=auto``,
-    gathers the store to the driver and runs the single-process stage (logged)."""
-    from gpu_ops import pipeline
+    k-means runs on the cluster (:func:`dask_kmeans`, ``k=auto`` chosen as every path chooses it);
+    every other algorithm gathers the store to the driver and runs the single-process stage (logged)."""
+    if algorithm != "kmeans":
+        from gpu_ops import pipeline
 
-    if algorithm != "kmeans" or cfg.k == "auto":
-        log.info("%s (k=%s) has no distributed route: gathering the store to the driver", algorithm, cfg.k)
+        log.info("%s has no distributed route: gathering the store to the driver", algorithm)
         return pipeline.cluster_stage(store, cfg, algorithm, staging)
     t0 = time.perf_counter()
+    run = RunDir(staging)
+    k = k_for(cfg, store, run)
     requested = cfg.backend_for("kmeans")
-    result = dask_kmeans(address, store, int(cfg.k), n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
+    result = dask_kmeans(address, store, k, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
                          backend=requested, init_sample_rows=cfg.task_runner.init_sample_rows)
-    labels_path = Path(staging) / f"labels-{algorithm}.npy"
-    np.save(labels_path, result["labels"])
     fallbacks = [f"cuml-dask: {result['reason'].split(':')[0]}"] if requested == "gpu" and result["kind"] == "cpu" else []
-    resolution = {"op": "kmeans", "requested": requested, "backend": result["backend"], "kind": result["kind"],
-                  "reason": result["reason"], "fallbacks": fallbacks, "skipped": [], "stage": algorithm}
-    return {"algorithm": algorithm, "labels": str(labels_path), "k": int(cfg.k), "backend": result["backend"],
-            "resolutions": [resolution], "seconds": round(time.perf_counter() - t0, 3),
-            "inertia": result["inertia"], "n_iter": result["n_iter"]}
+    ran = Resolution("kmeans", requested, result["backend"], result["kind"], result["reason"], fallbacks)
+    return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
+                                labels=result["labels"], inertia=result["inertia"], n_iter=result["n_iter"])

@@ -1,5 +1,5 @@
-"""The pipeline's stages as plain functions: each takes paths and configs and returns a small
-JSON-friendly dict. :mod:`flows.tasks` wraps each one in a Prefect task; nothing here knows Prefect."""
+"""The pipeline's stages as plain functions: each takes paths and configs and returns a typed result
+(:mod:`gpu_ops.stages`). :mod:`flows.tasks` wraps each one in a Prefect task; nothing here knows Prefect."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from gpu_ops.cluster.choose_k import choose_k
 from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
@@ -28,7 +27,18 @@ from gpu_ops.features.extract import (
 )
 from gpu_ops.metrics import evaluate
 from gpu_ops.placement import placement_for
-from gpu_ops.registry import create_estimator
+from gpu_ops.registry import Resolution, create_estimator
+from gpu_ops.rundir import RunDir
+from gpu_ops.stages import (
+    AlgorithmMetrics,
+    ClusterResult,
+    MapResult,
+    ResolutionRecord,
+    StoreRef,
+    StreamingStats,
+    k_for,
+    write_cluster_result,
+)
 from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
 
 log = logging.getLogger(__name__)
@@ -50,28 +60,16 @@ def dataset_fingerprint(params: dict[str, Any]) -> str:
 
 
 def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True) -> StoreRef:
     """Embed the dataset into the Parquet store (resuming a partial one); return its summary."""
     t0 = time.perf_counter()
     dataset = open_dataset(params)
     extractor = build_extractor(params, dataset, progress=progress)
     summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores", on_shard=on_shard,
                                progress=progress, **extract_options(params, params["device"]))
-    return {"store": summary.directory, "rows": summary.rows, "dim": summary.dim,
-            "quarantined": summary.quarantined, "device": params["device"], "extractor": params["extractor"],
-            "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _k_for(cfg: RunConfig, X: np.ndarray, staging: Path) -> int:
-    if cfg.k != "auto":
-        return int(cfg.k)
-    saved = staging / "k_selection.json"
-    if saved.is_file():  # chosen once per run, shared by every algorithm
-        return int(json.loads(saved.read_text())["chosen_k"])
-    selection = choose_k(X, *cfg.k_range, backend=cfg.backend_for("kmeans"), seed=cfg.seed)
-    atomic_write_json(saved, selection.as_dict())
-    log.info("k=auto chose k=%d (silhouette); elbow at k=%d", selection.chosen_k, selection.elbow_k)
-    return selection.chosen_k
+    return StoreRef(store=str(summary.directory), rows=summary.rows, dim=summary.dim,
+                    quarantined=summary.quarantined, device=params["device"], extractor=params["extractor"],
+                    seconds=round(time.perf_counter() - t0, 3))
 
 
 def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
@@ -90,20 +88,34 @@ def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
                      for i in index])
 
 
-def deep_cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
+def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> ClusterResult:
+    """Cluster the store's rows with ``algorithm``; labels go to the run directory ``staging``.
+
+    Deep algorithms cluster the dataset's images in torch; ``kmeans`` with ``cfg.memory_mb``
+    streams the store; every other algorithm clusters the embeddings in memory.
+    """
+    t0 = time.perf_counter()
+    run = RunDir(staging)
+    if algorithm in DEEP_ALGORITHMS:
+        return _deep_cluster(store, cfg, algorithm, run, t0)
+    if algorithm == "kmeans" and cfg.memory_mb is not None:
+        return _streaming_kmeans(store, cfg, run, t0)
+    return _in_memory_cluster(store, cfg, algorithm, run, t0)
+
+
+def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
     """Deep clustering (``dkm``, ``dec``, ``idec``, ``n2d``) of the dataset's images, in store order.
 
     The autoencoder is pretrained once per data + settings and reused (checkpoints beside the stores).
     """
     from gpu_ops.deep import fit_deep
 
-    t0 = time.perf_counter()
     table = read_embeddings(Path(store))
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     if dataset.item_kind != "image":
         raise InputError(f"{algorithm} clusters images; {cfg.dataset} holds vectors (use kmeans or umap-kmeans)")
     images = images_for_ids(dataset, table.image_ids, cfg.image_size or 32)
-    k = int(cfg.k) if cfg.k != "auto" else _k_for(cfg, table.embeddings, Path(staging))
+    k = k_for(cfg, table.embeddings, run)
     placed = placement_for(cfg, algorithm)
     overrides: dict[str, Any] = {"latent_dim": cfg.latent_dim}
     if cfg.deep_epochs is not None:
@@ -111,28 +123,36 @@ def deep_cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str)
     result = fit_deep(algorithm, images, k, seed=cfg.seed, device=placed.torch_device, labels=table.labels,  # type: ignore[arg-type]
                       checkpoint_dir=dataset_directory(Path(cfg.cache_root()) / "stores", dataset) / "deep",
                       backend=cfg.backend_for("kmeans"), **overrides)
-    labels_path = Path(staging) / f"labels-{algorithm}.npy"
-    np.save(labels_path, result.labels.astype(np.int64))
-    atomic_write_json(Path(staging) / f"history-{algorithm}.json", result.history, sort_keys=False)
-    backend = f"torch-{result.device}"
-    resolution = {"op": algorithm, "requested": placed.requested, "backend": backend,
-                  "kind": "gpu" if "cuda" in backend else "cpu", "reason": f"deep clustering in torch on {result.device}; "
-                  f"{placed.reason}", "fallbacks": list(placed.fallbacks), "skipped": [], "stage": algorithm}
-    return {"algorithm": algorithm, "labels": str(labels_path), "k": k, "backend": backend,
-            "resolutions": [resolution], "seconds": round(time.perf_counter() - t0, 3)}
+    atomic_write_json(run.history(algorithm), result.history, sort_keys=False)
+    ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
+                     f"deep clustering in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
+    return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
+                                labels=result.labels)
 
 
-def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> dict[str, Any]:
-    """Cluster the store's embeddings with ``algorithm``; labels go to ``staging/labels-<algo>.npy``."""
-    if algorithm in DEEP_ALGORITHMS:
-        return deep_cluster_stage(store, cfg, algorithm, staging)
-    t0 = time.perf_counter()
-    if algorithm == "kmeans" and cfg.memory_mb is not None:  # out-of-core: stream the store
-        from gpu_ops.cluster.kmeans_ooc import cluster_store_stage
+def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> ClusterResult:
+    """k-means within ``cfg.memory_mb``: the store is streamed and the labels memory-mapped
+    straight into the run directory (see :class:`~gpu_ops.cluster.kmeans_ooc.StreamingKMeans`)."""
+    from gpu_ops.cluster.kmeans_ooc import StreamingKMeans, plan_memory
+    from gpu_ops.cluster.sources import StoreSource
 
-        return cluster_store_stage(store, cfg, staging)
+    source = StoreSource(store)
+    source.batch_rows = plan_memory(source.count(), source.dim(), 2, int(cfg.memory_mb), 256).batch_rows
+    k = k_for(cfg, source, run)
+    est = StreamingKMeans(n_clusters=k, memory_mb=int(cfg.memory_mb), max_iter=int(cfg.max_iter),
+                          n_init=int(cfg.n_init), seed=int(cfg.seed), backend=cfg.backend_for("kmeans"))
+    est.fit(store, labels_path=run.labels("kmeans"))
+    del est.labels_  # the memory map: flushed and closed
+    stats = StreamingStats(**est.plan_.as_dict(), timings_s=est.timings_, inertia=est.inertia_)
+    return write_cluster_result(run, "kmeans", k=k, resolutions=[ResolutionRecord(**est.resolution_, stage="kmeans")],
+                                started=t0, streaming=stats)
+
+
+def _in_memory_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
+    """A registry algorithm (``kmeans``, ``umap-kmeans``, ``hdbscan``, ``gmm``, ``agglomerative``)
+    over the embeddings in memory."""
     X = read_embeddings(Path(store)).embeddings
-    k = _k_for(cfg, X, Path(staging)) if algorithm != "hdbscan" else 0  # HDBSCAN finds k itself
+    k = k_for(cfg, X, run) if algorithm != "hdbscan" else 0  # HDBSCAN finds k itself
     if k > X.shape[0]:
         raise InputError(f"k={k} is larger than the number of images ({X.shape[0]})")
     resolutions = []
@@ -140,7 +160,7 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> d
     if algorithm == "umap-kmeans":
         reducer, res = create_estimator("umap", cfg.backend_for("umap"), n_components=min(cfg.umap_dims, X.shape[1]),
                                         n_neighbors=min(15, X.shape[0] - 1), min_dist=0.0, seed=cfg.seed)
-        resolutions.append({**res.as_dict(), "stage": algorithm})
+        resolutions.append(ResolutionRecord.of(res, algorithm))
         space = reducer.fit(X).embedding_
     if algorithm in ("kmeans", "umap-kmeans"):
         est, res = create_estimator("kmeans", cfg.backend_for("kmeans"), n_clusters=k, n_init=cfg.n_init,
@@ -155,24 +175,19 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> d
                                                                          "distance_threshold": cfg.distance_threshold}
         est, res = create_estimator("agglomerative", cfg.backend_for("agglomerative"), linkage=cfg.linkage,
                                     seed=cfg.seed, **cut)
-    resolutions.append({**res.as_dict(), "stage": algorithm})
+    resolutions.append(ResolutionRecord.of(res, algorithm))
     est.fit(space)
     k = int(getattr(est, "n_clusters_", k))  # found by HDBSCAN or a distance cut
-    labels_path = Path(staging) / f"labels-{algorithm}.npy"
-    np.save(labels_path, est.labels_.astype(np.int64))
-    extra = {}
-    if getattr(est, "linkage_matrix_", None) is not None:
-        np.save(Path(staging) / f"linkage-{algorithm}.npy", est.linkage_matrix_)
-        extra["linkage"] = str(Path(staging) / f"linkage-{algorithm}.npy")
-    return {"algorithm": algorithm, "labels": str(labels_path), "k": k, "backend": res.backend,
-            "resolutions": resolutions, "seconds": round(time.perf_counter() - t0, 3), **extra}
+    return write_cluster_result(run, algorithm, k=k, resolutions=resolutions, started=t0, labels=est.labels_,
+                                linkage=getattr(est, "linkage_matrix_", None))
 
 
-def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
-    """2-D map of the store's embeddings with ``cfg.reducer``; saved to ``staging/map2d.npy``."""
+def reduce_stage(store: str, cfg: RunConfig, staging: str) -> MapResult:
+    """2-D map of the store's embeddings with ``cfg.reducer``, saved in the run directory ``staging``."""
     t0 = time.perf_counter()
+    run = RunDir(staging)
     if cfg.reducer == "none":
-        return {"map": None, "backend": None, "resolutions": [], "seconds": 0.0}
+        return MapResult(path=None, backend=None, resolutions=[], seconds=0.0)
     X = read_embeddings(Path(store)).embeddings
     params: dict[str, Any] = {"n_components": 2, "seed": cfg.seed}
     if cfg.reducer == "umap":
@@ -181,63 +196,60 @@ def reduce_stage(store: str, cfg: RunConfig, staging: str) -> dict[str, Any]:
         params.update(perplexity=min(30.0, max(2.0, (X.shape[0] - 1) / 3.5)))
     est, res = create_estimator(cfg.reducer, cfg.backend_for(cfg.reducer), **params)
     xy = est.fit(X).embedding_
-    path = Path(staging) / "map2d.npy"
+    path = run.map2d_scratch
     np.save(path, xy.astype(np.float32))
     if cfg.reducer == "tsne" and cfg.tsne_perplexities:  # several perplexities: the report draws them
-        from gpu_ops.reduce.tsne import SWEEP_FILE, perplexity_sweep
+        from gpu_ops.reduce.tsne import perplexity_sweep
 
         sweep = perplexity_sweep(X, cfg.tsne_perplexities, backend=cfg.backend_for("tsne"), seed=cfg.seed)
-        sweep.save(Path(staging) / SWEEP_FILE, read_embeddings(Path(store)).image_ids)
-    return {"map": str(path), "backend": res.backend, "resolutions": [{**res.as_dict(), "stage": "map"}],
-            "seconds": round(time.perf_counter() - t0, 3)}
+        sweep.save(run.tsne_sweep, read_embeddings(Path(store)).image_ids)
+    return MapResult(path=str(path), backend=res.backend, resolutions=[ResolutionRecord.of(res, "map")],
+                     seconds=round(time.perf_counter() - t0, 3))
 
 
-def evaluate_stage(store: str, clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def evaluate_stage(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMetrics]:
     """ACC / NMI / ARI per algorithm when the store has labels; k, backend and cluster sizes always."""
     labels_true = read_embeddings(Path(store)).labels
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, AlgorithmMetrics] = {}
     for c in clusters:
-        pred = np.load(c["labels"])
-        entry: dict[str, Any] = {"k": c["k"], "backend": c["backend"],
-                                 "cluster_sizes": np.bincount(pred[pred >= 0]).tolist()}  # -1: HDBSCAN noise
-        if (pred < 0).any():
-            entry["noise"] = int((pred < 0).sum())
-        if labels_true is not None and (labels_true >= 0).all():
-            entry = {**evaluate(labels_true, pred), **entry}
-        out[c["algorithm"]] = entry
+        pred = c.load_labels()
+        scores = evaluate(labels_true, pred) if labels_true is not None and (labels_true >= 0).all() else {}
+        noise = int((pred < 0).sum())  # -1: HDBSCAN noise
+        out[c.algorithm] = AlgorithmMetrics(**scores, k=c.k, backend=c.backend,
+                                            cluster_sizes=np.bincount(pred[pred >= 0]).tolist(), noise=noise or None)
     return out
 
 
-def finalize_run(cfg: RunConfig, store: dict[str, Any], clusters: list[dict[str, Any]], reduced: dict[str, Any],
-                 metrics: dict[str, dict[str, Any]], staging: str, timings: dict[str, float]) -> dict[str, Any]:
+def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
+                 metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float]) -> dict[str, Any]:
     """Write the run directory's files into ``staging``; return metrics.json's content."""
-    stage = Path(staging)
-    table = read_embeddings(Path(store["store"]))
+    run = RunDir(staging)
+    table = read_embeddings(Path(store.store))
     columns: dict[str, Any] = {"image_id": pa.array(table.image_ids, pa.string())}
     for c in clusters:
-        columns[c["algorithm"]] = pa.array(np.load(c["labels"]).astype(np.int32))
-    atomic_write_table(stage / "assignments.parquet", pa.table(columns))
-    xy = np.load(reduced["map"]) if reduced["map"] else np.zeros((len(table.image_ids), 2), np.float32)
-    atomic_write_table(stage / "map2d.parquet", pa.table({"image_id": pa.array(table.image_ids, pa.string()),
-                                                           "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1])}))
-    (stage / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    resolutions = [r for c in clusters for r in c["resolutions"]] + reduced["resolutions"]
+        columns[c.algorithm] = pa.array(c.load_labels().astype(np.int32))
+    atomic_write_table(run.assignments, pa.table(columns))
+    xy = np.load(reduced.path) if reduced.path else np.zeros((len(table.image_ids), 2), np.float32)
+    atomic_write_table(run.map2d, pa.table({"image_id": pa.array(table.image_ids, pa.string()),
+                                            "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1])}))
+    run.config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    resolutions = [r.model_dump() for c in clusters for r in c.resolutions] + [r.model_dump() for r in reduced.resolutions]
     doc = {
         "dataset": cfg.dataset,
         "n": len(table.image_ids),
-        "quarantined": store["quarantined"],
-        "store": store["store"],
-        "extract": {"extractor": cfg.extractor, "device": store["device"], "dim": store["dim"]},
-        "algorithms": metrics,
-        "reducer": {"name": cfg.reducer, "backend": reduced["backend"]},
+        "quarantined": store.quarantined,
+        "store": store.store,
+        "extract": {"extractor": cfg.extractor, "device": store.device, "dim": store.dim},
+        "algorithms": {name: m.as_json() for name, m in metrics.items()},
+        "reducer": {"name": cfg.reducer, "backend": reduced.backend},
         "backends": resolutions,
         "fallbacks": [f"{r['op']}: {f}" for r in resolutions for f in r["fallbacks"]],
         "timings_s": timings,
     }
-    atomic_write_json(stage / "metrics.json", doc, sort_keys=False)
-    recon = Path(store["store"]).parent / "autoencoder" / RECONSTRUCTIONS
+    atomic_write_json(run.metrics, doc, sort_keys=False)
+    recon = Path(store.store).parent / "autoencoder" / RECONSTRUCTIONS
     if cfg.extractor == "autoencoder" and recon.is_file():
-        shutil.copyfile(recon, stage / RECONSTRUCTIONS)
-    for tmp in list(stage.glob("labels-*.npy")) + list(stage.glob("map2d.npy")):
+        shutil.copyfile(recon, run.reconstructions)
+    for tmp in run.scratch_files():
         tmp.unlink()
     return doc

@@ -24,7 +24,110 @@ from pathlib import Path
 
 from gpu_ops.errors import InputError
 
-RUN_FILES = ("config.yaml", "assignments.parquet", "map2d.parquet", "metrics.json", "map.png")
+
+class RunDir:
+    """Every file name of a run directory (or of its staging directory): the one place they are formed.
+
+    Stages write through it and the report reads through it::
+
+        run = RunDir(staging)
+        np.save(run.labels("kmeans"), labels)
+
+    ``labels-<algorithm>.npy`` and ``map2d.npy`` are scratch files between stages
+    (:meth:`scratch_files`: removed once ``assignments.parquet`` and ``map2d.parquet`` hold them);
+    the rest stay in the finished run.
+    """
+
+    CONFIG = "config.yaml"
+    ASSIGNMENTS = "assignments.parquet"
+    MAP2D = "map2d.parquet"
+    METRICS = "metrics.json"
+    K_SELECTION = "k_selection.json"
+    REPORT = "report.html"
+    FIGURES = "figures"
+    RECONSTRUCTIONS = "reconstructions.npz"
+    TSNE_SWEEP = "tsne_sweep.npz"
+    MAP_PNG = "map.png"
+    MAP2D_SCRATCH = "map2d.npy"
+    _LABELS = "labels-{}.npy"
+    _LINKAGE = "linkage-{}.npy"
+    _HISTORY = "history-{}.json"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def labels(self, algorithm: str) -> Path:
+        """One algorithm's labels (int64 ``.npy``, store order) between the cluster and write stages."""
+        return self.path / self._LABELS.format(algorithm)
+
+    def linkage(self, algorithm: str) -> Path:
+        """A hierarchical algorithm's linkage matrix (n-1, 4), for the report's dendrogram."""
+        return self.path / self._LINKAGE.format(algorithm)
+
+    def history(self, algorithm: str) -> Path:
+        """A deep clustering algorithm's per-epoch history (JSON list)."""
+        return self.path / self._HISTORY.format(algorithm)
+
+    def linkages(self) -> dict[str, Path]:
+        """Every linkage matrix present, by algorithm name (sorted)."""
+        prefix, suffix = self._LINKAGE.split("{}")
+        return {p.name[len(prefix):-len(suffix)]: p for p in sorted(self.path.glob(self._LINKAGE.format("*")))}
+
+    def scratch_files(self) -> list[Path]:
+        """The between-stage files present (labels arrays, the 2-D map array)."""
+        found = list(self.path.glob(self._LABELS.format("*")))
+        return found + ([self.map2d_scratch] if self.map2d_scratch.exists() else [])
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def assignments(self) -> Path:
+        return self.path / self.ASSIGNMENTS
+
+    @property
+    def map2d(self) -> Path:
+        return self.path / self.MAP2D
+
+    @property
+    def map2d_scratch(self) -> Path:
+        """The reduce stage's 2-D map (float32 ``.npy``) until ``map2d.parquet`` holds it."""
+        return self.path / self.MAP2D_SCRATCH
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def k_selection(self) -> Path:
+        """``k=auto``'s curves and choice, made once per run and shared by every algorithm."""
+        return self.path / self.K_SELECTION
+
+    @property
+    def report(self) -> Path:
+        return self.path / self.REPORT
+
+    @property
+    def figures(self) -> Path:
+        return self.path / self.FIGURES
+
+    @property
+    def reconstructions(self) -> Path:
+        return self.path / self.RECONSTRUCTIONS
+
+    @property
+    def tsne_sweep(self) -> Path:
+        return self.path / self.TSNE_SWEEP
+
+
+RUN_FILES = (RunDir.CONFIG, RunDir.ASSIGNMENTS, RunDir.MAP2D, RunDir.METRICS, RunDir.MAP_PNG)
 
 #: In every finished run directory: gpuclust wrote it, so a later run may replace it.
 RUN_MARKER = ".gpuclust-run"

@@ -16,12 +16,12 @@ def test_autoencoder_features_train_once_and_are_reused(tmp_path):
                       cache_dir=tmp_path)
     params = pipeline.extract_params(cfg)
     first = pipeline.extract_stage(params, progress=False)
-    assert (first["rows"], first["dim"]) == (600, 12)
-    ae_dir = Path(first["store"]).parent / "autoencoder"
+    assert (first.rows, first.dim) == (600, 12)
+    ae_dir = Path(first.store).parent / "autoencoder"
     (checkpoint,) = ae_dir.glob("ae-conv-z12-*.pt")
     stamp = checkpoint.stat().st_mtime_ns
 
-    meta = {k.decode(): v.decode() for k, v in pq.read_schema(Path(first["store"]) / "part-00000.parquet").metadata.items()}
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(Path(first.store) / "part-00000.parquet").metadata.items()}
     assert meta["extractor"] == "autoencoder" and meta["weights_sha256"] == file_sha256(checkpoint)
     assert json.loads(meta["preprocessing"])["latent_dim"] == 12
 
@@ -30,7 +30,7 @@ def test_autoencoder_features_train_once_and_are_reused(tmp_path):
     assert 0.0 <= recon["outputs"].min() and recon["outputs"].max() <= 1.0
 
     second = pipeline.extract_stage(params, progress=False)  # same data and settings: no retraining
-    assert checkpoint.stat().st_mtime_ns == stamp and second["store"] == first["store"]
+    assert checkpoint.stat().st_mtime_ns == stamp and second.store == first.store
 
     other = pipeline.extract_stage(pipeline.extract_params(cfg.model_copy(update={"latent_dim": 16})), progress=False)
-    assert other["store"] != first["store"] and other["dim"] == 16
+    assert other.store != first.store and other.dim == 16

@@ -34,16 +34,16 @@ def test_k_auto_picks_seven_on_the_blobs_through_the_pipeline(blobs7, tmp_path):
     cfg = make_config(dataset=f"npz:{npz}", extractor="raw", algorithms="kmeans", k="auto", reducer="none",
                       cache_dir=tmp_path / "cache")
     store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)
-    assert (store["rows"], store["dim"]) == (5000, 32)
+    assert (store.rows, store.dim) == (5000, 32)
     staging = tmp_path / "staging"
     staging.mkdir()
-    out = pipeline.cluster_stage(store["store"], cfg, "kmeans", str(staging))
-    assert out["k"] == 7
+    out = pipeline.cluster_stage(store.store, cfg, "kmeans", str(staging))
+    assert out.k == 7
     saved = json.loads((staging / "k_selection.json").read_text())
     assert saved["chosen_k"] == 7 and saved["ks"] == list(range(2, 21))
     assert len(saved["inertia"]) == len(saved["silhouette"]) == 19
-    metrics = pipeline.evaluate_stage(store["store"], [out])["kmeans"]
-    assert metrics["ari"] > 0.99 and metrics["k"] == 7
+    metrics = pipeline.evaluate_stage(store.store, [out])["kmeans"]
+    assert metrics.ari > 0.99 and metrics.k == 7
 
 
 def test_silhouette_on_the_precomputed_sample_is_scikit_learns(blobs7):

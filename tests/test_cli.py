@@ -9,6 +9,7 @@ from sklearn.cluster import KMeans
 
 from gpu_ops.data import load_dataset
 from gpu_ops.metrics import evaluate
+from gpu_ops.rundir import RunDir
 
 from conftest import run_cli
 
@@ -62,13 +63,13 @@ def test_deep_clustering_from_the_cli(data_dir, tmp_path):
     for algorithm in ("n2d", "idec"):
         entry = metrics["algorithms"][algorithm]
         assert entry["backend"] == "torch-cpu" and entry["k"] == 10
-        history = json.loads((out / f"history-{algorithm}.json").read_text())
+        history = json.loads(RunDir(out).history(algorithm).read_text())
         pretrained.append([h["epoch"] for h in history if h["phase"] == "pretrain"])
         # the ACC logged by training is the ACC the evaluate stage finds on the saved assignments
         assert history[-1]["acc"] == pytest.approx(entry["acc"], abs=1e-4)
     # one algorithm pretrains the autoencoder, the other reuses its checkpoint
     assert sorted(pretrained) == [[], [1, 2, 3]]
-    idec_phases = [h["phase"] for h in json.loads((out / "history-idec.json").read_text())]
+    idec_phases = [h["phase"] for h in json.loads(RunDir(out).history("idec").read_text())]
     assert "manifold-init" in idec_phases and idec_phases[-1] == "idec"
 
 

@@ -415,7 +415,7 @@ def _run_cluster(npz: Path, tmp: Path, algorithm: str, **cfg_values):
 
     cfg = make_config(dataset=f"npz:{npz}", extractor="raw", algorithms=algorithm, reducer="none",
                       cache_dir=tmp / "cache", **cfg_values)
-    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)["store"]
+    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False).store
     staging = tmp / f"staging-{algorithm}"
     staging.mkdir(exist_ok=True)
     out = pipeline.cluster_stage(store, cfg, algorithm, str(staging))
@@ -432,14 +432,14 @@ def test_pipeline_cluster_stage_runs_the_new_algorithms(blob_npz, tmp_path, algo
     from gpu_ops import pipeline
 
     store, out = _run_cluster(blob_npz, tmp_path, algorithm, **values)
-    labels = np.load(out["labels"])
+    labels = np.load(out.labels)
     assert labels.shape == (3000,)
-    assert out["k"] == 4, out
-    metrics = pipeline.evaluate_stage(store, [out])[algorithm]
+    assert out.k == 4, out
+    metrics = pipeline.evaluate_stage(store, [out])[algorithm].as_json()
     assert metrics["ari"] > 0.95, metrics
     assert sum(metrics["cluster_sizes"]) + metrics.get("noise", 0) == 3000
     if algorithm == "kmeans":
-        assert out["streaming"]["memory_mb"] == 32 and out["backend"] == "faiss-cpu"
+        assert out.streaming.memory_mb == 32 and out.backend == "faiss-cpu"
 
 
 def test_config_rejects_unknown_algorithm_and_accepts_new_ones():
@@ -492,9 +492,9 @@ def test_pipeline_reduce_stage_writes_the_sweep(blob_npz, tmp_path):
 
     cfg = make_config(dataset=f"npz:{blob_npz}", extractor="raw", reducer="tsne", tsne_perplexities=[10, 40],
                       limit=600, cache_dir=tmp_path / "cache")
-    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)["store"]
+    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False).store
     out = pipeline.reduce_stage(store, cfg, str(tmp_path))
-    assert np.load(out["map"]).shape == (600, 2)
+    assert np.load(out.path).shape == (600, 2)
     with np.load(tmp_path / "tsne_sweep.npz", allow_pickle=False) as sweep:
         assert sweep["embeddings"].shape == (2, 600, 2) and sweep["perplexities"].tolist() == [10.0, 40.0]
     assert not list(tmp_path.glob("*.png"))

@@ -55,7 +55,7 @@ def test_two_writers_fill_disjoint_shards_and_the_driver_merges_them(tmp_path):
 
     # the same rows, in the same order, with the same values as the single-process extraction
     single = pipeline.extract_stage(_params(tmp_path / "single", shard_rows=300), progress=False)
-    a, b = read_embeddings(store), read_embeddings(Path(single["store"]))
+    a, b = read_embeddings(store), read_embeddings(Path(single.store))
     assert a.image_ids == b.image_ids and np.array_equal(a.embeddings, b.embeddings)
     assert np.array_equal(a.labels, b.labels)
 
@@ -202,11 +202,11 @@ def test_raw_pixels_of_a_limited_folder_of_mixed_sizes_on_dask_match_the_local_r
     local = pipeline.extract_stage(_params(tmp_path / "local", **common), progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         store = _extract_on_cluster(cluster.scheduler_address, _params(tmp_path / "dask", **common))
-    a, b = read_embeddings(Path(local["store"])), read_embeddings(store)
-    assert (local["rows"], local["dim"], local["quarantined"]) == (24, 32 * 32 * 3, 1)
+    a, b = read_embeddings(Path(local.store)), read_embeddings(store)
+    assert (local.rows, local.dim, local.quarantined) == (24, 32 * 32 * 3, 1)
     assert a.image_ids == b.image_ids and len(b.image_ids) == 24
     assert np.array_equal(a.embeddings, b.embeddings)
-    assert (store / "quarantine.csv").read_text() == (Path(local["store"]) / "quarantine.csv").read_text()
+    assert (store / "quarantine.csv").read_text() == (Path(local.store) / "quarantine.csv").read_text()
     assert "002b.jpg,empty file (0 bytes)" in (store / "quarantine.csv").read_text()
 
 
@@ -224,6 +224,6 @@ def test_an_image_folder_is_extracted_on_daemonic_worker_processes(cifar_folder,
     assert len({s["writer"] for s in manifest["shards"].values()}) == 2  # both worker processes wrote parts
     flat = [i for ids in _ids_per_part(store) for i in ids]
     assert len(flat) == len(set(flat)) == 100  # exactly one row per image
-    a, b = read_embeddings(Path(local["store"])), read_embeddings(store)
+    a, b = read_embeddings(Path(local.store)), read_embeddings(store)
     assert a.image_ids == b.image_ids == flat
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5)

@@ -50,11 +50,11 @@ def make_run(tmp: Path, **settings) -> Path:
     timings = {"extract": round(time.perf_counter() - t0, 3)}
     clusters = []
     for algorithm in cfg.algorithms:
-        clusters.append(pipeline.cluster_stage(store["store"], cfg, algorithm, str(staging)))
-        timings[f"cluster:{algorithm}"] = clusters[-1]["seconds"]
-    reduced = pipeline.reduce_stage(store["store"], cfg, str(staging))
-    timings["reduce"] = reduced["seconds"]
-    metrics = pipeline.evaluate_stage(store["store"], clusters)
+        clusters.append(pipeline.cluster_stage(store.store, cfg, algorithm, str(staging)))
+        timings[f"cluster:{algorithm}"] = clusters[-1].seconds
+    reduced = pipeline.reduce_stage(store.store, cfg, str(staging))
+    timings["reduce"] = reduced.seconds
+    metrics = pipeline.evaluate_stage(store.store, clusters)
     pipeline.finalize_run(cfg, store, clusters, reduced, metrics, str(staging), timings)
     return commit_run(staging, out)
 

@@ -469,6 +469,7 @@ def train_autoencoder(
 def train_or_load(X: torch.Tensor, cfg: AutoencoderConfig, dev: torch.device, fingerprint: str,
                    checkpoint_path: Path | str | None, progress: bool, labels: np.ndarray | None,
                    n_clusters: int | None, eval_every: int) -> tuple[nn.Module, AEHistory]:
+    """Pretrain the autoencoder on ``X``, or load the checkpoint of the same data and settings."""
     vectors = X.ndim == 2
     seed_everything(cfg.seed)
     model = build_autoencoder(cfg.arch, tuple(X.shape[1:]), cfg.latent_dim, hidden=cfg.hidden,

@@ -130,7 +130,6 @@ def _opentsne(**params: object) -> OpenTSNE:
 
 
 #: The sweep's maps in a run directory (see :meth:`PerplexitySweep.save`); the report draws them.
-SWEEP_FILE = "tsne_sweep.npz"
 
 
 @dataclass

@@ -26,13 +26,14 @@ from gpu_ops.errors import InputError
 from gpu_ops.report import data as D
 from gpu_ops.report import figures as F
 from gpu_ops.fsutil import atomic_write_bytes
+from gpu_ops.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-FIGURES_DIR = "figures"
-REPORT_NAME = "report.html"
+FIGURES_DIR = RunDir.FIGURES
+REPORT_NAME = RunDir.REPORT
 #: The first algorithm's map, also saved beside the run's other files.
-MAP_NAME = "map.png"
+MAP_NAME = RunDir.MAP_PNG
 TEMPLATE = "report.html.j2"
 
 

@@ -19,11 +19,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from gpu_ops.reduce.tsne import SWEEP_FILE
 from gpu_ops.report.metrics_doc import read_metrics
+from gpu_ops.rundir import RunDir
 
-RECONSTRUCTIONS = "reconstructions.npz"
-K_SELECTION = "k_selection.json"
+RECONSTRUCTIONS = RunDir.RECONSTRUCTIONS
+K_SELECTION = RunDir.K_SELECTION
 
 
 @dataclass(frozen=True)
@@ -147,18 +147,18 @@ def load_run(run_dir: Path) -> RunInputs:
     if inputs.map2d is not None and _flat_map(inputs):
         inputs.note("map2d.parquet", "the run had no 2-D map (reducer none: every point at 0, 0); maps and thumbnails skipped")
         inputs.map2d = None
-    if (run_dir / K_SELECTION).is_file():
-        inputs.k_selection = _read_json(run_dir / K_SELECTION, inputs, "k-selection curves skipped")
+    if RunDir(run_dir).k_selection.is_file():
+        inputs.k_selection = _read_json(RunDir(run_dir).k_selection, inputs, "k-selection curves skipped")
         if inputs.k_selection is not None and not {"ks", "inertia", "silhouette"} <= set(inputs.k_selection):
             inputs.note(K_SELECTION, "lacks ks/inertia/silhouette; k-selection curves skipped")
             inputs.k_selection = None
-    if (run_dir / SWEEP_FILE).is_file():
+    sweep_path = RunDir(run_dir).tsne_sweep
+    if sweep_path.is_file():
         try:
-            inputs.tsne_sweep = load_tsne_sweep(run_dir / SWEEP_FILE)
+            inputs.tsne_sweep = load_tsne_sweep(sweep_path)
         except ValueError as exc:
-            inputs.note(SWEEP_FILE, f"{exc}; t-SNE perplexity sweep skipped")
-    for path in sorted(run_dir.glob("linkage-*.npy")):
-        algo = path.stem.removeprefix("linkage-")
+            inputs.note(sweep_path.name, f"{exc}; t-SNE perplexity sweep skipped")
+    for algo, path in RunDir(run_dir).linkages().items():
         try:
             Z = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
