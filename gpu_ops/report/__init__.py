@@ -18,7 +18,7 @@
 
 Inputs (from :mod:`gpu_ops.pipeline` / :mod:`gpu_ops.rundir`): ``config.yaml``,
 ``assignments.parquet``, ``map2d.parquet``, ``metrics.json`` (its ``store`` gives the true
-labels), and optionally ``k_selection.json``, ``linkage-<algorithm>.npy``, ``tsne_sweep.npz``
+labels), and optionally ``k_selection.json``, a linkage matrix per hierarchical algorithm, ``tsne_sweep.npz``
 (:meth:`gpu_ops.reduce.tsne.PerplexitySweep.save` gives its contract) and ``reconstructions.npz``.
 Images for montages and thumbnails come from re-opening the dataset that config.yaml names
 (``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is
