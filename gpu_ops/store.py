@@ -45,9 +45,6 @@ MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
 #: 2: parts carry page checksums; the manifest records each part's bytes, mtime_ns and sha256.
 FORMAT_VERSION = 2
-#: Largest embedding magnitude accepted for clustering: squared distances of larger values
-#: overflow float32 (about 3.4e38) in FAISS / cuML and abort or poison the fit.
-MAX_ABS_VALUE = 1e18
 #: Problems listed by name in a re-extraction warning (the rest are counted).
 _LISTED_PROBLEMS = 3
 
@@ -503,18 +500,23 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def check_embedding_values(embeddings: np.ndarray, path: Path, first_row: int = 0,
                            image_ids: Any = None) -> None:
-    """Refuse a non-finite value or one beyond ±:data:`MAX_ABS_VALUE` (float32 squared distances
-    overflow): InputError naming ``path``, the row (``first_row`` + position) and its image_id."""
+    """Refuse a non-finite value or one whose squared distances overflow float32 in FAISS / cuML
+    (beyond ±:func:`~gpu_ops.data.base.max_abs_vector_value` of the dimension): InputError naming
+    ``path``, the row (``first_row`` + position) and its image_id. ``embeddings`` (b, d)."""
+    from gpu_ops.data.base import max_abs_vector_value
+
     if embeddings.size == 0:
         return
+    limit = max_abs_vector_value(embeddings.shape[1])
     lo, hi = float(embeddings.min()), float(embeddings.max())  # NaN propagates: one pass each, no copy
-    if -MAX_ABS_VALUE <= lo and hi <= MAX_ABS_VALUE:
+    if -limit <= lo and hi <= limit:
         return
-    bad = ~(np.abs(embeddings) <= MAX_ABS_VALUE)
+    bad = ~(np.abs(embeddings) <= limit)
     row = int(np.flatnonzero(bad.any(axis=1))[0])
     value = float(embeddings[row][bad[row]][0])
     ident = f" (image_id {str(image_ids[row])!r})" if image_ids is not None else ""
-    what = "a non-finite value" if not np.isfinite(value) else "a value beyond ±1e18, where float32 distances overflow"
+    what = ("a non-finite value" if not np.isfinite(value)
+            else f"a value beyond ±{limit:.3g}, where float32 distances of {embeddings.shape[1]}-d vectors overflow")
     raise InputError(f"{path}: row {first_row + row}{ident} holds {what} ({value:g}) in its embedding")
 
 
@@ -544,7 +546,7 @@ def read_embeddings(directory: Path) -> EmbeddingTable:
     """Read every finished shard of a store (or a folder of Parquet files) into memory.
 
     Every part is checked: readable Parquet with intact pages, the same columns and embedding
-    dimension as the first, unique ``image_id``s, finite values within ±:data:`MAX_ABS_VALUE`.
+    dimension as the first, unique ``image_id``s, finite values that float32 distances can hold.
     Each failure is an InputError naming the file (and the row or id).
     """
     ids: list[str] = []

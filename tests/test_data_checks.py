@@ -121,7 +121,8 @@ def test_parquet_embeddings_with_a_nan_are_refused(tmp_path, mnist):
     column = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
     pq.write_table(pa.table({"image_id": [f"m/{i}" for i in range(len(X))], "embedding": column}),
                    tmp_path / "part-00000.parquet")
-    assert refusal(f"parquet:{tmp_path}") == f"{tmp_path}: embedding[3, 7] = nan is not a finite number"
+    assert refusal(f"parquet:{tmp_path}") == (f"{tmp_path / 'part-00000.parquet'}: row 3 (image_id 'm/3') holds a "
+                                              "non-finite value (nan) in its embedding")
 
 
 # --- malformed npz -------------------------------------------------------------------------------

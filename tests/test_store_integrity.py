@@ -173,15 +173,15 @@ def test_values_that_overflow_float32_never_reach_clustering(tmp_path):
     store.write_shard(1, ds.image_ids[10:], ["s"] * 10, None, emb, [])
     store.finish()
     part = tmp_path / "store" / "part-00001.parquet"
-    message = (f"{part}: row 3 (image_id {ds.image_ids[13]!r}) holds a value beyond ±1e18, where float32 "
-               "distances overflow (3.2e+38) in its embedding")
+    message = (f"{part}: row 3 (image_id {ds.image_ids[13]!r}) holds a value beyond ±4.61e+18, where "
+               "float32 distances of 4-d vectors overflow (3.2e+38) in its embedding")
     with pytest.raises(InputError) as err:
         read_embeddings(tmp_path / "store")
     assert str(err.value) == message
     with pytest.raises(InputError) as err:  # the out-of-core k-means reads the store in batches
         list(StoreSource(tmp_path / "store", batch_rows=4).batches())
-    assert str(err.value) == (f"{part}: row 3 holds a value beyond ±1e18, where float32 distances overflow "
-                              "(3.2e+38) in its embedding")
+    assert str(err.value) == (f"{part}: row 3 holds a value beyond ±4.61e+18, where float32 distances of 4-d "
+                              "vectors overflow (3.2e+38) in its embedding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ BAD_PARQUET = {
     "duplicate id": (lambda d: _user_part(d / "b.parquet", ["b0", "a1"]),
                      "b.parquet: duplicate image_id 'a1' (also in a.parquet)"),
     "3.2e38": (lambda d: _user_part(d / "b.parquet", ["b0", "b1"], value=3.2e38),
-               "b.parquet: row 1 (image_id 'b1') holds a value beyond ±1e18, where float32 distances overflow "
-               "(3.2e+38) in its embedding"),
+               "b.parquet: row 1 (image_id 'b1') holds a value beyond ±3.26e+18, where float32 distances of "
+               "8-d vectors overflow (3.2e+38) in its embedding"),
     "NaN": (lambda d: _user_part(d / "b.parquet", ["b0", "b1"], value=float("nan")),
             "b.parquet: row 1 (image_id 'b1') holds a non-finite value (nan) in its embedding"),
 }
