@@ -80,6 +80,7 @@ class PrefectServer:
              "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=self._env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent())
+        stopping.spare(self.process.pid)  # a signal must not kill it before it records the crash
 
     def wait_until_ready(self, timeout: float) -> None:
         """Block until the API answers its health check; restart on another port (a port taken
@@ -93,6 +94,7 @@ class PrefectServer:
                 if restarts == 2:
                     break
                 restarts += 1
+                stopping.spare(self.process.pid, keep=False)
                 self.start()
                 continue
             try:
@@ -122,6 +124,7 @@ class PrefectServer:
             time.sleep(0.05)
         _signal_group(process.pid, signal.SIGKILL)  # and anything it started
         process.wait()
+        stopping.spare(process.pid, keep=False)
         self._log.close()
 
     def kill(self) -> None:

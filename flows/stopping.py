@@ -1,13 +1,20 @@
 """Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (how Slurm and Kubernetes stop jobs).
 
-The first signal raises in the main thread (``KeyboardInterrupt`` or :class:`Terminated`) so the
-run unwinds: the flow removes its staging directory, the Parquet store keeps every finished part.
-From that moment stderr is silenced, because the libraries unwinding (Prefect's engine, its API
-client, loader workers) would otherwise print tracebacks. The CLI then calls :func:`exit_stopped`,
-which stops every process the run started and prints one line: ``gpuclust: interrupted`` (exit
-130) or ``gpuclust: terminated`` (exit 143). A watchdog thread does the same after
-:data:`GRACE_SECONDS` when the run does not unwind by itself (a library that swallows the
-exception, or a long call in C that only returns later). Later signals change nothing.
+On the first signal this process:
+
+1. silences stderr, keeping the real one for the final line: the libraries unwinding (Prefect's
+   engine and API client, Dask, loader workers) would otherwise print tracebacks;
+2. kills the processes the run started (loader workers, Dask workers), except the ones it still
+   needs to stop cleanly (the run's Prefect server, see :func:`spare`);
+3. raises ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM) in the main thread, so
+   the run unwinds: Prefect records the crash, the flow removes its staging directory, the
+   Parquet store keeps every finished part.
+
+The CLI then calls :func:`exit_stopped`: it runs the clean-ups (stopping the Prefect server),
+kills whatever is left of the process tree and exits at once with one line on stderr,
+``gpuclust: interrupted`` (130) or ``gpuclust: terminated`` (143). A watchdog thread does the same
+after :data:`GRACE_SECONDS` when the run does not unwind by itself (a library that swallows the
+exception, or a long call in C that returns late). Later signals change nothing.
 """
 
 from __future__ import annotations
@@ -52,17 +59,18 @@ class _LineTrackingStream:
 
 class _State:
     signal: int | None = None
-    armed: bool = False
+    armed = False
     stderr_fd: int | None = None
     mid_line = False
     cleanups: list[Callable[[], None]] = []
+    spared: set[int] = set()
     exit_lock = threading.Lock()
 
 
 def install() -> None:
-    """Handle SIGINT and SIGTERM in this (main) thread as described in the module docstring."""
+    """Handle SIGINT and SIGTERM as described in the module docstring (call in the main thread)."""
     _State.armed = True
-    if not isinstance(sys.stderr, _LineTrackingStream) and sys.stderr is not None:
+    if sys.stderr is not None and not isinstance(sys.stderr, _LineTrackingStream):
         sys.stderr = _LineTrackingStream(sys.stderr)  # type: ignore[assignment]
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -72,10 +80,10 @@ def reclaim_sigterm() -> None:
     """Put this module's SIGTERM handler back (no-op unless :func:`install` ran in this process).
 
     Prefect swaps in its own SIGTERM handler while a flow runs (it raises ``TerminationSignal``
-    and lets the engine log a crash on stderr). Flows call this first thing so that, under
-    ``gpuclust run``, SIGTERM silences stderr before anything unwinds; Prefect puts this handler
-    back itself when the flow ends. Processes that Prefect's runner starts never call
-    :func:`install`, so their cancellation through SIGTERM is unchanged.
+    and logs a crash on stderr before anything else can happen). Flows call this first thing so
+    that, under ``gpuclust run``, SIGTERM is handled like SIGINT; Prefect puts this handler back
+    itself when the flow ends. Processes that Prefect's runner starts never call :func:`install`,
+    so their cancellation through SIGTERM is unchanged.
     """
     if _State.armed and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
@@ -108,11 +116,18 @@ def remove_cleanup(fn: Callable[[], None]) -> None:
         _State.cleanups.remove(fn)
 
 
+def spare(pid: int, keep: bool = True) -> None:
+    """Leave the process ``pid`` (and its children) alive when the signal arrives: a clean-up
+    stops it later (the run's Prefect server, which records the crash). ``keep=False`` undoes it."""
+    (_State.spared.add if keep else _State.spared.discard)(pid)
+
+
 def _on_signal(signum: int, _frame: object) -> None:
     if _State.signal is not None:
         return  # already stopping: a second Ctrl-C must not interrupt the clean-up
     _State.signal = signum
     _silence_stderr()
+    kill_descendants(os.getpid(), spared=_State.spared)
     threading.Thread(target=_watchdog, name="gpuclust-stop-watchdog", daemon=True).start()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -180,8 +195,9 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rfind(")") + 2:].split()
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process whose chain of parents reaches ``root`` (not ``root`` itself)."""
+def descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Every live process whose chain of parents reaches ``root`` (not ``root`` itself), leaving
+    out the ``spared`` processes and their own descendants."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -197,8 +213,9 @@ def descendants(root: int) -> list[int]:
     todo = [root]
     while todo:
         for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+            if child not in spared:
+                found.append(child)
+                todo.append(child)
     return found
 
 
@@ -207,22 +224,19 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
-def kill_descendants(root: int) -> None:
-    """SIGKILL every descendant of ``root`` (loader workers, Dask processes): they hold nothing
-    that must be saved, and killing is silent where a polite SIGTERM makes some of them log."""
+def kill_descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGKILL every descendant of ``root`` but the ``spared`` ones, and wait (up to 1 s a round)
+    until they are gone. Loader and Dask workers hold nothing that must be saved (store parts are
+    written atomically), and SIGKILL is silent where a polite SIGTERM makes some of them log."""
     for _ in range(5):  # a parent that restarts its children is gone after the first round
-        pids = descendants(root)
+        pids = descendants(root, spared)
         if not pids:
             return
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.02)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
