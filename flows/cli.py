@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import flows  # noqa: F401  (sets Prefect environment defaults before Prefect is imported)
+from flows import stopping
+from flows.api_server import ServerStartError
 from gpu_ops.errors import InputError
 
 log = logging.getLogger("gpuclust")
@@ -208,9 +210,14 @@ def print_metrics(doc: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args)
     preflight(cfg)
-    from flows.pipeline import cluster_images
+    from flows.api_server import prefect_api, startup_timeout
 
-    doc = cluster_images(cfg)
+    with prefect_api() as server:
+        from flows.pipeline import cluster_images  # imported while the server starts
+
+        if server is not None:
+            server.wait_until_ready(startup_timeout())
+        doc = cluster_images(cfg)
     print_metrics(doc)
     return 0
 
@@ -280,9 +287,8 @@ def _filter_prefect_loggers() -> None:
         logging.getLogger(name).addFilter(_HideInputErrorTracebacks())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; bad input, an interrupt or a stage's time limit become one line."""
     try:
         if args.command == "run":
             _filter_prefect_loggers()
@@ -302,6 +308,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TimeoutError as exc:  # a stage ran past its limit (config `timeouts:`)
         print(f"gpuclust: error: a stage ran too long: {exc} (see `timeouts:` in the config)", file=sys.stderr)
         return 1
+    except ServerStartError as exc:
+        print(f"gpuclust: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.command in ("run", "report"):
+        stopping.install()  # SIGINT/SIGTERM: one line, exit 130/143, no process left behind
+    try:
+        code = run_command(args)
+    except BaseException:
+        if stopping.requested() is not None:  # whatever the signal became on its way up
+            stopping.exit_stopped()
+        raise
+    if stopping.requested() is not None:  # caught on the way, or swallowed by a library
+        stopping.exit_stopped()
+    stopping.ignore_from_now()  # the work is done: a late signal must not turn exit 0 into a kill
+    return code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import stopping
 from flows.scaleout import cluster_store, extract_store, scale_out
 from flows.tasks import build_report, configured, evaluate, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
@@ -18,6 +19,7 @@ from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, start_run
 @flow(name="cluster-images")
 def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     """Cluster a dataset and write ``config.out`` (metrics.json's content is returned)."""
+    stopping.reclaim_sigterm()
     out = check_out_dir(config.out or default_run_dir(config.dataset), config.dataset, config.cache_root())
     staging = start_run(out)
     try:
@@ -47,5 +49,6 @@ def extract_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     """Only embed the dataset into its Parquet store (no clustering): e.g. a nightly refresh of a
     growing folder's features, sharded over a Dask cluster when ``config.task_runner`` says so.
     A later ``cluster-images`` run of the same data and extractor finds the store finished."""
+    stopping.reclaim_sigterm()
     with scale_out(config) as dask_address:
         return extract_store(config, dask_address).model_dump()

@@ -117,6 +117,10 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     merged here. Fails when the shards are not done within ``config.timeouts.extract``."""
     import time
 
+    from flows import stopping
+
+    stopping.reclaim_sigterm()
+
     t0 = time.perf_counter()
     plan = plan_shards(params, config.task_runner.n_workers, address)
     backend = config.backend_for("extract")

@@ -19,6 +19,7 @@ from prefect.context import TaskRunContext
 
 from prefect import get_run_logger
 
+from flows import stopping
 from gpu_ops import pipeline
 from gpu_ops.config import RunConfig
 from gpu_ops.device import Machine
@@ -40,8 +41,8 @@ def _dataset_content_key(_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
 
 
 def retry_unless_bad_input(_task: Any, _run: Any, state: Any) -> bool:
-    """Retry transient I/O failures only; bad input fails at once."""
-    return not isinstance(state.result(raise_on_failure=False), InputError)
+    """Retry transient I/O failures only; bad input, or a run being stopped, fails at once."""
+    return stopping.requested() is None and not isinstance(state.result(raise_on_failure=False), InputError)
 
 
 @task(

@@ -1,0 +1,242 @@
+"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (how Slurm and Kubernetes stop jobs).
+
+On the first signal this process:
+
+1. silences stderr, keeping the real one for the final line: the libraries unwinding (Prefect's
+   engine and API client, Dask, loader workers) would otherwise print tracebacks;
+2. kills the processes the run started (loader workers, Dask workers), except the ones it still
+   needs to stop cleanly (the run's Prefect server, see :func:`spare`);
+3. raises ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM) in the main thread, so
+   the run unwinds: Prefect records the crash, the flow removes its staging directory, the
+   Parquet store keeps every finished part.
+
+The CLI then calls :func:`exit_stopped`: it runs the clean-ups (stopping the Prefect server),
+kills whatever is left of the process tree and exits at once with one line on stderr,
+``gpuclust: interrupted`` (130) or ``gpuclust: terminated`` (143). A watchdog thread does the same
+after :data:`GRACE_SECONDS` when the run does not unwind by itself (a library that swallows the
+exception, or a long call in C that returns late). Later signals change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn, TextIO
+
+#: Seconds the main thread has to unwind after the first signal before the watchdog ends the run.
+GRACE_SECONDS = 5.0
+
+_MESSAGES = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (a BaseException, like
+    KeyboardInterrupt, so that ``except Exception`` clauses do not swallow it)."""
+
+
+class _LineTrackingStream:
+    """``sys.stderr`` as it was, noting whether the last text written ended its line (a progress
+    bar redraws one line without ending it: the final message must not be glued to it)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _State:
+    signal: int | None = None
+    armed = False
+    stderr_fd: int | None = None
+    mid_line = False
+    cleanups: list[Callable[[], None]] = []
+    spared: set[int] = set()
+    exit_lock = threading.Lock()
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM as described in the module docstring (call in the main thread)."""
+    _State.armed = True
+    if sys.stderr is not None and not isinstance(sys.stderr, _LineTrackingStream):
+        sys.stderr = _LineTrackingStream(sys.stderr)  # type: ignore[assignment]
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def reclaim_sigterm() -> None:
+    """Put this module's SIGTERM handler back (no-op unless :func:`install` ran in this process).
+
+    Prefect swaps in its own SIGTERM handler while a flow runs (it raises ``TerminationSignal``
+    and logs a crash on stderr before anything else can happen). Flows call this first thing so
+    that, under ``gpuclust run``, SIGTERM is handled like SIGINT; Prefect puts this handler back
+    itself when the flow ends. Processes that Prefect's runner starts never call :func:`install`,
+    so their cancellation through SIGTERM is unchanged.
+    """
+    if _State.armed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+
+
+def ignore_from_now() -> None:
+    """The command's work is done: let the interpreter's exit finish whatever signal comes now.
+
+    SIG_IGN, unlike a Python handler, stays in place until the process is gone (Python restores
+    the default action for its own handlers early in its shutdown, where a signal would end the
+    process by the signal, with no line)."""
+    if _State.armed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def requested() -> int | None:
+    """The signal that asked the run to stop (``signal.SIGINT`` / ``signal.SIGTERM``), or None."""
+    return _State.signal
+
+
+def add_cleanup(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (which must not need the main thread) before a stopped run exits."""
+    _State.cleanups.append(fn)
+
+
+def remove_cleanup(fn: Callable[[], None]) -> None:
+    """Forget a function given to :func:`add_cleanup`."""
+    if fn in _State.cleanups:
+        _State.cleanups.remove(fn)
+
+
+def spare(pid: int, keep: bool = True) -> None:
+    """Leave the process ``pid`` (and its children) alive when the signal arrives: a clean-up
+    stops it later (the run's Prefect server, which records the crash). ``keep=False`` undoes it."""
+    (_State.spared.add if keep else _State.spared.discard)(pid)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    if _State.signal is not None:
+        return  # already stopping: a second Ctrl-C must not interrupt the clean-up
+    _State.signal = signum
+    _silence_stderr()
+    kill_descendants(os.getpid(), spared=_State.spared)
+    threading.Thread(target=_watchdog, name="gpuclust-stop-watchdog", daemon=True).start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated
+
+
+def _silence_stderr() -> None:
+    """Keep the real stderr for the final line; send everything else written to it to /dev/null."""
+    logging.disable(logging.CRITICAL)
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    _State.mid_line = isinstance(sys.stderr, _LineTrackingStream) and not sys.stderr.at_line_start
+    _State.stderr_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _watchdog() -> None:
+    time.sleep(GRACE_SECONDS)
+    exit_stopped()
+
+
+def exit_stopped() -> NoReturn:
+    """Stop the run's child processes, print the one line, and exit with 130 or 143 at once.
+
+    ``os._exit``: interpreter shutdown would run library exit hooks (Prefect drains its log and
+    event queues to an API that is already gone) that can only print errors or wait.
+    """
+    _State.exit_lock.acquire()  # the main thread and the watchdog: whoever comes second waits here
+    signum = _State.signal if _State.signal is not None else signal.SIGINT
+    word, code = _MESSAGES.get(signum, _MESSAGES[signal.SIGINT])
+    for fn in reversed(_State.cleanups):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - stopping goes on whatever one clean-up does
+            pass
+    kill_descendants(os.getpid())
+    if threading.current_thread() is threading.main_thread():  # the watchdog must not wait on its lock
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+    fd = _State.stderr_fd if _State.stderr_fd is not None else 2
+    newline = "\n" if _State.mid_line else ""  # end a progress bar's line first
+    try:
+        os.write(fd, f"{newline}gpuclust: {word}\n".encode())
+    except OSError:
+        pass
+    os._exit(code)
+
+
+# ------------------------------------------------------------------------------------------
+# Child processes, found through /proc (Linux); elsewhere there is nothing to walk.
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` split after the command name: [state, ppid, pgrp, ...]; None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Every live process whose chain of parents reaches ``root`` (not ``root`` itself), leaving
+    out the ``spared`` processes and their own descendants."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in spared:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def kill_descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGKILL every descendant of ``root`` but the ``spared`` ones, and wait (up to 1 s a round)
+    until they are gone. Loader and Dask workers hold nothing that must be saved (store parts are
+    written atomically), and SIGKILL is silent where a polite SIGTERM makes some of them log."""
+    for _ in range(5):  # a parent that restarts its children is gone after the first round
+        pids = descendants(root, spared)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.02)
