@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -153,9 +153,7 @@ class RunConfig(BaseModel):
     def _known_extractor(cls, value: str, info: ValidationInfo) -> str:
         from gpu_ops.features import EXTRACTORS
 
-        if value not in EXTRACTORS:
-            raise _error(info, "extractor", str(choice_error("extractor", value, EXTRACTORS)))
-        return value
+        return _one_of(info, "extractor", value, EXTRACTORS)
 
     @field_validator("algorithms", mode="before")
     @classmethod
@@ -203,9 +201,7 @@ class RunConfig(BaseModel):
     def _known_backend(cls, value: str, info: ValidationInfo) -> str:
         from gpu_ops.device import BACKEND_CHOICES
 
-        if value not in BACKEND_CHOICES:
-            raise _error(info, "backend", str(choice_error("backend", value, BACKEND_CHOICES)))
-        return value
+        return _one_of(info, "backend", value, BACKEND_CHOICES)
 
     @field_validator("backends")
     @classmethod
@@ -336,6 +332,13 @@ def _prefix(info: ValidationInfo | None, field: str) -> str:
 def _error(info: ValidationInfo | None, field: str, message: str) -> InputError:
     """A complete one-line message (validation_message passes it on as it is)."""
     return InputError(_prefix(info, field) + message)
+
+
+def _one_of(info: ValidationInfo, field: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` when it is one of ``choices``; else the standard "unknown ..." error for ``field``."""
+    if value not in choices:
+        raise _error(info, field, str(choice_error(field, value, choices)))
+    return value
 
 
 def _checked(info: ValidationInfo, field: str, check: Callable[[], object]) -> None:
