@@ -31,8 +31,15 @@ from flows import stopping
 _PR_SET_PDEATHSIG = 1
 
 
+#: An opener that never goes through an HTTP proxy from the environment (the server is local).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process exits (Linux only)."""
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process exits (Linux only).
+
+    The kernel sends it when the *thread* that started the child ends: start the server from
+    the main thread, which lives as long as the process."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
@@ -84,8 +91,8 @@ class PrefectServer:
 
     def wait_until_ready(self, timeout: float) -> None:
         """Block until the API answers its health check; restart on another port (a port taken
-        between choosing and binding it) up to twice. RuntimeError with the server's output if
-        it does not come up within ``timeout`` seconds."""
+        between choosing and binding it) up to twice. :class:`ServerStartError` with the server's
+        last line of output if it does not come up within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         restarts = 0
         while time.monotonic() < deadline:
@@ -98,19 +105,20 @@ class PrefectServer:
                 self.start()
                 continue
             try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                with _DIRECT.open(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
                 pass
             time.sleep(0.1)
         self._log.seek(0)
-        output = self._log.read().decode(errors="replace").strip()[-2000:]
+        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        output = lines[-1][:500] if lines else ""  # the error line of a traceback: one line for the CLI
         code = self.process.poll() if self.process else None
         state = f"exited with code {code}" if code is not None else f"did not answer within {timeout:.0f} s"
         self.stop()
         raise ServerStartError(f"the Prefect server gpuclust started for this run {state}"
-                           + (f": {output}" if output else ""))
+                               + (f": {output}" if output else ""))
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``grace`` s; safe to call twice

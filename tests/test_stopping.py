@@ -3,9 +3,9 @@ Ctrl-C) and SIGTERM (how Slurm and Kubernetes stop jobs), each during extraction
 the report, in ephemeral Prefect mode.
 
 Every stop must: exit 130 / 143 within 10 s; print exactly one line on stderr (besides the
-progress bars drawn before the signal); leave no process the run started alive (the process tree,
-recorded just before the signal, not names); and leave a store that the next run completes to
-exactly one row per image.
+progress bars drawn before the signal), also when a second Ctrl-C comes while it stops; leave no
+process the run started alive (the process tree, recorded just before the signal, not names); and
+leave a store that the next run completes to exactly one row per image.
 
 The nine cases share one feature store, in order: each run is the rerun of the case before it
 (three runs interrupted during extraction, the next resumes it before it is interrupted during
@@ -231,6 +231,11 @@ def test_signal_stops_the_run_cleanly(chain: Chain, stage: str, how: str) -> Non
         started = descendants(proc.pid)
         sent = time.monotonic()
         (os.killpg if to_group else os.kill)(proc.pid, signum)
+        if to_group:  # a second Ctrl-C while it stops changes nothing
+            try:
+                proc.wait(timeout=0.3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signum)
         proc.wait(timeout=60)
         took = time.monotonic() - sent
         left = still_alive(started)
