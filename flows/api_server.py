@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from flows import stopping
 

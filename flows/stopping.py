@@ -25,8 +25,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 #: Seconds the main thread has to unwind after the first signal before the watchdog ends the run.
 GRACE_SECONDS = 5.0
