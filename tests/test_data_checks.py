@@ -266,7 +266,8 @@ def test_cli_refuses_bad_arrays_and_usps_files_in_one_line(tmp_path, mnist):
         assert not (tmp_path / "run").exists()
 
 
-def test_one_pixel_over_1_is_refused_and_the_clipped_array_clusters_like_uint8(tmp_path, digits_float):
+def test_one_pixel_over_1_is_refused_and_the_clipped_array_clusters_like_uint8(prefect_server, tmp_path,
+                                                                               digits_float):
     """A float image array is never rescaled by its maximum: one pixel at 1.01 once dropped ACC from
     about 0.8 to about 0.4 silently. Now it is refused before any work; clipped, it is the uint8 data."""
     uint8, unit, labels = digits_float
@@ -285,7 +286,8 @@ def test_one_pixel_over_1_is_refused_and_the_clipped_array_clusters_like_uint8(t
 
     acc = {}
     for name in ("clipped", "uint8"):
-        result = run_cli(["run", "--dataset", f"npz:{tmp_path / f'{name}.npz'}", *args, "--out", str(tmp_path / name)])
+        result = run_cli(["run", "--dataset", f"npz:{tmp_path / f'{name}.npz'}", *args, "--out", str(tmp_path / name)],
+                         api_url=prefect_server["url"])
         assert result.returncode == 0, result.stderr[-3000:]
         acc[name] = json.loads((tmp_path / name / "metrics.json").read_text())["algorithms"]["kmeans"]["acc"]
     assert acc["clipped"] == acc["uint8"] and acc["uint8"] > 0.7, acc

@@ -255,7 +255,7 @@ def test_a_cache_root_that_is_a_file_or_cannot_be_created_is_refused(tmp_path):
     assert afile.read_text() == "not a folder\n"
 
 
-def test_cache_round_trip_damaged_part_deleted_store_deleted_cache(tmp_path):
+def test_cache_round_trip_damaged_part_deleted_store_deleted_cache(prefect_server, tmp_path):
     """A cached extract result outlives its store: each rerun re-extracts what it must, says so in
     one line, and reports the same metrics."""
     cache = tmp_path / "cache"
@@ -263,7 +263,8 @@ def test_cache_round_trip_damaged_part_deleted_store_deleted_cache(tmp_path):
             "--reducer", "none", "--backend", "cpu"]
 
     def run(name: str) -> tuple[list[str], dict]:
-        result = run_cli([*args, "--out", str(tmp_path / name)], env={"GPUCLUST_CACHE": str(cache)})
+        result = run_cli([*args, "--out", str(tmp_path / name)], env={"GPUCLUST_CACHE": str(cache)},
+                         api_url=prefect_server["url"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
         lines = [line for line in result.stderr.splitlines() if "re-extracting" in line]
