@@ -26,8 +26,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn, TextIO
+
+import psutil
 
 #: Seconds the main thread has to unwind after the first signal before the watchdog ends the run.
 GRACE_SECONDS = 5.0
@@ -184,45 +185,32 @@ def exit_stopped() -> NoReturn:
 
 
 # ------------------------------------------------------------------------------------------
-# Child processes, found through /proc (Linux); elsewhere there is nothing to walk.
+# Child processes
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """``/proc/<pid>/stat`` split after the command name: [state, ppid, pgrp, ...]; None if gone."""
+def descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> list[psutil.Process]:
+    """Every live process below ``root`` (not ``root`` itself), leaving out the ``spared``
+    processes and their own descendants."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2:].split()
-
-
-def descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> list[int]:
-    """Every live process whose chain of parents reaches ``root`` (not ``root`` itself), leaving
-    out the ``spared`` processes and their own descendants."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+        below = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
         return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(int(entry))
-        if fields and fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in spared:
-                found.append(child)
-                todo.append(child)
-    return found
+    excluded = set(spared)
+    for proc in below:
+        if proc.pid in spared:
+            try:
+                excluded.update(child.pid for child in proc.children(recursive=True))
+            except psutil.Error:
+                pass
+    return [proc for proc in below if proc.pid not in excluded]
 
 
-def _alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+def _running(proc: psutil.Process) -> bool:
+    """Still running: not gone and not a zombie (no reaping here: the parent's own join does it)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def kill_descendants(root: int, spared: set[int] | frozenset[int] = frozenset()) -> None:
@@ -230,14 +218,14 @@ def kill_descendants(root: int, spared: set[int] | frozenset[int] = frozenset())
     until they are gone. Loader and Dask workers hold nothing that must be saved (store parts are
     written atomically), and SIGKILL is silent where a polite SIGTERM makes some of them log."""
     for _ in range(5):  # a parent that restarts its children is gone after the first round
-        pids = descendants(root, spared)
-        if not pids:
+        procs = descendants(root, spared)
+        if not procs:
             return
-        for pid in pids:
+        for proc in procs:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                proc.kill()
+            except psutil.Error:
                 pass
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(_running(p) for p in procs):
             time.sleep(0.02)

@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from gpu_ops.errors import InputError
 
 
@@ -245,15 +247,6 @@ def check_out_dir(out: Path | str, dataset: str | None = None, cache_root: Path 
     return path
 
 
-def _process_start(pid: int) -> int | None:
-    """Start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused PID apart."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else -1
-
-
 def _owner_alive(marker: dict[str, object]) -> bool:
     """True unless the run that wrote a staging marker is certainly gone (same host, PID dead)."""
     if marker.get("host") != socket.gethostname():
@@ -262,15 +255,15 @@ def _owner_alive(marker: dict[str, object]) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False  # killed, not yet reaped
+        start = proc.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # alive, another user's
-    start = _process_start(pid)
-    if start == -1:
-        return False  # a zombie: killed, not yet reaped
-    return start is None or marker.get("start") in (None, start)
+    except psutil.AccessDenied:
+        return True  # alive, another user's
+    return marker.get("start") in (None, start)  # a reused PID has another creation time
 
 
 def _remove_marked(path: Path, marker: str) -> None:
@@ -332,7 +325,7 @@ def start_run(out: Path) -> Path:
     remove_leftovers(out.parent)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": psutil.Process().create_time()}
     (staging / STAGING_MARKER).write_text(json.dumps(owner))
     return staging
 

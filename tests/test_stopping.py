@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import psutil
 import pytest
 
 from conftest import REPO
@@ -46,53 +47,41 @@ PROGRESS_BAR = re.compile(r"^.+: +\d{1,3}%\|.*\| *\d+/\d+ \[[^\]]*\]$")
 # The process tree, from /proc
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: [state, ppid, ...]; field 19 is the start time."""
+def descendants(root: int) -> dict[int, float]:
+    """Every live process below ``root``: pid -> creation time (so a reused pid is not mistaken
+    for the same process)."""
+    found: dict[int, float] = {}
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2:].split()
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Every live process whose chain of parents reaches ``root``: pid -> start time (so a reused
-    pid is not mistaken for the same process)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields and fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            fields = _stat(child)
-            if fields:
-                found[child] = fields[19]
-                todo.append(child)
+        below = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return found
+    for proc in below:
+        try:
+            found[proc.pid] = proc.create_time()
+        except psutil.Error:
+            pass
     return found
 
 
-def still_alive(processes: dict[int, str], wait_s: float = 1.0) -> dict[int, str]:
-    """Those of ``processes`` still running (zombies count as gone) after up to ``wait_s`` s."""
+def still_alive(processes: dict[int, float], wait_s: float = 1.0) -> dict[int, str]:
+    """Those of ``processes`` still running (zombies count as gone) after up to ``wait_s`` s:
+    pid -> command line."""
     deadline = time.monotonic() + wait_s
     while True:
         alive = {}
         for pid, start in processes.items():
-            fields = _stat(pid)
-            if fields and fields[0] not in ("Z", "X") and fields[19] == start:
-                try:
-                    alive[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-                except OSError:
-                    continue
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == start and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive[pid] = " ".join(proc.cmdline())[:200]
+            except psutil.Error:
+                continue
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
 
 
-def kill_leftovers(processes: dict[int, str]) -> None:
+def kill_leftovers(processes: dict[int, float]) -> None:
     """SIGKILL whatever of ``processes`` is still running (after a failed check: no leaks)."""
     for pid in still_alive(processes, wait_s=0):
         try:
@@ -219,7 +208,7 @@ def test_signal_stops_the_run_cleanly(chain: Chain, stage: str, how: str) -> Non
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(chain.args(*extra), env=chain.env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=stderr, start_new_session=True)
-    started: dict[int, str] = {}
+    started: dict[int, float] = {}
     try:
         deadline = time.monotonic() + 600
         where = None
@@ -261,7 +250,7 @@ def test_signal_stops_the_run_cleanly(chain: Chain, stage: str, how: str) -> Non
 def test_rerun_after_stops_completes_the_store(chain: Chain) -> None:
     """The rerun of the last stopped run: exit 0, one row per image, and (sampled through the
     run) no process it started is left once it has exited."""
-    seen: dict[int, str] = {}
+    seen: dict[int, float] = {}
     with open(chain.root / "stderr-final.txt", "w") as stderr:
         proc = subprocess.Popen(chain.args("--algorithm", "kmeans", "--k", "10", "--reducer", "pca"), env=chain.env(),
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -289,7 +278,7 @@ def test_sigkill_leaves_no_prefect_server(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(GPUCLUST), "run", "--dataset", "digits", "--extractor", "raw", "--algorithm", "kmeans",
                              "--reducer", "none", "--out", str(out)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    started: dict[int, str] = {}
+    started: dict[int, float] = {}
     try:
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob(".run.partial-*")):
