@@ -1,4 +1,4 @@
-"""``gpuclust`` command line: ``run``, ``backends``.
+"""``gpuclust`` command line: ``run``, ``report``, ``export``, ``serve``, ``backends``.
 
 Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what and where);
 1 anything else.
@@ -27,7 +27,7 @@ RUN_OPTIONS = {
     "weights": "--weights", "image_size": "--image-size", "batch_size": "--batch-size",
     "num_workers": "--num-workers", "decode_on_device": "--gpu-decode", "latent_dim": "--latent-dim",
     "ae_epochs": "--ae-epochs", "deep_epochs": "--deep-epochs", "algorithms": "--algorithm",
-    "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out",
+    "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out", "explore": "--no-explore",
 }
 #: The task_runner fields the Dask options set.
 RUNNER_OPTIONS = {"kind": "--task-runner", "address": "--dask-address", "n_workers": "--dask-workers"}
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
+    run.add_argument("--no-explore", action="store_false", default=None, dest="explore",
+                     help="skip duplicates, outliers and quality flags (one more pass over the images)")
     run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "
                                    "(default runs/<time>-<dataset>)")  # a str: "" must not become "."
     run.add_argument("--task-runner", dest="task_runner_kind", choices=["local", "dask", "dask-cuda", "slurm", "pbs"],
@@ -110,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)build report.html and its figures for a finished run directory")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--embed-images", action="store_true", help="one self-contained HTML file (data URIs)")
+
+    export = sub.add_parser(
+        "export", help="one folder per cluster (cluster-03_n412/) plus clusters.csv; a rerun changes nothing",
+        description="Export a finished run's clusters: one folder per cluster, named by cluster number and size, "
+                    "holding symbolic links to the images (copies with --copy), plus DIR/clusters.csv (image_id, "
+                    "path, cluster, source). Only image folders (folder:DIR) have files to link or copy; the images "
+                    "of array datasets (digits, idx, npz, usps) are written as PNG files. DIR must be a new path, "
+                    "an empty folder or an earlier export of the same run (marked by DIR/.gpuclust-export).")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--to", required=True, help="the export folder")
+    export.add_argument("--copy", action="store_true", help="copy the image files instead of linking them")
+    export.add_argument("--algorithm", help="whose clusters (default: the run's first algorithm)")
     return parser
 
 
@@ -241,6 +255,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpu_ops.explore.export import export_run
+
+    result = export_run(args.run_dir, args.to, copy=args.copy, algorithm=args.algorithm)
+    what = {"link": "links", "copy": "copies", "png": "PNG files"}[result.mode]
+    print(f"{result.images} images of {result.algorithm} in {result.clusters} cluster folders ({what}) in "
+          f"{result.directory}: {result.written} written, {result.unchanged} unchanged, {result.removed} removed; "
+          f"list: {result.csv}")
+    return 0
+
+
 def cmd_backends(_args: argparse.Namespace) -> int:
     from gpu_ops.device import cuda_available, installed_faiss_distributions
     from gpu_ops.placement import place, stages
@@ -295,6 +320,8 @@ def run_command(args: argparse.Namespace) -> int:
             return cmd_run(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "serve":
             _filter_prefect_loggers()
             return cmd_serve(args)

@@ -1,4 +1,4 @@
-"""The ``cluster-images`` flow: extract -> cluster -> reduce -> evaluate -> write the run -> report."""
+"""The ``cluster-images`` flow: extract -> cluster -> reduce -> evaluate -> explore -> write the run -> report."""
 
 # No `from __future__ import annotations` here: `flow.serve()` runs each flow run in a spawned
 # process that receives the flow function by value (cloudpickle), and string annotations such as
@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows import stopping
 from flows.scaleout import cluster_store, extract_store, scale_out
-from flows.tasks import build_report, configured, evaluate, reduce_to_2d, uses_gpu, write_run
+from flows.tasks import build_report, configured, evaluate, explore, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
 from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, start_run
 
@@ -35,7 +35,12 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
             store.store, config, str(staging))
         timings["reduce"] = reduced.seconds
         metrics = configured(evaluate, config, "evaluate")(store.store, clusters)
-        doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings)
+        explored = configured(explore, config, "explore")(store.store, config, str(staging), clusters) \
+            if config.explore else None
+        if explored is not None:
+            timings["explore"] = explored.seconds
+        doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings,
+                                                     explored)
         report = configured(build_report, config, "report")(str(staging), str(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

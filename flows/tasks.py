@@ -25,6 +25,7 @@ from gpu_ops.config import RunConfig
 from gpu_ops.device import Machine
 from gpu_ops.distributed import device_label
 from gpu_ops.errors import InputError
+from gpu_ops.explore.stage import ExploreResult
 from gpu_ops.stages import AlgorithmMetrics, ClusterResult, MapResult, StoreRef
 
 #: Tag of tasks that run on a GPU; `prefect concurrency-limit create gpu 1` lets one at a time
@@ -110,11 +111,23 @@ def evaluate(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMe
     return metrics
 
 
+@task(name="explore")
+def explore(store: str, config: RunConfig, staging: str, clusters: list[ClusterResult]) -> ExploreResult:
+    """Duplicates, outlier scores and quality flags (duplicates.parquet, outliers.parquet)."""
+    from gpu_ops.explore.stage import explore_stage
+
+    result = explore_stage(store, config, staging, clusters)
+    get_run_logger().info("explore: %d duplicate group(s), flagged %s; knn on %s", result.groups, result.flagged,
+                          ", ".join(result.backends) or "-")
+    return result
+
+
 @task(name="write-run")
 def write_run(config: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
-              metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float]) -> dict[str, Any]:
+              metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float],
+              explored: ExploreResult | None = None) -> dict[str, Any]:
     """The run directory's files (assignments, map, metrics, figures, config)."""
-    return pipeline.finalize_run(config, store, clusters, reduced, metrics, staging, timings)
+    return pipeline.finalize_run(config, store, clusters, reduced, metrics, staging, timings, explored)
 
 
 @task(name="report")

@@ -81,6 +81,7 @@ class StageTimeouts(BaseModel):
     cluster: float | None = Field(6 * 3600, gt=0)
     reduce: float | None = Field(6 * 3600, gt=0)
     evaluate: float | None = Field(3600, gt=0)
+    explore: float | None = Field(3600, gt=0)
     write: float | None = Field(3600, gt=0)
     report: float | None = Field(3600, gt=0)
 
@@ -130,6 +131,8 @@ class RunConfig(BaseModel):
     tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also map these "
                                            "perplexities (tsne_sweep.npz; the report shows them side by side)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
+    explore: bool = Field(True, description="find duplicates and outliers, flag dark, bright, blurry and tiny "
+                          "images (duplicates.parquet, outliers.parquet): one more pass over the images")
     backend: str = Field("auto", description="auto | gpu | cpu, for every op")
     backends: dict[str, str] = Field(default_factory=dict, description="per-op override, e.g. {kmeans: sklearn}; "
                                      "extract takes auto | gpu | cpu")

@@ -17,6 +17,7 @@ import yaml
 from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
+from gpu_ops.explore.stage import ExploreResult
 from gpu_ops.features.autoencoder import RECONSTRUCTIONS
 from gpu_ops.features.extract import (
     build_extractor,
@@ -221,8 +222,10 @@ def evaluate_stage(store: str, clusters: list[ClusterResult]) -> dict[str, Algor
 
 
 def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
-                 metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float]) -> dict[str, Any]:
-    """Write the run directory's files into ``staging``; return metrics.json's content."""
+                 metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float],
+                 explored: ExploreResult | None = None) -> dict[str, Any]:
+    """Write the run directory's files into ``staging``; return metrics.json's content
+    (``explored``: the explore stage's result, when it ran)."""
     run = RunDir(staging)
     table = read_embeddings(Path(store.store))
     columns: dict[str, Any] = {"image_id": pa.array(table.image_ids, pa.string())}
@@ -244,6 +247,7 @@ def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult],
         "reducer": {"name": cfg.reducer, "backend": reduced.backend},
         "backends": resolutions,
         "fallbacks": [f"{r['op']}: {f}" for r in resolutions for f in r["fallbacks"]],
+        "explore": explored.as_json() if explored is not None else {"ran": False},
         "timings_s": timings,
     }
     atomic_write_json(run.metrics, doc, sort_keys=False)

@@ -50,6 +50,8 @@ class RunDir:
     RECONSTRUCTIONS = "reconstructions.npz"
     TSNE_SWEEP = "tsne_sweep.npz"
     MAP_PNG = "map.png"
+    DUPLICATES = "duplicates.parquet"
+    OUTLIERS = "outliers.parquet"
     MAP2D_SCRATCH = "map2d.npy"
     _LABELS = "labels-{}.npy"
     _LINKAGE = "linkage-{}.npy"
@@ -127,6 +129,16 @@ class RunDir:
     @property
     def tsne_sweep(self) -> Path:
         return self.path / self.TSNE_SWEEP
+
+    @property
+    def duplicates(self) -> Path:
+        """Exact and near duplicate pairs with their groups (:mod:`gpu_ops.explore.duplicates`)."""
+        return self.path / self.DUPLICATES
+
+    @property
+    def outliers(self) -> Path:
+        """Per-image outlier scores and quality flags (:mod:`gpu_ops.explore.outliers`)."""
+        return self.path / self.OUTLIERS
 
 
 RUN_FILES = (RunDir.CONFIG, RunDir.ASSIGNMENTS, RunDir.MAP2D, RunDir.METRICS, RunDir.MAP_PNG)

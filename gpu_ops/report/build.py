@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Union
 
 import jinja2
 import numpy as np
+import pandas as pd
 
 from gpu_ops.errors import InputError
 from gpu_ops.report import data as D
@@ -443,6 +444,111 @@ def _montages(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource, al
     return blocks
 
 
+def _pair_figure(figs: FigureWriter, images: D.ImageSource, a: str, b: str, name: str, caption: str) -> Figure | None:
+    tiles = [images.tile(a, 2 * figs.tile_px), images.tile(b, 2 * figs.tile_px)]
+    if any(t is None for t in tiles):
+        return None
+    F.save_image(D.grid(tiles, 2), figs.path(name))  # type: ignore[arg-type]
+    return figs.figure(name, caption, "montage")
+
+
+def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """Exact and near duplicates: counts, the pairs side by side with their kind and similarity, a table."""
+    pairs = D.read_explore_table(RunDir(figs.run_dir).duplicates, ("group", "image_id_a", "image_id_b", "kind",
+                                                                     "similarity"), inputs, "duplicates skipped")
+    if pairs is None:
+        return []
+    info = (inputs.metrics or {}).get("explore") or {}
+    thresholds = info.get("thresholds") or {}
+    sec = Section("duplicates", "Duplicates")
+    if pairs.empty:
+        sec.blocks.append(Text("No exact or near duplicates found."))
+        return [sec]
+    counts = pairs["kind"].value_counts()
+    groups = int(pairs["group"].nunique())
+    members = len(set(pairs["image_id_a"]) | set(pairs["image_id_b"]))
+    sec.blocks.append(Text(
+        f"{len(pairs)} pairs in {groups} groups ({members} images; keeping one representative per group, "
+        f"{members - groups} could go): " + ", ".join(f"{k} {int(counts.get(k, 0))}" for k in ("exact", "phash", "embedding"))
+        + ". exact: identical content; phash: perceptual hashes at most "
+        f"{int(thresholds.get('phash_max_bits', 8))} of 64 bits apart (a mirrored copy counts); embedding: cosine "
+        f"similarity of the centred embeddings at least {thresholds.get('min_cosine', 0.95):g}."))
+    shown = D.duplicate_pairs_shown(pairs, figs.per_row)
+    if images is not None:
+        cells = []
+        for n, row in enumerate(shown.itertuples(index=False)):
+            caption = f"{row.image_id_a} ↔ {row.image_id_b} · {row.kind} · similarity {row.similarity:.3f}"
+            fig = figs.attempt(f"figure duplicates-{n:03d}.png", lambda row=row, n=n, caption=caption: _pair_figure(
+                figs, images, row.image_id_a, row.image_id_b, f"duplicates-{n:03d}.png", caption))
+            if fig:
+                cells.append(fig)
+        if cells:
+            sec.blocks.append(Montages(cells))
+    rows = [[str(r.group), str(r.image_id_a), str(r.image_id_b), str(r.kind), f"{r.similarity:.3f}",
+             _fmt(None if pd.isna(getattr(r, "phash_bits", None)) else int(r.phash_bits)),
+             _fmt(float(r.cosine) if hasattr(r, "cosine") else None, 3)]
+            for r in pairs.head(100).itertuples(index=False)]
+    sec.blocks.append(Table(["group", "image a", "image b", "kind", "similarity", "phash bits", "cosine"], rows,
+                            "duplicates"))
+    if len(pairs) > 100:
+        sec.blocks.append(Text(f"The first 100 of {len(pairs)} pairs; all are in duplicates.parquet.", "note"))
+    return [sec]
+
+
+def outliers_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
+    """The most unusual images by outlier score, and the images each quality flag marks."""
+    scores = D.read_explore_table(RunDir(figs.run_dir).outliers, ("image_id", "score", "rank"), inputs,
+                                  "outlier scores skipped")
+    if scores is None:
+        return []
+    scores["image_id"] = scores["image_id"].astype(str)
+    sec = Section("outliers", "Most unusual images")
+    algorithm = ((inputs.metrics or {}).get("explore") or {}).get("algorithm")
+    sec.blocks.append(Text(
+        "Score: the mean of each image's percentile by mean distance to its 10 nearest neighbours and by "
+        "distance to its cluster's centre relative to the cluster's spread"
+        + (f" ({algorithm})" if algorithm else "") + "; 1 is the most unusual.", "note"))
+    top = D.most_unusual(scores, figs.per_row * 3)
+    if images is not None and not top.empty:
+        tiles = [t for i in top["image_id"] if (t := images.tile(i, figs.tile_px)) is not None]
+        if tiles:
+            def draw() -> Figure:
+                F.save_image(D.grid(tiles, figs.per_row), figs.path("outliers.png"))
+                return figs.figure("outliers.png", f"The {len(tiles)} most unusual images, most unusual first",
+                                   "montage")
+            sec.blocks += filter(None, [figs.attempt("figure outliers.png", draw)])
+    flags = [f for f in ("dark", "bright", "blurry", "tiny") if f in scores.columns]
+
+    def cell(r: Any, col: str, digits: int = 3) -> str:
+        value = getattr(r, col, None)
+        return "–" if value is None or pd.isna(value) else _fmt(float(value), digits)
+    rows = [[str(r.rank), str(r.image_id), cell(r, "score"), cell(r, "knn_distance"), cell(r, "lof"),
+             _fmt(getattr(r, "cluster", None)), cell(r, "cluster_ratio"),
+             ", ".join(f for f in flags if bool(getattr(r, f))) or "–"] for r in top.itertuples(index=False)]
+    sec.blocks.append(Table(["rank", "image", "score", "kNN distance", "LOF", "cluster", "cluster ratio", "flags"],
+                            rows, "outliers"))
+    if flags:
+        counts = [[f, str(int(scores[f].astype(bool).sum()))] for f in flags]
+        sec.blocks.append(Table(["quality flag", "images"], counts, "flags"))
+        cells = []
+        for flag in flags:
+            marked = D.flagged(scores, flag, figs.per_row * 2)
+            if marked.empty or images is None:
+                continue
+            tiles = [t for i in marked["image_id"] if (t := images.tile(i, figs.tile_px)) is not None]
+            if not tiles:
+                continue
+
+            def draw_flag(flag: str = flag, tiles: list[np.ndarray] = tiles, total: int = int(scores[flag].sum())) -> Figure:
+                F.save_image(D.grid(tiles, figs.per_row), figs.path(f"flag-{flag}.png"))
+                return figs.figure(f"flag-{flag}.png", f"{flag}: {total} images"
+                                   + (f" (showing {len(tiles)})" if len(tiles) < total else ""), "montage")
+            cells += filter(None, [figs.attempt(f"figure flag-{flag}.png", draw_flag)])
+        if cells:
+            sec.blocks.append(Montages(cells))
+    return [sec]
+
+
 def dendrogram_sections(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
     """Per agglomerative run: its merges, cut where the run's k clusters form."""
     out = []
@@ -558,7 +664,7 @@ def settings_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
 #: The page's sections in order; each returns zero or more sections.
 SECTIONS: tuple[Callable[[FigureWriter, D.RunInputs, D.ImageSource | None], list[Section]], ...] = (
     metrics_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section, montage_sections,
-    dendrogram_sections, k_selection_section, reconstructions_section, backends_section, timings_section,
+    duplicates_section, outliers_section, dendrogram_sections, k_selection_section, reconstructions_section, backends_section, timings_section,
     settings_section,
 )
 

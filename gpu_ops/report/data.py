@@ -340,7 +340,7 @@ def backend_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-_STAGES = ("extract", "cluster", "reduce", "evaluate", "write", "report")
+_STAGES = ("extract", "cluster", "reduce", "evaluate", "explore", "write", "report")
 
 
 def timing_rows(metrics: dict[str, Any], order: Sequence[str] | None = None) -> list[tuple[str, float]]:
@@ -549,3 +549,44 @@ def load_tsne_sweep(path: Path) -> TsneSweep:
     if len(backends) != p or len(seconds) != p:
         raise ValueError(f"{p} perplexities but {len(backends)} backends and {len(seconds)} timings")
     return TsneSweep(perplexities.tolist(), maps.astype(np.float32, copy=False), backends, seconds, skipped, ids)
+
+
+# ---------------------------------------------------------------- duplicates and outliers
+
+
+def read_explore_table(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipped: str) -> pd.DataFrame | None:
+    """``duplicates.parquet`` or ``outliers.parquet`` (None when absent: the run skipped the explore
+    stage); a file that cannot be used becomes a note."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not raised
+        inputs.note(path.name, f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {skipped}")
+        return None
+    lacking = [c for c in columns if c not in df.columns]
+    if lacking:
+        inputs.note(path.name, f"lacks column(s) {', '.join(lacking)}; {skipped}")
+        return None
+    return df
+
+
+def duplicate_pairs_shown(pairs: pd.DataFrame, per_kind: int) -> pd.DataFrame:
+    """The pairs the report draws: up to ``per_kind`` of each kind (exact, phash, embedding), the
+    least similar first (those are the ones worth a look), then by group."""
+    shown = []
+    for kind in ("exact", "phash", "embedding"):
+        rows = pairs[pairs["kind"] == kind].sort_values(["similarity", "group", "image_id_a", "image_id_b"],
+                                                         kind="stable")
+        shown.append(rows.head(per_kind))
+    return pd.concat(shown) if shown else pairs.head(0)
+
+
+def most_unusual(outliers: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` highest-scoring images (rank 1 first)."""
+    return outliers.sort_values("rank", kind="stable").head(n)
+
+
+def flagged(outliers: pd.DataFrame, flag: str, n: int) -> pd.DataFrame:
+    """Up to ``n`` images carrying ``flag``, in dataset order."""
+    return outliers[outliers[flag].astype(bool)].head(n)

@@ -54,6 +54,25 @@ class BackendRow(_Part):
     fallbacks: list[str] = Field(default_factory=list)
 
 
+class ExploreInfo(_Part):
+    """The explore stage (:class:`gpu_ops.explore.stage.ExploreResult`): ``ran`` false when the run
+    skipped it (``explore: false``, ``--no-explore``); otherwise the files it wrote, duplicate pairs
+    by kind, groups, images per quality flag, the thresholds it used and the knn backends."""
+
+    ran: bool
+    duplicates: str | None = None
+    outliers: str | None = None
+    images: bool | None = None
+    pairs: dict[str, int] = Field(default_factory=dict)
+    groups: int | None = None
+    images_in_groups: int | None = None
+    redundant: int | None = None
+    flagged: dict[str, int] = Field(default_factory=dict)
+    algorithm: str | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    backends: list[str] = Field(default_factory=list)
+
+
 class MetricsDoc(_Part):
     """``metrics.json``: what the run found, per algorithm, and how it ran."""
 
@@ -66,6 +85,7 @@ class MetricsDoc(_Part):
     reducer: ReducerInfo | None = None
     backends: list[BackendRow] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
+    explore: ExploreInfo | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)
 
 

@@ -1,0 +1,1 @@
+"""Exploring a finished run: duplicates, outliers and quality flags, exporting clusters to folders."""
