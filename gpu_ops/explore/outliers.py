@@ -1,7 +1,8 @@
 """How unusual each image is, and simple quality flags.
 
-Scores (from the run's embeddings, centred and compared by cosine distance, the same search as
-the near duplicates in :mod:`gpu_ops.explore.duplicates`):
+Scores, from Euclidean distances between the run's embeddings (the space the clusters were
+made in; cosine distance, which the near duplicates use, ignores length and so calls a black
+image, whose centred pixels point like any dark image's, typical):
 
 ``knn_distance``
     Mean distance to the item's k nearest neighbours: high in sparse regions.
@@ -41,7 +42,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from gpu_ops.explore.duplicates import Neighbours, centred
+from gpu_ops.explore.duplicates import Neighbours, knn
 from gpu_ops.explore.scan import ItemScan
 
 DARK_BELOW = 20.0
@@ -76,11 +77,19 @@ def percentile(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def euclidean_neighbours(embeddings: np.ndarray, k: int, backend: str = "auto") -> Neighbours | None:
+    """Each item's ``k`` nearest by Euclidean distance (the ``knn`` op; None for n < 2)."""
+    n = embeddings.shape[0]
+    if n < 2:
+        return None
+    dist, idx, res = knn(embeddings, min(k, n - 1), "euclidean", backend)
+    return Neighbours(dist, idx, res.backend)
+
+
 def cluster_ratio(embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Distance to the own cluster's centre over the cluster's median member distance (unit-length
-    centred embeddings); NaN for noise (-1) and clusters of one."""
-    Z = centred(embeddings)
-    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    """Euclidean distance to the own cluster's centre over the cluster's median member distance;
+    NaN for noise (-1) and clusters of one."""
+    Z = np.asarray(embeddings, dtype=np.float32)
     out = np.full(len(labels), np.nan, np.float64)
     for c in np.unique(labels[labels >= 0]):
         rows = np.flatnonzero(labels == c)
@@ -113,8 +122,9 @@ def quality_flags(scan: ItemScan) -> tuple[dict[str, np.ndarray], int | None]:
 
 def outlier_scores(image_ids: Sequence[str], scan: ItemScan, embeddings: np.ndarray,
                    neighbours: Neighbours | None, labels: np.ndarray | None) -> OutlierScores:
-    """Scores and flags of the items ``image_ids`` (store order); ``labels`` are the first
-    algorithm's clusters of the same items (None: no cluster ratio)."""
+    """Scores and flags of the items ``image_ids`` (store order); ``neighbours``:
+    :func:`euclidean_neighbours` of ``embeddings``; ``labels`` are the first algorithm's clusters
+    of the same items (None: no cluster ratio)."""
     n = len(image_ids)
     if neighbours is not None:
         knn_distance = neighbours.distances.mean(axis=1).astype(np.float64)

@@ -1,7 +1,8 @@
 """The explore stage of a run: duplicates and outliers of the store's items, into the run directory.
 
 :func:`explore_stage` scans the dataset's items once (:mod:`gpu_ops.explore.scan`), searches the
-embeddings' nearest neighbours once with the ``knn`` op, and writes ``duplicates.parquet``
+embeddings' nearest neighbours with the ``knn`` op (by cosine for near duplicates, by Euclidean
+distance for outlier scores), and writes ``duplicates.parquet``
 (:mod:`gpu_ops.explore.duplicates`) and ``outliers.parquet`` (:mod:`gpu_ops.explore.outliers`).
 What it found and the thresholds it used go into metrics.json's ``explore`` entry.
 """
@@ -61,7 +62,8 @@ def explore_stage(store: str, cfg: RunConfig, staging: str, clusters: list[Clust
     neighbours = embedding_neighbours(table.embeddings, settings.neighbours, backend)
     dups = find_duplicates(table.image_ids, scan, table.embeddings, neighbours, settings, backend)
     labels = clusters[0].load_labels() if clusters else None
-    scores = O.outlier_scores(table.image_ids, scan, table.embeddings, neighbours, labels)
+    near = O.euclidean_neighbours(table.embeddings, settings.neighbours, backend)
+    scores = O.outlier_scores(table.image_ids, scan, table.embeddings, near, labels)
     atomic_write_table(run.duplicates, dups.table)
     atomic_write_table(run.outliers, scores.table)
     thresholds: dict[str, float] = {**{k: float(v) for k, v in asdict(settings).items()},
