@@ -152,6 +152,8 @@ def main() -> None:
                                  "pairs": len(df), "correct_pairs": int(correct.sum()),
                                  "precision": round(float(correct.mean()) if len(df) else 1.0, 4),
                                  "false_pairs_by_kind": df.loc[~correct, "kind"].value_counts().to_dict(),
+                                 "false_pairs": df.loc[~correct, ["image_id_a", "image_id_b", "kind", "similarity"]]
+                                 .head(10).values.tolist(),
                                  "seconds": {"extract": round(t_extract, 1), "scan": round(t_scan, 1),
                                              "search": round(t_search, 1)}}
     recall: dict[str, float] = {}

@@ -7,11 +7,13 @@ Three kinds of evidence make a pair, strongest first:
     in-memory item's array).
 ``phash``
     Perceptual hashes (imagehash's DCT ``phash``, 64 bits) at most ``phash_max_bits`` apart, the
-    distance taken as the smaller of image-to-image and image-to-mirror-image, so a left-right
-    flipped copy matches too. Re-encoding, resizing and brightness changes move few bits; on
+    distance taken as the smallest between one image and the other or one of its views
+    (:data:`gpu_ops.explore.scan.VIEWS`: the mirror image and centre crops), so a flipped or
+    cropped copy matches too. Re-encoding, resizing and brightness changes move few bits; on
     2,000 CIFAR-10 test JPEGs the nearest distinct image is 10 bits or more away for all but one
     (a mirrored near copy already in the data), while re-encoded (quality 50), resized (x0.8),
-    brightened (+15 %) and flipped copies stay within 6 bits.
+    brightened (+15 %) and flipped copies stay within 6 bits, and 10 % border crops within 2
+    bits of the original's centre view (bench/duplicates.py measures precision and recall).
 ``embedding``
     Cosine similarity of the run's embeddings, centred on their mean, at least ``min_cosine``
     (centring removes what every embedding shares, e.g. raw pixels that are all positive, which
@@ -38,7 +40,7 @@ from gpu_ops.explore.scan import HASH_BITS, ItemScan
 
 #: The defaults; :class:`DuplicateSettings` carries the values a run used into metrics.json.
 PHASH_MAX_BITS = 8
-MIN_COSINE = 0.95
+MIN_COSINE = 0.97
 NEIGHBOURS = 10
 KINDS = ("exact", "phash", "embedding")
 
@@ -115,15 +117,23 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def phash_distance(scan: ItemScan, pairs: np.ndarray) -> np.ndarray:
-    """Mirror-aware perceptual-hash distance (bits) of each pair."""
-    assert scan.phash is not None and scan.phash_mirror is not None
+    """View-aware perceptual-hash distance (bits) of each pair: the smallest between one image's
+    hash and the other's hash or the hash of one of its views."""
+    assert scan.phash is not None and scan.phash_views is not None
     i, j = pairs[:, 0], pairs[:, 1]
-    return np.minimum(hamming(scan.phash[i], scan.phash[j]), hamming(scan.phash[i], scan.phash_mirror[j]))
+    best = hamming(scan.phash[i], scan.phash[j])
+    for v in range(scan.phash_views.shape[1]):
+        best = np.minimum(best, hamming(scan.phash[i], scan.phash_views[j, v]))
+        best = np.minimum(best, hamming(scan.phash[j], scan.phash_views[i, v]))
+    return best
 
 
 def phash_pairs(scan: ItemScan, max_bits: int, k: int, backend: str = "auto") -> tuple[np.ndarray, str | None]:
-    """Pairs within ``max_bits`` (mirror-aware) among the readable images, and the knn backend."""
-    assert scan.phash is not None and scan.phash_mirror is not None and scan.readable is not None
+    """Pairs within ``max_bits`` (view-aware) among the readable images, and the knn backend.
+
+    The images' own hashes are indexed; each image's hash and each of its views' hashes query it.
+    """
+    assert scan.phash is not None and scan.phash_views is not None and scan.readable is not None
     rows = np.flatnonzero(scan.readable)
     if rows.size < 2:
         return np.zeros((0, 2), np.int64), None
@@ -132,8 +142,9 @@ def phash_pairs(scan: ItemScan, max_bits: int, k: int, backend: str = "auto") ->
     found = []
     dist, idx, res = knn(bits, k, "euclidean", backend)
     found.append((np.repeat(np.arange(rows.size), k), idx.reshape(-1), dist.reshape(-1)))
-    mdist, midx, _ = knn(bits, k, "euclidean", backend, queries=scan.phash_mirror[rows].astype(np.float32))
-    found.append((np.repeat(np.arange(rows.size), k), midx.reshape(-1), mdist.reshape(-1)))
+    for v in range(scan.phash_views.shape[1]):
+        vdist, vidx, _ = knn(bits, k, "euclidean", backend, queries=scan.phash_views[rows, v].astype(np.float32))
+        found.append((np.repeat(np.arange(rows.size), k), vidx.reshape(-1), vdist.reshape(-1)))
     r = np.concatenate([f[0] for f in found])
     c = np.concatenate([f[1] for f in found])
     d2 = np.concatenate([f[2] for f in found]) ** 2  # squared distance of 0/1 vectors = differing bits

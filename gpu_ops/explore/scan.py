@@ -1,8 +1,8 @@
 """One pass over a dataset's items: what duplicates and quality flags need to know of each image.
 
-:func:`scan_items` reads every item once and keeps only small per-item facts (a content hash, a
-64-bit perceptual hash of the image and of its mirror image, its original size, brightness,
-contrast and sharpness), so the images themselves never pile up in memory.
+:func:`scan_items` reads every item once and keeps only small per-item facts (a content hash,
+64-bit perceptual hashes of the image and of a few altered views of it, its original size,
+brightness, contrast and sharpness), so the images themselves never pile up in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from gpu_ops.data.base import BadImageError
 MEASURE_MAX_SIDE = 256
 #: A perceptual hash has this many bits (imagehash's phash with hash_size=8).
 HASH_BITS = 64
+#: The views of each image that are hashed besides the image itself: its mirror image, and its
+#: centre with 5, 10 and 15 % of each side cut away. A copy that was flipped or cropped that much
+#: hashes close to the original's view, where its own hash is far (a 10 % crop moves 18-30 bits).
+VIEWS: tuple[tuple[str, float], ...] = (("mirror", 0.0), ("crop5", 0.05), ("crop10", 0.10), ("crop15", 0.15))
 
 
 @dataclass
@@ -30,8 +34,8 @@ class ItemScan:
     ``content``: sha256 hex of the file's bytes (image folders) or of the item's array (in-memory
     datasets). The image fields are None for vector datasets (no pixels): ``readable`` (n,) bool,
     False for an item that could not be decoded now (its other facts are neutral placeholders that
-    raise no flag, and it takes no part in perceptual matching); ``phash`` and
-    ``phash_mirror`` (n, 64) uint8 bits of the image and of its left-right mirror image,
+    raise no flag, and it takes no part in perceptual matching); ``phash`` (n, 64) uint8 bits of
+    the image and ``phash_views`` (n, len(VIEWS), 64) those of its :data:`VIEWS`,
     ``width``/``height`` the original size in pixels, ``luma_mean``/``luma_std`` the mean and
     standard deviation of the grey level (0..255), ``laplacian_var`` the variance of the
     Laplacian of the grey image (low: few sharp edges).
@@ -40,7 +44,7 @@ class ItemScan:
     content: list[str]
     readable: np.ndarray | None = None
     phash: np.ndarray | None = None
-    phash_mirror: np.ndarray | None = None
+    phash_views: np.ndarray | None = None
     width: np.ndarray | None = None
     height: np.ndarray | None = None
     luma_mean: np.ndarray | None = None
@@ -81,11 +85,24 @@ def _as_rgb(item: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[:, :, :3], dtype=np.uint8)
 
 
+def view(image: Any, name: str, cut: float) -> Any:
+    """One of :data:`VIEWS` of a PIL image: its mirror image, or its centre without ``cut`` of each side."""
+    from PIL import ImageOps
+
+    if name == "mirror":
+        return ImageOps.mirror(image)
+    dx, dy = round(image.width * cut), round(image.height * cut)
+    if image.width - 2 * dx < 1 or image.height - 2 * dy < 1:
+        return image
+    return image.crop((dx, dy, image.width - dx, image.height - dy))
+
+
 def _scan_image(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     im = Image.fromarray(rgb)
-    return (phash_bits(im), phash_bits(ImageOps.mirror(im)), *grey_measures(rgb))
+    views = np.stack([phash_bits(view(im, name, cut)) for name, cut in VIEWS])
+    return (phash_bits(im), views, *grey_measures(rgb))
 
 
 def _scan_one(dataset: Any, index: int, is_image: bool) -> tuple[str, Any]:
@@ -129,13 +146,14 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int = 2) -> Item
     facts = [r for _, r in results if r is not None]
     median_w = int(np.median([f[0] for f in facts])) if facts else 0
     median_h = int(np.median([f[1] for f in facts])) if facts else 0
-    neutral = (median_w, median_h, np.zeros(HASH_BITS, np.uint8), np.zeros(HASH_BITS, np.uint8), 128.0, 64.0, 1e6)
+    neutral = (median_w, median_h, np.zeros(HASH_BITS, np.uint8), np.zeros((len(VIEWS), HASH_BITS), np.uint8),
+               128.0, 64.0, 1e6)
     rows = [r if r is not None else neutral for _, r in results]
     scan.readable = np.array([r is not None for _, r in results], bool)
     scan.width = np.array([r[0] for r in rows], np.int32)
     scan.height = np.array([r[1] for r in rows], np.int32)
     scan.phash = np.stack([r[2] for r in rows]) if n else np.zeros((0, HASH_BITS), np.uint8)
-    scan.phash_mirror = np.stack([r[3] for r in rows]) if n else np.zeros((0, HASH_BITS), np.uint8)
+    scan.phash_views = np.stack([r[3] for r in rows]) if n else np.zeros((0, len(VIEWS), HASH_BITS), np.uint8)
     scan.luma_mean = np.array([r[4] for r in rows], np.float32)
     scan.luma_std = np.array([r[5] for r in rows], np.float32)
     scan.laplacian_var = np.array([r[6] for r in rows], np.float32)

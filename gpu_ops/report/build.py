@@ -471,7 +471,7 @@ def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageS
         f"{len(pairs)} pairs in {groups} groups ({members} images; keeping one representative per group, "
         f"{members - groups} could go): " + ", ".join(f"{k} {int(counts.get(k, 0))}" for k in ("exact", "phash", "embedding"))
         + ". exact: identical content; phash: perceptual hashes at most "
-        f"{int(thresholds.get('phash_max_bits', 8))} of 64 bits apart (a mirrored copy counts); embedding: cosine "
+        f"{int(thresholds.get('phash_max_bits', 8))} of 64 bits apart (comparing with each one's mirror image and centre crops too); embedding: cosine "
         f"similarity of the centred embeddings at least {thresholds.get('min_cosine', 0.95):g}."))
     shown = D.duplicate_pairs_shown(pairs, figs.per_row)
     if images is not None:
