@@ -18,7 +18,11 @@ Three kinds of evidence make a pair, strongest first:
     Cosine similarity of the run's embeddings, centred on their mean, at least ``min_cosine``
     (centring removes what every embedding shares, e.g. raw pixels that are all positive, which
     otherwise makes every pair look alike). This is what finds crops and other changes that move
-    a perceptual hash, as far as the extractor's features are invariant to them.
+    a perceptual hash, as far as the extractor's features are invariant to them. The default 0.97
+    lies above every distinct pair measured on 2,000 CIFAR-10 test JPEGs: each image's most
+    similar other image reached at most 0.964 with raw pixels (0.959 at the 99.9th percentile)
+    and 0.794 with EfficientNet-Lite0 features; below it, raw pixels start pairing different
+    photographs with similar layouts (8 such pairs at 0.95).
 
 Both near kinds come from the exact ``knn`` op (``gpu_ops.cluster.neighbors``; GPU when present):
 each item's ``neighbours`` nearest are the candidates, so a pair is missed only when an item has

@@ -8,7 +8,9 @@
   ``montage-<algorithm>-c<cluster>.png`` (a grid of member images per cluster),
   ``confusion-<algorithm>.png`` (after Hungarian mapping), ``dendrogram-<algorithm>.png``,
   ``k-selection.png`` (elbow and silhouette), ``tsne-sweep.png`` (t-SNE maps at several
-  perplexities), ``reconstructions.png``, ``timings.png``;
+  perplexities), ``reconstructions.png``, ``timings.png``, and when the run has
+  ``duplicates.parquet`` / ``outliers.parquet``: ``duplicates-NNN.png`` (a pair side by side),
+  ``outliers.png`` (the most unusual images) and ``flag-<flag>.png`` (images a quality flag marks);
 * ``RUN_DIR/map.png`` — a copy of the first algorithm's ``map-<algorithm>.png``;
 * ``RUN_DIR/report.html`` — one page from the ``report.html.j2`` template (autoescaped), plain
   HTML + inline CSS: no JavaScript, no network; images are linked as ``figures/NAME.png`` beside
