@@ -8,6 +8,7 @@ brightness, contrast and sharpness), so the images themselves never pile up in m
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -101,6 +102,8 @@ def _scan_image(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, 
     from PIL import Image
 
     im = Image.fromarray(rgb)
+    if max(im.size) > MEASURE_MAX_SIDE:  # the hashes see 32 x 32 pixels: shrink a big photo once, not per view
+        im.thumbnail((MEASURE_MAX_SIDE, MEASURE_MAX_SIDE), Image.BILINEAR)
     views = np.stack([phash_bits(view(im, name, cut)) for name, cut in VIEWS])
     return (phash_bits(im), views, *grey_measures(rgb))
 
@@ -120,7 +123,7 @@ def _scan_one(dataset: Any, index: int, is_image: bool) -> tuple[str, Any]:
     return content, (rgb.shape[1], rgb.shape[0], *_scan_image(rgb))
 
 
-def scan_items(dataset: Any, image_ids: Sequence[str], threads: int = 2) -> ItemScan:
+def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = None) -> ItemScan:
     """Scan the items ``image_ids`` (in that order) of ``dataset`` (:class:`~gpu_ops.data.base.Dataset`).
 
     Image folders are hashed by file bytes, in-memory datasets by each item's array. Items that
@@ -137,6 +140,7 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int = 2) -> Item
         except BadImageError:
             return hashlib.sha256(f"unreadable:{i}".encode()).hexdigest(), None
 
+    threads = threads or min(8, os.cpu_count() or 1)  # decoding and resizing release the GIL
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(one, index))
     scan = ItemScan(content=[c for c, _ in results])
