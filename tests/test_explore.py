@@ -260,3 +260,29 @@ def test_array_dataset_without_explore_exports_png_files(prefect_server, tmp_pat
         assert np.array_equal(np.asarray(Image.open(to / row["path"])), images[index])
     again = run_cli(["export", str(run), "--to", str(to)])
     assert again.returncode == 0 and "0 written, 60 unchanged" in again.stdout
+
+
+def test_a_changed_run_updates_its_export_and_keeps_the_users_files(explored_run, tmp_path):
+    """Reclustered: stale links and emptied folders go, new ones come, a file the user put in the export stays."""
+    import shutil
+
+    _, run = explored_run
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    to = tmp_path / "export"
+    assert run_cli(["export", str(moved), "--to", str(to)]).returncode == 0
+    old_folders = sorted(p.name for p in to.iterdir() if p.is_dir())
+    (to / old_folders[0] / "my-notes.txt").write_text("mine")
+    assignments = pd.read_parquet(moved / "assignments.parquet")
+    assignments["kmeans"] = (np.arange(len(assignments)) % 2).astype(np.int32)  # two clusters now: 34 and 33
+    assignments.to_parquet(moved / "assignments.parquet")
+    result = run_cli(["export", str(moved), "--to", str(to)])
+    assert result.returncode == 0, result.stderr
+    assert "67 written" in result.stdout and "67 removed" in result.stdout
+    assert sorted(p.name for p in to.iterdir() if p.is_dir()) == sorted(["cluster-00_n34", "cluster-01_n33",
+                                                                        old_folders[0]])
+    assert [p.name for p in (to / old_folders[0]).iterdir()] == ["my-notes.txt"]
+    assert (to / old_folders[0] / "my-notes.txt").read_text() == "mine"
+    rows = _csv_rows(to / "clusters.csv")
+    assert len(rows) == 67 and {r["cluster"] for r in rows} == {"0", "1"}
+    assert all((to / r["path"]).is_symlink() for r in rows)

@@ -541,7 +541,7 @@ def outliers_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
 
             def draw_flag(flag: str = flag, tiles: list[np.ndarray] = tiles, total: int = int(scores[flag].sum())) -> Figure:
                 F.save_image(D.grid(tiles, figs.per_row), figs.path(f"flag-{flag}.png"))
-                return figs.figure(f"flag-{flag}.png", f"{flag}: {total} images"
+                return figs.figure(f"flag-{flag}.png", f"{flag}: {total} image{'s' if total != 1 else ''}"
                                    + (f" (showing {len(tiles)})" if len(tiles) < total else ""), "montage")
             cells += filter(None, [figs.attempt(f"figure flag-{flag}.png", draw_flag)])
         if cells:
