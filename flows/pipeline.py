@@ -41,6 +41,7 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_run(staging, out)
+    stopping.ignore_from_now()  # the run is whole on disk: a late Ctrl-C must not report it as stopped
     return {**doc, "run_dir": str(out), "report": report["html"]}
 
 
