@@ -136,3 +136,44 @@ def test_a_directory_that_is_not_a_run_is_refused(command: list[str], tmp_path: 
     res = run_cli([command[0], str(tmp_path), *command[1:]])
     assert res.returncode == 2
     assert res.stderr == f"gpuclust: error: {tmp_path}: not a gpuclust run directory (no .gpuclust-run file)\n"
+
+
+def test_a_deep_method_is_assigned_through_its_saved_encoder_and_centres(tmp_path: Path) -> None:
+    """Deep K-Means saves its fine-tuned encoder and centres; loaded back, they give its labels."""
+    from gpu_ops.data import load_dataset
+    from gpu_ops.deep import fit_deep
+    from gpu_ops.explore.models import finish_model, load_model, load_threshold, save_deep_model
+    from gpu_ops.rundir import RunDir
+
+    images = load_dataset("digits").items[:300]
+    result = fit_deep("dkm", images, 10, seed=0, device="cpu", checkpoint_dir=tmp_path / "ae", progress=False,
+                      pretrain_epochs=1, dkm_epochs=1, dkm_warmup_epochs=0, cluster_init="kmeans")
+    run = RunDir(tmp_path)
+    save_deep_model(run, "dkm", result)
+    assert finish_model(run, "dkm", images, result.labels)["kind"] == "deep+centroids"
+    model = load_model(run, "dkm", result.labels)
+    assert model.input == "image"
+    prediction = model.predict(images)
+    assert (prediction.labels == result.labels).mean() >= 0.99
+    assert load_threshold(run, "dkm").novel(prediction).mean() <= 0.05
+    noise = np.random.default_rng(0).integers(0, 256, size=(20, 8, 8), dtype=np.uint8)  # not digits
+    assert load_threshold(run, "dkm").novel(model.predict(noise)).mean() >= 0.9
+
+
+def test_a_large_run_keeps_an_ivf_index_that_finds_the_exact_neighbours(tmp_path: Path) -> None:
+    """Above the switch point the run keeps an IVF-Flat index: its answers match exact search."""
+    from bench.similar import embeddings
+    from gpu_ops.explore.search import SearchIndex, save_index
+    from gpu_ops.rundir import RunDir
+
+    X = embeddings(6000, 32)
+    run = RunDir(tmp_path)
+    info = save_index(run, X, approx_min_rows=5000)
+    assert info.kind == "ivf-flat" and run.search_index.is_file() and not run.search_vectors.exists()
+    index = SearchIndex(run, "cpu")
+    rows = np.array([3, 1500, 5999])
+    np.testing.assert_array_equal(index.vectors(rows), X[rows])
+    dist, found = index.search(X[rows], 10)
+    exact = np.argsort(((X[rows, None, :] - X[None]) ** 2).sum(axis=2), axis=1)[:, :10]
+    assert found[:, 0].tolist() == rows.tolist() and np.allclose(dist[:, 0], 0, atol=1e-3)
+    assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]) >= 0.95
