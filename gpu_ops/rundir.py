@@ -61,6 +61,7 @@ class RunDir:
     _MODEL = "model-{}.npz"
     _MODEL_INFO = "model-{}.json"
     _ENCODER = "encoder-{}.pt"
+    _HEAD = "model-{}.pt"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -90,6 +91,10 @@ class RunDir:
     def model_info(self, algorithm: str) -> Path:
         """The saved model's kind, its novelty threshold and what the threshold means (JSON)."""
         return self.path / self._MODEL_INFO.format(algorithm)
+
+    def head(self, algorithm: str) -> Path:
+        """A clustering head's saved model (``load_head(path)`` answers ``predict_proba``)."""
+        return self.path / self._HEAD.format(algorithm)
 
     def encoder(self, algorithm: str) -> Path:
         """A deep clustering algorithm's trained encoder (an autoencoder checkpoint)."""

@@ -55,7 +55,7 @@ NOVEL_QUANTILE = 0.99
 #: Clusters with fewer members use the quantile over every row instead of their own.
 MIN_MEMBERS = 20
 #: Rows sampled to set the thresholds of ``neighbours`` models (each needs a nearest-neighbour search).
-THRESHOLD_SAMPLE_ROWS = 20_000
+THRESHOLD_SAMPLE_ROWS = 10_000
 #: Neighbours searched to find the nearest labelled row (HDBSCAN leaves noise rows unlabelled).
 NEIGHBOUR_CANDIDATES = 16
 
@@ -288,7 +288,7 @@ def load_model(run: RunDir, algorithm: str, run_labels: np.ndarray | None = None
     serve the algorithms predicted from the nearest labelled row; they are read from the run when
     not given.
     """
-    head = run.path / f"model-{algorithm}.pt"
+    head = run.head(algorithm)
     if algorithm in HEAD_LOADERS and head.is_file():
         return HeadModel(algorithm, HEAD_LOADERS[algorithm](head))
     arrays = _read_arrays(run, algorithm)
