@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cluster import emit, env_info  # noqa: E402
+from bench.cluster import emit, env_info
 
 LATENT = 32
 CLUSTERS = 100
@@ -74,7 +74,6 @@ def bench_one(n: int, d: int, queries: int, nprobes: list[int], backend: str, k:
              "build_s": round(t1 - t0, 3), "query_s": round(t2 - t1, 3), "ms_per_query": round(1000 * (t2 - t1) / queries, 3),
              "ms_one_query": _one_at_a_time(lambda q: knn.kneighbors(q, n_neighbors=k), Q), "recall@10": 1.0}]
     print(rows[-1], flush=True)
-    del knn
     nlist = nlist_for(n)
     t0 = time.perf_counter()
     index = build_ivf(X, nlist, seed=0, gpu=res.kind == "gpu")

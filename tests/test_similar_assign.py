@@ -142,7 +142,12 @@ def test_a_deep_method_is_assigned_through_its_saved_encoder_and_centres(tmp_pat
     """Deep K-Means saves its fine-tuned encoder and centres; loaded back, they give its labels."""
     from gpu_ops.data import load_dataset
     from gpu_ops.deep import fit_deep
-    from gpu_ops.explore.models import finish_model, load_model, load_threshold, save_deep_model
+    from gpu_ops.explore.models import (
+        finish_model,
+        load_model,
+        load_threshold,
+        save_deep_model,
+    )
     from gpu_ops.rundir import RunDir
 
     images = load_dataset("digits").items[:300]

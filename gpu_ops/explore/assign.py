@@ -24,7 +24,13 @@ import pyarrow.parquet as pq
 from gpu_ops.config import DEEP_ALGORITHMS
 from gpu_ops.errors import InputError
 from gpu_ops.explore.embed import RunEmbedder, images_of, save_embedder
-from gpu_ops.explore.models import finish_model, load_model, load_threshold, run_assignments, save_model
+from gpu_ops.explore.models import (
+    finish_model,
+    load_model,
+    load_threshold,
+    run_assignments,
+    save_model,
+)
 from gpu_ops.explore.search import SearchIndex, save_index
 from gpu_ops.fsutil import atomic_path, atomic_write_json
 from gpu_ops.rundir import RunDir, is_run_dir

@@ -51,7 +51,7 @@ def item_form(dataset: Dataset) -> ItemForm:
     """The form of ``dataset``'s items (array datasets: their shape; image folders: RGB, any size)."""
     items = getattr(dataset, "items", None)
     if dataset.item_kind == "vector":
-        return ItemForm("vector", dim=int(items.shape[1]) if items is not None else int(len(dataset.load(0))))
+        return ItemForm("vector", dim=int(items.shape[1]) if items is not None else len(dataset.load(0)))
     if items is not None and items.ndim >= 3:
         return ItemForm("image", int(items.shape[1]), int(items.shape[2]), int(items.shape[3]) if items.ndim == 4 else 0)
     return ItemForm("image", channels=3)

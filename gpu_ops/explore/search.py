@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +62,7 @@ class IndexInfo:
     approx_min_rows: int
 
     @classmethod
-    def read(cls, run: RunDir) -> "IndexInfo":
+    def read(cls, run: RunDir) -> IndexInfo:
         import json
 
         path = run.search_info
