@@ -1,1 +1,2 @@
-"""Exploring a finished run: duplicates, outliers and quality flags, exporting clusters to folders."""
+"""Exploring a finished run: duplicates, outliers and quality flags, similar-image search, assigning
+new images to its clusters, exporting clusters to folders."""
