@@ -156,7 +156,13 @@
     if (modes[key].spec.grouping) lastGrouping = key;
     selected = null;
     tip.hidden = true;
-    Plotly.react(plot, tracesFor(key), doc.layout, config).then(highlight);
+    panel.textContent = "";
+    delete panel.dataset.mode;
+    delete panel.dataset.group;
+    Plotly.react(plot, tracesFor(key), doc.layout, config).then(function () {
+      highlight();
+      root.dataset.mode = key;  // drawn in this mode
+    });
   }
 
   doc.modes.forEach(function (m) {
@@ -171,6 +177,7 @@
   if (svgOnly) status.textContent = "WebGL is not available in this browser: drawing with SVG (slow for large maps).";
   Plotly.newPlot(plot, tracesFor(current), doc.layout, config).then(function () {
     plot.dataset.drawnMs = String(performance.now());
+    root.dataset.mode = current;
     plot.on("plotly_hover", function (ev) {
       var p = ev.points && ev.points[0];
       if (p && p.customdata !== undefined) showTip(p.customdata, ev.event);
