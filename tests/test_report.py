@@ -229,7 +229,10 @@ def test_page_escapes_every_value(digits_run, tmp_path):
     cfg["dataset"] = "folder:/nowhere/<script>alert(1)</script>"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     page = build_report(run, max_clusters=1, thumbnails=0).html.read_text()
-    assert "<script" not in page.lower()
+    # the only script elements are the interactive map's three (its data, plotly.js, its code)
+    assert re.findall(r"<script[^>]*>", page.lower()) == [
+        '<script type="application/json" id="imap-data">', '<script src="figures/plotly.min.js">', "<script>"]
+    assert "<script>alert" not in page.lower() and "folder:/nowhere/\\u003cscript\\u003ealert(1)" in page
     assert "<title>gpuclust run · folder:/nowhere/&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
     # the template itself: cells, captions and attributes are text, never markup
     sections = [B.Section("x", "<i>t</i>", [B.Table(["<th>"], [['<img src=x onerror="y">']], "c"),

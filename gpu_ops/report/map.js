@@ -1,5 +1,5 @@
-// The report's interactive map (gpu_ops.report.interactive). Reads the map document from
-// <script id="imap-data">, draws it with plotly.js (already loaded by the page) and wires up the
+// The report's interactive map (gpu_ops.report.interactive). Reads the map document (JSON) from
+// the element #imap-data, draws it with plotly.js (already loaded by the page) and wires up the
 // hover tooltip (thumbnail, id, groups), the member list of a clicked cluster and the colour mode.
 (function () {
   "use strict";
