@@ -242,6 +242,9 @@ def test_clicking_a_cluster_lists_exactly_its_members(run_dir, open_map):
     got = page.members()
     want = a.loc[a["agglomerative"] == third, "image_id"].astype(str).tolist()
     assert got["group"] == str(third) and sorted(got["ids"]) == sorted(want) and len(got["ids"]) == len(want)
+    # the cluster stays drawn (listed, not hidden); the others are dimmed
+    drawn = page.page.evaluate("() => document.getElementById('imap-plot')._fullData.map(t => [t.visible, t.opacity])")
+    assert drawn == [[True, 1 if i == 2 else 0.15] for i in range(len(names))]
     assert page.problems == [] and page.network == []
 
 

@@ -622,7 +622,8 @@ def settings_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
 
 #: The page's sections in order; each returns zero or more sections.
 SECTIONS: tuple[Callable[[FigureWriter, D.RunInputs, D.ImageSource | None], list[Section]], ...] = (
-    metrics_section, interactive_map_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section, montage_sections,
+    metrics_section, interactive_map_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section,
+    montage_sections,
     dendrogram_sections, k_selection_section, reconstructions_section, backends_section, timings_section,
     settings_section,
 )

@@ -78,7 +78,7 @@
     } else {
       var none = document.createElement("div");
       none.className = "imap-nothumb";
-      none.textContent = "no thumbnail" + (doc.thumb_note ? " (" + doc.thumb_note + ")" : "");
+      none.textContent = "no thumbnail";  // the page says why (a sample, or no images)
       tip.appendChild(none);
     }
     var id = document.createElement("div");
