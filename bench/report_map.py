@@ -73,13 +73,14 @@ def make_run(work: Path, n: int) -> tuple[Path, float]:
     return out, time.perf_counter() - t0
 
 
-FRAME_RECORDER = """() => { window.__frames = []; window.__stop = false;
-    const loop = t => { window.__frames.push(t); if (!window.__stop) requestAnimationFrame(loop); };
+# One requestAnimationFrame chain per recording (an id ends the previous one's pending callback).
+FRAME_RECORDER = """() => { const id = (window.__rec || 0) + 1; window.__rec = id; window.__frames = [];
+    const loop = t => { if (window.__rec !== id) return; window.__frames.push(t); requestAnimationFrame(loop); };
     requestAnimationFrame(loop); }"""
 SETTLE = """async () => {  // wait for the map to finish redrawing, then stop the recorder
     await new Promise(r => setTimeout(r, 400));
     await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
-    window.__stop = true; return window.__frames; }"""
+    window.__rec += 1000; return window.__frames; }"""
 
 
 def frame_stats(frames: list[float]) -> dict[str, float]:
