@@ -13,15 +13,16 @@ import io
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from gpu_ops.data import load_dataset
 from gpu_ops.registry import create_estimator
 from gpu_ops.report import build_report, load_run
@@ -264,7 +265,7 @@ def test_colour_modes_change_marker_colours(run_dir, open_map, tmp_path):
     page.set_mode("label")
     after = page.point_colours()
     y = np.asarray(load_dataset("digits", "all", None).labels)
-    colours = I.group_colours(sorted(set(int(v) for v in y)))
+    colours = I.group_colours(sorted({int(v) for v in y}))
     assert after == {r: colours[int(y[r])] for r in range(len(ids))}  # each point in its class's colour
     assert sum(before[r] != after[r] for r in after) > len(ids) // 2
     assert page.page.locator("#imap-plot").screenshot() != shot_before
@@ -314,8 +315,8 @@ def test_outlier_scores_are_optional_and_checked(run_dir, tmp_path):
     inputs = load_run(run)
     assert inputs.outliers is None
     assert [str(m) for m in inputs.missing] == [
-        f"outliers.parquet: column score is {pd.read_parquet(run / D.OUTLIERS)['score'].dtype}, not numbers; "
-        "the map's colouring by outlier score skipped"]
+        (f"outliers.parquet: column score is {pd.read_parquet(run / D.OUTLIERS)['score'].dtype}, not numbers; "
+         "the map's colouring by outlier score skipped")]
 
     pd.DataFrame({"image_id": ["digits/0000000"], "value": [1.0]}).to_parquet(run / D.OUTLIERS)
     assert [str(m) for m in load_run(run).missing] == [
