@@ -12,15 +12,18 @@
   ``duplicates.parquet`` / ``outliers.parquet``: ``duplicates-NNN.png`` (a pair side by side),
   ``outliers.png`` (the most unusual images) and ``flag-<flag>.png`` (images a quality flag marks);
 * ``RUN_DIR/map.png`` — a copy of the first algorithm's ``map-<algorithm>.png``;
-* ``RUN_DIR/report.html`` — one page from the ``report.html.j2`` template (autoescaped), plain
-  HTML + inline CSS: no JavaScript, no network; images are linked as ``figures/NAME.png`` beside
-  it (or embedded as data URIs with ``embed_images=True``).
+* ``RUN_DIR/report.html`` — one page from the ``report.html.j2`` template (autoescaped), HTML +
+  inline CSS, no network; images are linked as ``figures/NAME.png`` beside it (or embedded as data
+  URIs with ``embed_images=True``). Its only JavaScript is the interactive map
+  (:mod:`gpu_ops.report.interactive`: Plotly WebGL scatter to pan, zoom, hover for an image and its
+  clusters, click for a cluster's members, colour by cluster, true label or outlier score), with
+  plotly.js in ``figures/plotly.min.js`` (inlined with ``embed_images=True``).
   It also holds the metrics table (ACC, NMI, ARI, k, backend, cluster sizes), the backend each op
   ran on with every GPU → CPU fallback and its reason, timings per stage, and the settings.
 
 Inputs (from :mod:`gpu_ops.pipeline` / :mod:`gpu_ops.rundir`): ``config.yaml``,
 ``assignments.parquet``, ``map2d.parquet``, ``metrics.json`` (its ``store`` gives the true
-labels), and optionally ``k_selection.json``, a linkage matrix per hierarchical algorithm, ``tsne_sweep.npz``
+labels), and optionally ``outliers.parquet`` (``image_id``, ``score``: the map's outlier-score colouring), ``k_selection.json``, a linkage matrix per hierarchical algorithm, ``tsne_sweep.npz``
 (:meth:`gpu_ops.reduce.tsne.PerplexitySweep.save` gives its contract) and ``reconstructions.npz``.
 Images for montages and thumbnails come from re-opening the dataset that config.yaml names
 (``load_dataset(dataset, split, limit)``) and looking each image_id up. Whatever is

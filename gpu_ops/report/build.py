@@ -26,6 +26,7 @@ import pandas as pd
 from gpu_ops.errors import InputError
 from gpu_ops.report import data as D
 from gpu_ops.report import figures as F
+from gpu_ops.report import interactive as I
 from gpu_ops.fsutil import atomic_write_bytes
 from gpu_ops.rundir import RunDir
 
@@ -108,7 +109,20 @@ class Montages:
     figures: list[Figure]
 
 
-Block = Union[Figure, Table, Text, Warn, Montages]
+@dataclass
+class InteractiveMap:
+    """The interactive map: its JSON document, the script that draws it, and plotly.js either as
+    a file beside the page (``plotly_src``) or inlined (``plotly_inline``)."""
+
+    kind: ClassVar[str] = "interactive"
+    data: str
+    script: str
+    plotly_src: str | None = None
+    plotly_inline: str | None = None
+    note: str = ""
+
+
+Block = Union[Figure, Table, Text, Warn, Montages, InteractiveMap]
 
 
 @dataclass
@@ -136,7 +150,8 @@ class FigureWriter:
     """Writes a report's PNGs into a temporary folder and makes the :class:`Figure` blocks for them."""
 
     def __init__(self, run_dir: Path, tmp_figs: Path, inputs: D.RunInputs, *, embed: bool, per_row: int,
-                 montage_rows: int, max_clusters: int, thumbnails: int, tile_px: int, seed: int) -> None:
+                 montage_rows: int, max_clusters: int, thumbnails: int, tile_px: int, seed: int,
+                 map_thumbnails: int = 2000, map_tile_px: int = 48, map_webgl: bool = True) -> None:
         self.run_dir = run_dir
         self.tmp = tmp_figs
         self.inputs = inputs
@@ -147,6 +162,9 @@ class FigureWriter:
         self.thumbnails = thumbnails
         self.tile_px = tile_px
         self.seed = seed
+        self.map_thumbnails = map_thumbnails
+        self.map_tile_px = map_tile_px
+        self.map_webgl = map_webgl
         self.names: list[str] = []  # names inside figures/
 
     def path(self, name: str) -> Path:
@@ -175,7 +193,8 @@ class FigureWriter:
 
 def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10, montage_rows: int = 5,
                  max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0,
-                 shown_as: Path | None = None) -> ReportResult:
+                 shown_as: Path | None = None, map_thumbnails: int = 2000, map_tile_px: int = 48,
+                 map_webgl: bool = True) -> ReportResult:
     """Write the figures and ``report.html`` for the run directory ``run_dir``.
 
     Parameters
@@ -183,8 +202,9 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     run_dir : Path
         A run directory (see :mod:`gpu_ops.rundir`).
     embed_images : bool
-        Put the figures into the page as data URIs (one file to mail around); otherwise the page
-        links ``figures/NAME.png`` beside it. The PNGs are written either way.
+        Put the figures into the page as data URIs and inline plotly.js (one file to mail around);
+        otherwise the page links ``figures/NAME.png`` and ``figures/plotly.min.js`` beside it. The
+        PNGs are written either way.
     per_row, montage_rows : int
         Montage layout: images per row and at most this many rows per cluster.
     max_clusters : int
@@ -198,6 +218,13 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     shown_as : Path, optional
         The run directory the page names (default ``run_dir``): where a run being written in a
         staging directory will be once it is complete.
+    map_thumbnails : int
+        The interactive map carries thumbnails (data URIs) of at most this many points (a seeded
+        sample when the run has more), which bounds the page's size.
+    map_tile_px : int
+        Thumbnail size on the interactive map, in pixels.
+    map_webgl : bool
+        Draw the interactive map with WebGL (``Scattergl``); False draws SVG (for comparison).
 
     Returns
     -------
@@ -221,7 +248,8 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     tmp.mkdir()
     try:
         figs = FigureWriter(run_dir, tmp, inputs, embed=embed_images, per_row=per_row, montage_rows=montage_rows,
-                            max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed)
+                            max_clusters=max_clusters, thumbnails=thumbnails, tile_px=tile_px, seed=seed,
+                            map_thumbnails=map_thumbnails, map_tile_px=map_tile_px, map_webgl=map_webgl)
         images = D.ImageSource.open(inputs) if (inputs.assignments is not None or inputs.map2d is not None) else None
         sections = [s for make in SECTIONS for s in make(figs, inputs, images)]
         page = render_page(sections, inputs, Path(shown_as) if shown_as is not None else run_dir,
@@ -276,6 +304,43 @@ def _map_xy(inputs: D.RunInputs) -> np.ndarray:
 
 def _reducer_name(inputs: D.RunInputs) -> str:
     return ((inputs.metrics or {}).get("reducer") or {}).get("name") or (inputs.config or {}).get("reducer", "")
+
+
+def interactive_map_section(figs: FigureWriter, inputs: D.RunInputs,
+                            images: D.ImageSource | None) -> list[Section]:
+    """The map to pan, zoom and hover (thumbnail and cluster), click (a cluster's members) and recolour
+    (per algorithm's clusters, true label, outlier score)."""
+    points = D.map_points(inputs)
+    if points is None or not points.modes:
+        return []
+    block = figs.attempt("interactive map", lambda: _interactive_map(figs, inputs, images, points))
+    return [Section("interactive-map", "Interactive map", [block])] if block else []
+
+
+def _interactive_map(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None,
+                     points: D.MapPoints) -> InteractiveMap:
+    n = len(points.ids)
+    thumbs: dict[int, str] = {}
+    if images is not None:
+        for row in D.thumbnail_sample(n, figs.map_thumbnails, seed=figs.seed):
+            tile = images.tile(points.ids[row], figs.map_tile_px)
+            if tile is not None:
+                thumbs[int(row)] = I.thumbnail_uri(tile)
+    if images is None:
+        note = "no thumbnails: the run's images could not be opened"
+    elif len(thumbs) < n:
+        note = f"thumbnails for a sample of {len(thumbs)} of {n} images"
+    else:
+        note = ""
+    title = f"{inputs.dataset_spec or ''} · {_reducer_name(inputs)} map · {n} images"
+    doc = I.map_document(points, thumbs, title, webgl=figs.map_webgl, thumb_note=note)
+    block = InteractiveMap(I.document_json(doc), I.map_script(), note=note)
+    if figs.embed:
+        block.plotly_inline = I.plotly_js()
+    else:
+        (figs.tmp / I.PLOTLY_JS).write_text(I.plotly_js(), encoding="utf-8")
+        block.plotly_src = f"{FIGURES_DIR}/{I.PLOTLY_JS}"
+    return block
 
 
 def map_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
@@ -663,8 +728,9 @@ def settings_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
 
 #: The page's sections in order; each returns zero or more sections.
 SECTIONS: tuple[Callable[[FigureWriter, D.RunInputs, D.ImageSource | None], list[Section]], ...] = (
-    metrics_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section, montage_sections,
-    duplicates_section, outliers_section, dendrogram_sections, k_selection_section, reconstructions_section, backends_section, timings_section,
+    metrics_section, interactive_map_section, map_section, thumbnails_section, tsne_sweep_section, confusion_section,
+    montage_sections, duplicates_section, outliers_section, dendrogram_sections, k_selection_section,
+    reconstructions_section, backends_section, timings_section,
     settings_section,
 )
 

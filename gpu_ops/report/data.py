@@ -24,6 +24,8 @@ from gpu_ops.rundir import RunDir
 
 RECONSTRUCTIONS = RunDir.RECONSTRUCTIONS
 K_SELECTION = RunDir.K_SELECTION
+#: Per-image outlier scores (columns ``image_id``, ``score``: higher is more unusual); optional.
+OUTLIERS = RunDir.OUTLIERS
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class RunInputs:
     """A run directory's contents as far as they could be read.
 
     ``assignments`` has ``image_id`` and one int cluster column per algorithm; ``map2d`` has
-    ``image_id, x, y``; ``labels`` maps image_id -> true class id (only images with a label).
+    ``image_id, x, y``; ``labels`` maps image_id -> true class id (only images with a label);
+    ``outliers`` maps image_id -> outlier score (from ``outliers.parquet``, when the run has one).
     """
 
     run_dir: Path
@@ -55,6 +58,7 @@ class RunInputs:
     linkages: dict[str, np.ndarray] = field(default_factory=dict)
     labels: pd.Series | None = None
     class_names: list[str] | None = None
+    outliers: pd.Series | None = None
     missing: list[Missing] = field(default_factory=list)
 
     @property
@@ -96,9 +100,13 @@ def _read_json(path: Path, inputs: RunInputs, skipped: str) -> dict[str, Any] | 
     return doc
 
 
-def _read_parquet(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipped: str) -> pd.DataFrame | None:
+def _read_parquet(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipped: str,
+                  optional: bool = False) -> pd.DataFrame | None:
+    """The table at ``path`` with at least ``columns``, or None and a note saying why not (no note
+    for an ``optional`` file that is absent)."""
     if not path.is_file():
-        inputs.note(path.name, f"not found; {skipped}")
+        if not optional:
+            inputs.note(path.name, f"not found; {skipped}")
         return None
     try:
         df = pd.read_parquet(path)
@@ -109,7 +117,8 @@ def _read_parquet(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipp
     if lacking:
         inputs.note(path.name, f"lacks column(s) {', '.join(lacking)} (found: {', '.join(df.columns)}); {skipped}")
         return None
-    df["image_id"] = df["image_id"].astype(str)
+    if "image_id" in df.columns:
+        df["image_id"] = df["image_id"].astype(str)
     return df
 
 
@@ -171,7 +180,21 @@ def load_run(run_dir: Path) -> RunInputs:
             continue
         inputs.linkages[algo] = Z
     _load_labels(inputs)
+    _load_outliers(inputs)
     return inputs
+
+
+def _load_outliers(inputs: RunInputs) -> None:
+    """Outlier scores by image_id from ``outliers.parquet``; a run without the file has none (no note)."""
+    skipped = "the map's colouring by outlier score skipped"
+    df = _read_parquet(inputs.run_dir / OUTLIERS, ("image_id", "score"), inputs, skipped, optional=True)
+    if df is None:
+        return
+    if not pd.api.types.is_numeric_dtype(df["score"]) or pd.api.types.is_bool_dtype(df["score"]):
+        inputs.note(OUTLIERS, f"column score is {df['score'].dtype}, not numbers; {skipped}")
+        return
+    scores = pd.Series(df["score"].to_numpy(dtype=np.float64), index=pd.Index(df["image_id"], name="image_id"))
+    inputs.outliers = scores[~scores.index.duplicated(keep="first")]
 
 
 def _flat_map(inputs: RunInputs) -> bool:
@@ -285,6 +308,85 @@ def thumbnail_positions(map2d: pd.DataFrame, n: int, seed: int = 0,
                 break
         keep = np.asarray(keep_list, dtype=np.int64)
     return [(str(ids[i]), float(xy[i, 0]), float(xy[i, 1])) for i in keep]
+
+
+@dataclass(frozen=True)
+class ColourMode:
+    """One way to colour the interactive map.
+
+    ``key``: ``cluster:<algorithm>``, ``label`` or ``score``; ``title``: what the page calls it;
+    ``values``: per map point, int64 group ids (-1: none: noise or no label) for groupings, float64
+    scores (NaN: no score) for ``score``; ``names``: each group id's legend text.
+    """
+
+    key: str
+    title: str
+    values: np.ndarray
+    names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def grouping(self) -> bool:
+        """True when points fall into groups (clusters, classes), False for a continuous score."""
+        return self.key != "score"
+
+
+@dataclass(frozen=True)
+class MapPoints:
+    """The interactive map's points in map2d.parquet order: ``ids`` (n,), ``xy`` (n, 2) float32 and
+    the colour modes (each algorithm's clusters, then the true labels and outlier scores when present)."""
+
+    ids: list[str]
+    xy: np.ndarray
+    modes: list[ColourMode]
+
+    def mode(self, key: str) -> ColourMode:
+        return next(m for m in self.modes if m.key == key)
+
+
+def map_points(inputs: RunInputs) -> MapPoints | None:
+    """What the interactive map shows: one point per map2d row with every way to colour it.
+
+    Points without a cluster in an algorithm's column (or without a true label) get group -1; a
+    run without a 2-D map gives None.
+    """
+    m = inputs.map2d
+    if m is None:
+        return None
+    ids = m["image_id"].astype(str).tolist()
+    xy = m[["x", "y"]].to_numpy(dtype=np.float32)
+    modes: list[ColourMode] = []
+    if inputs.assignments is not None:
+        by_id = inputs.assignments.drop_duplicates("image_id").set_index("image_id")
+        for algo in inputs.algorithms:
+            values = by_id[algo].reindex(ids).fillna(-1).to_numpy().astype(np.int64)
+            names = {int(c): ("noise" if c < 0 else f"cluster {c}") for c in np.unique(values)}
+            modes.append(ColourMode(f"cluster:{algo}", f"{algo} cluster", values, names))
+    y = aligned_labels(ids, inputs.labels)
+    if y is not None and (y >= 0).any():
+        cn = inputs.class_names or []
+        names = {int(c): ("no label" if c < 0 else cn[c] if c < len(cn) else str(c)) for c in np.unique(y)}
+        modes.append(ColourMode("label", "true label", y, names))
+    if inputs.outliers is not None:
+        scores = inputs.outliers.reindex(pd.Index(ids)).to_numpy(dtype=np.float64)
+        if np.isfinite(scores).any():
+            modes.append(ColourMode("score", "outlier score", scores))
+    return MapPoints(ids, xy, modes)
+
+
+def group_members(points: MapPoints, key: str, group: int) -> list[str]:
+    """Image ids of the points in ``group`` of colour mode ``key``, in map order (what a click lists)."""
+    values = points.mode(key).values
+    return [points.ids[i] for i in np.flatnonzero(values == group)]
+
+
+def thumbnail_sample(n: int, max_items: int, seed: int = 0) -> np.ndarray:
+    """Indices of the points that get a thumbnail on the interactive map: all of them when
+    ``n <= max_items``, else a seeded random sample of ``max_items`` (sorted), so the page stays bounded."""
+    if max_items < 0:
+        raise ValueError(f"max_items must be >= 0; got {max_items}")
+    if n <= max_items:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False)).astype(np.int64)
 
 
 def aligned_labels(ids: Iterable[str], labels: pd.Series | None) -> np.ndarray | None:
@@ -557,18 +659,7 @@ def load_tsne_sweep(path: Path) -> TsneSweep:
 def read_explore_table(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipped: str) -> pd.DataFrame | None:
     """``duplicates.parquet`` or ``outliers.parquet`` (None when absent: the run skipped the explore
     stage); a file that cannot be used becomes a note."""
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not raised
-        inputs.note(path.name, f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {skipped}")
-        return None
-    lacking = [c for c in columns if c not in df.columns]
-    if lacking:
-        inputs.note(path.name, f"lacks column(s) {', '.join(lacking)}; {skipped}")
-        return None
-    return df
+    return _read_parquet(path, columns, inputs, skipped, optional=True)
 
 
 def duplicate_pairs_shown(pairs: pd.DataFrame, per_kind: int) -> pd.DataFrame:
