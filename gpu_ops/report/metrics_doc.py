@@ -54,6 +54,17 @@ class BackendRow(_Part):
     fallbacks: list[str] = Field(default_factory=list)
 
 
+class KSelectionInfo(_Part):
+    """``k=auto``: the k chosen, the label-free score that chose it and its curve over ``ks``."""
+
+    chosen_k: int
+    method: str
+    ks: list[int]
+    score: list[float]
+    elbow_k: int | None = None
+    rows: int | None = None
+
+
 class MetricsDoc(_Part):
     """``metrics.json``: what the run found, per algorithm, and how it ran."""
 
@@ -67,6 +78,7 @@ class MetricsDoc(_Part):
     backends: list[BackendRow] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
     timings_s: dict[str, float] = Field(default_factory=dict)
+    k_selection: KSelectionInfo | None = None
 
 
 def _problem(path: Path, exc: ValidationError) -> str:
