@@ -14,7 +14,7 @@ from gpu_ops.cluster.choose_k import choose_k
 from gpu_ops.cluster.quality import KnnGraph, knn_graph, merge_path, modularity
 from gpu_ops.errors import InputError
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def two_triangles() -> KnnGraph:
@@ -123,3 +123,16 @@ def test_knn_graph_is_symmetric_without_self_loops():
     A = g.adjacency
     assert (A != A.T).nnz == 0 and A.diagonal().sum() == 0
     assert (np.asarray(A.sum(axis=1)).ravel() >= 5).all()
+
+
+def test_the_handwriting_preset_loads_and_takes_the_acceptance_flags(data_dir):
+    """configs/handwriting.yaml validates as it is, and with the only flags its runs add."""
+    from flows.cli import build_parser, run_config_from_args
+
+    preset = REPO / "configs" / "handwriting.yaml"
+    args = build_parser().parse_args(["run", "--config", str(preset), "--dataset", f"idx:{data_dir / 'mnist'}",
+                                      "--split", "test", "--k", "auto", "--seed", "4"])
+    cfg = run_config_from_args(args)
+    assert (cfg.algorithms, cfg.extractor, cfg.k, cfg.seed, cfg.split) == (["idec"], "raw", "auto", 4, "test")
+    plain = run_config_from_args(build_parser().parse_args(["run", "--config", str(preset)]))
+    assert (plain.dataset, plain.algorithms, plain.k) == ("digits", ["idec"], 10)
