@@ -7,7 +7,7 @@
   labels exist), ``thumbnails.png`` (a few hundred images drawn at their map coordinates),
   ``montage-<algorithm>-c<cluster>.png`` (a grid of member images per cluster),
   ``confusion-<algorithm>.png`` (after Hungarian mapping), ``dendrogram-<algorithm>.png``,
-  ``k-selection.png`` (elbow and silhouette), ``tsne-sweep.png`` (t-SNE maps at several
+  ``k-selection.png`` (elbow, silhouette and modularity), ``tsne-sweep.png`` (t-SNE maps at several
   perplexities), ``reconstructions.png``, ``timings.png``;
 * ``RUN_DIR/map.png`` — a copy of the first algorithm's ``map-<algorithm>.png``;
 * ``RUN_DIR/report.html`` — one page from the ``report.html.j2`` template (autoescaped), plain
