@@ -9,11 +9,12 @@ Every score here is higher-is-better and needs no labels:
   are in it (it is an island of the graph), and the expected-edges term charges every merge, so
   merging two islands or cutting one both lower it. The graph is one fixed object, so partitions
   of different k, or found in different spaces (several UMAP embeddings), are compared fairly.
-- :func:`silhouette`: the mean silhouette on a sample (one distance matrix), the classic k sweep.
+- :func:`silhouette`: the mean silhouette on a sample, the classic k sweep's score.
 
-:func:`score_partition` computes the one chosen by name (:data:`SCORES`). Which one tracks
-accuracy on the labelled sets, measured with ``bench/quality.py``: BENCHMARKS.md
-("Choosing k without labels").
+:func:`merge_path` merges k-means micro-clusters pair by pair on the graph and scores every k on
+the way; ``k=auto`` (:mod:`gpu_ops.cluster.choose_k`) and the ``umap-graph`` algorithm use it.
+Which score tracks accuracy on the labelled sets, measured with ``bench/quality.py``:
+BENCHMARKS.md ("Choosing k without labels").
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import scipy.sparse as sp
 from gpu_ops.errors import InputError
 from gpu_ops.registry import Resolution, create_estimator
 
-SCORES = ("modularity", "silhouette")
 #: Neighbours per point of the graph :func:`modularity` is computed on.
 GRAPH_NEIGHBORS = 10
 
@@ -98,13 +98,6 @@ def silhouette(X: np.ndarray, labels: np.ndarray, *, sample_size: int = 5000, se
     if not 1 < found < len(rows):
         return -1.0
     return float(silhouette_score(np.asarray(X, dtype=np.float32)[rows], labels[rows]))
-
-
-def check_score(name: str) -> str:
-    """``name`` when it is a known score, else the standard one-line error."""
-    if name not in SCORES:
-        raise InputError(f"unknown quality score {name!r}; expected one of: {', '.join(SCORES)}")
-    return name
 
 
 @dataclass(frozen=True)
