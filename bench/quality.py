@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     ks = list(range(args.k_range[0], args.k_range[1] + 1))
     results = {}
-    print(f"| set | true k | score | chosen k | ACC at chosen | best ACC (k) |\n|---|---|---|---|---|---|")
+    print("| set | true k | score | chosen k | ACC at chosen | best ACC (k) |\n|---|---|---|---|---|---|")
     for name in args.sets:
         t0 = time.perf_counter()
         X, y = load(name, args.rows, args.seed)

@@ -57,7 +57,7 @@ def test_k_auto_finds_the_twenty_objects_of_coil20(coil20):
     """COIL-20 (1440 images of 20 objects, raw pixels): the modularity of merged micro-clusters
     peaks at 20 and k=auto takes 18-20 (the fewest within the tolerance of the peak); the
     silhouette of k-means, the former choice, peaks at 25."""
-    X, y = coil20
+    X, _ = coil20
     sel = choose_k(X, 15, 25, backend="cpu", seed=0)
     assert sel.method == "modularity" and sel.ks == list(range(15, 26))
     assert sel.best_k == 20 and 18 <= sel.chosen_k <= 20, sel.modularity
