@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu-decode", action="store_true", default=None, dest="decode_on_device",
                      help="decode JPEGs in batches on the GPU (nvJPEG)")
     run.add_argument("--algorithm", dest="algorithms",
-                     help="comma-separated: umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec")
+                     help="comma-separated: umap-graph, umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec")
     run.add_argument("--k", help="number of clusters, or auto")
+    run.add_argument("--k-range", dest="k_range", help="k=auto: the smallest and largest k tried, LOW,HIGH (default 2,20)")
     run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
@@ -143,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_pair(text: str) -> object:
+    """``"5,15"`` as ``[5, 15]``; anything else as given, for RunConfig to name in its error."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        return text
+
+
 def run_config_from_args(args: argparse.Namespace) -> "Any":
     """The run's RunConfig: the config file's settings, overridden by the options given.
 
@@ -163,6 +173,9 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
         except ValueError:
             values["k"] = args.k  # auto, or a mistake RunConfig names
         flags["k"] = "--k"
+    if args.k_range is not None:
+        values["k_range"] = _int_pair(args.k_range)
+        flags["k_range"] = "--k-range"
     if args.backend:
         values.update(args.backend)
         flags.update({key: "--backend" for key in args.backend})
@@ -180,8 +193,8 @@ def minimum_sizes(cfg: Any) -> list[tuple[str, int]]:
     and openTSNE: UMAP's spectral start needs n > n_components + 1, t-SNE n > 3 * perplexity (the
     map's perplexity shrinks with n down to 2, so the map needs 7)."""
     floors = []
-    if "umap-kmeans" in cfg.algorithms:
-        floors.append((f"umap-kmeans (UMAP to umap_dims={cfg.umap_dims} dimensions)", cfg.umap_dims + 2))
+    floors += [(f"{a} (UMAP to umap_dims={cfg.umap_dims} dimensions)", cfg.umap_dims + 2)
+               for a in cfg.algorithms if a in ("umap-graph", "umap-kmeans")]
     if cfg.reducer == "umap":
         floors.append(("the umap map (reducer umap)", 4))  # 2 dimensions
     if cfg.reducer == "tsne":

@@ -15,7 +15,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from gpu_ops.errors import InputError, choice_error
 
 DEEP_ALGORITHMS = ("n2d", "dkm", "dec", "idec")
-ALGORITHMS = ("umap-kmeans", "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS)
+#: UMAP-space algorithms: ``umap_dims`` applies to them.
+UMAP_ALGORITHMS = ("umap-graph", "umap-kmeans")
+ALGORITHMS = (*UMAP_ALGORITHMS, "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS)
 #: numpy's seeding range (``np.random.RandomState`` and FAISS take a 32-bit unsigned seed).
 SEED_MAX = 2**32 - 1
 
@@ -88,7 +90,8 @@ class StageTimeouts(BaseModel):
 
 class RunConfig(BaseModel):
     """Everything one ``gpuclust run`` needs. Defaults are the settings that cluster well on
-    the embedded default (digits): raw pixels, UMAP to 10-d then k-means, a UMAP map.
+    the embedded default (digits): raw pixels, ``umap-graph`` (UMAP to 10-d, k-means
+    micro-clusters merged by modularity on the neighbour graph), a UMAP map.
 
     Validation is strict and complete, so the command line, YAML files and deployment parameters
     all get the same one-line error before any work: values of the wrong type are refused even
@@ -115,13 +118,13 @@ class RunConfig(BaseModel):
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
     shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")
-    algorithms: list[str] = Field(default_factory=lambda: ["umap-kmeans"])
+    algorithms: list[str] = Field(default_factory=lambda: ["umap-graph"])
     k: int | Literal["auto"] = 10
     k_range: tuple[int, int] = Field((2, 20), description="k=auto: the smallest and largest k tried")
     linkage: Literal["ward", "average", "complete", "single"] = "ward"
     n_init: int = Field(10, ge=1)
     max_iter: int = Field(100, ge=1)
-    umap_dims: int = Field(10, ge=1, description="dimensions of the UMAP space umap-kmeans clusters in")
+    umap_dims: int = Field(10, ge=1, description="dimensions of the UMAP space umap-graph and umap-kmeans cluster in")
     distance_threshold: float | None = Field(None, gt=0, description="agglomerative: cut the tree at this merge "
                                              "height instead of at k")
     min_cluster_size: int = Field(15, ge=2, description="hdbscan: the smallest group that counts as a cluster")
@@ -300,7 +303,8 @@ APPLIES: tuple[Applies, ...] = (
     Applies("min_cluster_size", lambda c: "hdbscan" in c.algorithms, _algorithms_context, "hdbscan"),
     Applies("covariance_type", lambda c: "gmm" in c.algorithms, _algorithms_context, "gmm"),
     Applies("memory_mb", lambda c: "kmeans" in c.algorithms, _algorithms_context, "kmeans (out-of-core)"),
-    Applies("umap_dims", lambda c: "umap-kmeans" in c.algorithms, _algorithms_context, "umap-kmeans"),
+    Applies("umap_dims", lambda c: any(a in UMAP_ALGORITHMS for a in c.algorithms), _algorithms_context,
+            " and ".join(UMAP_ALGORITHMS)),
     Applies("k_range", lambda c: c.k == "auto", lambda c: f"k={c.k}", "k=auto (the range k is chosen from)"),
     Applies("tsne_perplexities", lambda c: c.reducer == "tsne", lambda c: f"reducer {c.reducer}", "reducer tsne"),
 )

@@ -38,7 +38,7 @@ EXTRACT = "extract"
 #: Stages that run in torch: their placement is the torch device.
 TORCH_STAGES = (EXTRACT, *DEEP_ALGORITHMS)
 #: Algorithms that chain ops; each op is placed on its own and the algorithm holds a GPU when any does.
-COMPOSITES: dict[str, tuple[str, ...]] = {"umap-kmeans": ("umap", "kmeans")}
+COMPOSITES: dict[str, tuple[str, ...]] = {"umap-kmeans": ("umap", "kmeans"), "umap-graph": ("umap", "kmeans", "knn")}
 TORCH_BACKEND = "torch"
 
 

@@ -144,7 +144,8 @@ def write_cluster_result(run: RunDir, algorithm: str, *, k: int, resolutions: li
 
 
 def k_for(cfg: Any, data: Any, run: RunDir) -> int:
-    """The run's k: ``cfg.k``, or for ``k=auto`` the silhouette choice over ``cfg.k_range``.
+    """The run's k: ``cfg.k``, or for ``k=auto`` the label-free choice over ``cfg.k_range``
+    (:func:`~gpu_ops.cluster.choose_k.choose_k`: the highest modularity of graph-merged micro-clusters).
 
     ``data``: the embeddings (an array), a store directory, or a k-means source
     (:class:`~gpu_ops.cluster.sources.StoreSource`, ...). ``k=auto`` is chosen once per run (saved
@@ -166,6 +167,18 @@ def k_for(cfg: Any, data: Any, run: RunDir) -> int:
     sample = data if rows == n and isinstance(data, np.ndarray) else source.subset(rows, int(cfg.seed))
     selection = choose_k(sample, *cfg.k_range, backend=cfg.backend_for("kmeans"), seed=cfg.seed)
     atomic_write_json(saved, selection.as_dict())
-    log.info("k=auto chose k=%d (silhouette on %d of %d rows); elbow at k=%d", selection.chosen_k, rows, n,
+    log.info("k=auto chose k=%d (%s on %d of %d rows); elbow at k=%d", selection.chosen_k, selection.method, rows, n,
              selection.elbow_k)
     return selection.chosen_k
+
+
+def k_selection_summary(run: RunDir) -> dict[str, Any] | None:
+    """metrics.json's ``k_selection``: the chosen k, the score that chose it and its curve over k
+    (None when the run's k was given)."""
+    if not run.k_selection.is_file():
+        return None
+    sel = json.loads(run.k_selection.read_text())
+    method = sel.get("method", "silhouette")
+    curve = sel.get({"elbow": "inertia"}.get(method, method)) or []
+    return {"chosen_k": sel["chosen_k"], "method": method, "ks": sel["ks"], "score": curve,
+            "elbow_k": sel.get("elbow_k"), "rows": sel.get("n_fit")}

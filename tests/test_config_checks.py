@@ -161,11 +161,11 @@ NOT_APPLYING = [
      "--gpu-decode does not apply to the digits dataset; it is for JPEG folders (folder: datasets) with a pretrained extractor"),
     (["--dataset", "folder:/x", "--gpu-decode"],
      "--gpu-decode does not apply to extractor raw; it is for JPEG folders (folder: datasets) with a pretrained extractor"),
-    (["--latent-dim", "16"], "--latent-dim does not apply to extractor raw with algorithms umap-kmeans; it is for the "
+    (["--latent-dim", "16"], "--latent-dim does not apply to extractor raw with algorithms umap-graph; it is for the "
      "autoencoder extractor and the deep algorithms (n2d, dkm, dec, idec)"),
     (["--ae-epochs", "5", "--extractor", "resnet18"],
      "--ae-epochs does not apply to extractor resnet18; it is for the autoencoder extractor"),
-    (["--deep-epochs", "5"], "--deep-epochs does not apply to algorithms umap-kmeans; it is for the deep algorithms "
+    (["--deep-epochs", "5"], "--deep-epochs does not apply to algorithms umap-graph; it is for the deep algorithms "
      "(n2d, dkm, dec, idec)"),
     (["--linkage", "single", "--algorithm", "kmeans"],
      "--linkage does not apply to algorithms kmeans; it is for agglomerative"),

@@ -173,7 +173,8 @@ def write_outlier_scores(run: Path, drop: int = 0) -> pd.Series:
     dist, _ = knn.fit(store.embeddings).kneighbors(n_neighbors=10)
     scores = pd.Series(dist.mean(axis=1).astype(np.float64), index=store.image_ids)
     kept = scores.iloc[:len(scores) - drop]
-    pd.DataFrame({"image_id": kept.index, "score": kept.to_numpy()}).to_parquet(run / D.OUTLIERS)
+    rank = kept.rank(ascending=False, method="first").astype(np.int64).to_numpy()  # 1: the most unusual
+    pd.DataFrame({"image_id": kept.index, "score": kept.to_numpy(), "rank": rank}).to_parquet(run / D.OUTLIERS)
     return kept
 
 

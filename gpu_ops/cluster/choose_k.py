@@ -1,17 +1,21 @@
-"""Choosing k without labels: an elbow curve (inertia over k) and a silhouette sweep on a sample.
+"""Choosing k without labels: the modularity of graph-merged micro-clusters, with the elbow
+(inertia over k) and silhouette curves beside it.
 
-For each k in ``[k_min, k_max]``, k-means (the registry's ``kmeans`` backend: k-means++ seeded
-FAISS on a CPU, cuML on a GPU) is fitted on at most ``fit_sample_size`` rows; the silhouette is
-computed on at most ``sample_size`` of those rows against one precomputed distance matrix (the
-O(m^2) distances are computed once, not once per k). The k with the highest silhouette is
-chosen; the elbow (kneedle) and the Calinski-Harabasz index are recorded beside it.
-:func:`save_k_selection` writes the curves as ``k_selection.json``; the run report draws them.
+The score that picks k (``method="modularity"``, the default) is
+:func:`gpu_ops.cluster.quality.modularity` on the rows' 10-nearest-neighbour graph: k-means
+micro-clusters (three times the largest k, at least 30) are merged one pair at a time by
+modularity gain (:func:`~gpu_ops.cluster.quality.merge_path`), and the fewest clusters in
+``[k_min, k_max]`` whose partition's modularity is within :data:`MODULARITY_TOLERANCE` of the
+highest is chosen. One pass of merges scores every k. The
+silhouette of k-means with k centres, the old choice, is still recorded, with the elbow (kneedle)
+and the Calinski-Harabasz index; ``method="silhouette"`` or ``"elbow"`` picks by them instead.
+For each k, k-means (the registry's ``kmeans`` backend) is fitted on at most ``fit_sample_size``
+rows; the silhouette is computed on at most ``sample_size`` of those rows against one
+precomputed distance matrix. :func:`save_k_selection` writes the curves as ``k_selection.json``;
+the run report draws them and metrics.json repeats the choice.
 
-What it picks (k in 2..20, seed 0, faiss-cpu; ``bench/cluster.py choose-k``, BENCHMARKS.md): 7 on
-``make_blobs(5000, 32, centers=7, cluster_std=2)`` (silhouette 0.639 at 7, next best 0.564 at 6);
-9 on scikit-learn digits raw pixels (0.189 at 9, 0.184 at 12); 2 on MNIST test pixels (0.089 at 2,
-then 0.074 at 8; elbow at 7): raw-pixel k-means clusters of MNIST are not well separated, so
-choose k on features (e.g. ``umap-kmeans``) or give it.
+Which score tracks accuracy on the labelled sets here (``bench/quality.py``): BENCHMARKS.md,
+"Choosing k without labels".
 """
 
 from __future__ import annotations
@@ -22,15 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_ops.cluster.quality import GRAPH_NEIGHBORS, knn_graph, merge_path, micro_clusters
 from gpu_ops.errors import InputError
 from gpu_ops.registry import create_estimator
 
-METHODS = ("silhouette", "elbow")
+METHODS = ("modularity", "silhouette", "elbow")
+#: ``method="modularity"`` takes the fewest clusters whose modularity is within this much of the
+#: highest: past the true k the curve is nearly flat (splitting off a small island still gains a
+#: little), so its very maximum lands a few k too high (MNIST autoencoder codes: 0.7709 at k=11,
+#: 0.7724 at 15). Measured in BENCHMARKS.md.
+MODULARITY_TOLERANCE = 0.001
 
 
 @dataclass
 class KSelection:
-    """Curves over ``ks`` and the k chosen (the silhouette maximum unless ``method="elbow"``)."""
+    """Curves over ``ks`` and the k chosen (by ``method``: the modularity maximum by default)."""
 
     ks: list[int]
     inertia: list[float]
@@ -39,9 +49,14 @@ class KSelection:
     chosen_k: int
     backend: str
     calinski_harabasz: list[float] = field(default_factory=list)
-    method: str = "silhouette"
+    method: str = "modularity"
     n_fit: int = 0
     n_silhouette: int = 0
+    modularity: list[float] = field(default_factory=list)  #: graph-merged micro-clusters, per k
+    n_micro: int = 0  #: the micro-clusters merged
+    graph_neighbors: int = 0
+    best_k: int = 0  #: where modularity is highest (``chosen_k`` is the fewest within the tolerance)
+    tolerance: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +74,7 @@ def elbow_point(ks: list[int], inertia: list[float]) -> int:
 
 def choose_k(X: np.ndarray, k_min: int = 2, k_max: int = 20, *, backend: str = "auto", seed: int = 0,
              sample_size: int = 5000, n_init: int = 3, max_iter: int = 100, fit_sample_size: int = 50_000,
-             method: str = "silhouette") -> KSelection:
+             method: str = "modularity") -> KSelection:
     """Sweep k in [k_min, k_max] with k-means on ``X`` (n, d) and choose k.
 
     Parameters
@@ -73,9 +88,9 @@ def choose_k(X: np.ndarray, k_min: int = 2, k_max: int = 20, *, backend: str = "
         Rows for the silhouette (one m x m float32 distance matrix: 100 MB at 5 000).
     fit_sample_size : int
         Rows k-means is fitted on for each k (all rows when n is smaller).
-    method : {"silhouette", "elbow"}
-        Which curve picks k. Silhouette is the default: the elbow of an inertia curve is a
-        matter of scale and often lands early.
+    method : {"modularity", "silhouette", "elbow"}
+        Which curve picks k. Modularity is the default (it tracks accuracy best on the labelled
+        sets); the elbow of an inertia curve is a matter of scale and often lands early.
     """
     from sklearn.metrics import calinski_harabasz_score, pairwise_distances, silhouette_score
 
@@ -105,8 +120,22 @@ def choose_k(X: np.ndarray, k_min: int = 2, k_max: int = 20, *, backend: str = "
         sil.append(float(silhouette_score(D, sample_labels, metric="precomputed")) if ok else -1.0)
         ch.append(float(calinski_harabasz_score(Xfit, labels)) if len(np.unique(labels)) > 1 else 0.0)
     elbow = elbow_point(ks, inertia)
-    chosen = ks[int(np.argmax(sil))] if method == "silhouette" else elbow
-    return KSelection(ks, inertia, sil, elbow, chosen, used, ch, method, m, len(sil_pos))
+    graph = knn_graph(Xfit, GRAPH_NEIGHBORS, backend=knn_backend(backend))
+    n_micro = max(k_max, micro_clusters(k_max, m))
+    est, _ = create_estimator("kmeans", backend, n_clusters=n_micro, n_init=n_init, max_iter=max_iter, seed=seed)
+    path = merge_path(graph, np.asarray(est.fit(Xfit).labels_), k_min)
+    mod = [path.modularity[k] for k in ks]
+    best = ks[int(np.argmax(mod))]
+    parsimonious = next(k for k, q in zip(ks, mod) if q >= max(mod) - MODULARITY_TOLERANCE)
+    chosen = {"modularity": parsimonious, "silhouette": ks[int(np.argmax(sil))], "elbow": elbow}[method]
+    return KSelection(ks, inertia, sil, elbow, chosen, used, ch, method, m, len(sil_pos), mod, n_micro,
+                      graph.n_neighbors, best, MODULARITY_TOLERANCE)
+
+
+def knn_backend(kmeans_backend: str) -> str:
+    """The ``knn`` setting that goes with a ``kmeans`` one: a device choice carries over, a
+    backend name (``faiss-cpu``, ``sklearn``) of the other op does not."""
+    return kmeans_backend if kmeans_backend in ("auto", "gpu", "cpu") else "auto"
 
 
 def save_k_selection(selection: KSelection, directory: Path) -> Path:

@@ -7,7 +7,7 @@
   labels exist), ``thumbnails.png`` (a few hundred images drawn at their map coordinates),
   ``montage-<algorithm>-c<cluster>.png`` (a grid of member images per cluster),
   ``confusion-<algorithm>.png`` (after Hungarian mapping), ``dendrogram-<algorithm>.png``,
-  ``k-selection.png`` (elbow and silhouette), ``tsne-sweep.png`` (t-SNE maps at several
+  ``k-selection.png`` (elbow, silhouette and modularity), ``tsne-sweep.png`` (t-SNE maps at several
   perplexities), ``reconstructions.png``, ``timings.png``, and when the run has
   ``duplicates.parquet`` / ``outliers.parquet``: ``duplicates-NNN.png`` (a pair side by side),
   ``outliers.png`` (the most unusual images) and ``flag-<flag>.png`` (images a quality flag marks);

@@ -636,17 +636,26 @@ def dendrogram_sections(figs: FigureWriter, inputs: D.RunInputs, images: D.Image
 
 
 def k_selection_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
-    """The elbow and silhouette curves of ``k=auto``."""
+    """The curves of ``k=auto`` (elbow, silhouette, modularity) and the choice."""
     sel = inputs.k_selection
     if sel is None:
         return []
+    method = sel.get("method", "silhouette")
+    chose = "the elbow chose" if method == "elbow" else f"the highest {method} chose"
+    rows = f" ({sel['n_fit']} rows)" if sel.get("n_fit") else ""
 
     def draw() -> Figure:
         F.k_selection_figure(sel, figs.path("k-selection.png"))
-        return figs.figure("k-selection.png", f"Elbow at k={sel.get('elbow_k')}; the highest silhouette chose "
+        return figs.figure("k-selection.png", f"k=auto{rows}: elbow at k={sel.get('elbow_k')}; {chose} "
                                               f"k={sel.get('chosen_k')}", "wide")
     fig = figs.attempt("figure k-selection.png", draw)
-    return [Section("k-selection", "Choosing k", [fig])] if fig else []
+    blocks: list[Any] = [Text(f"k={sel.get('chosen_k')}: {chose} it without labels{rows}.")]
+    if fig:
+        blocks.append(fig)
+    names = [n for n in ("modularity", "silhouette", "inertia") if len(sel.get(n) or []) == len(sel["ks"])]
+    blocks.append(Table(["k", *names], [[str(k), *(f"{sel[n][i]:.4g}" for n in names)]
+                                        for i, k in enumerate(sel["ks"])]))
+    return [Section("k-selection", "Choosing k", blocks)]
 
 
 def reconstructions_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:

@@ -135,15 +135,17 @@ def dendrogram_figure(Z: np.ndarray, k: int, cut: float, path: Path, title: str,
 
 
 def k_selection_figure(sel: dict[str, Any], path: Path) -> Path:
-    """Elbow (inertia over k) and silhouette curves side by side, the elbow and chosen k marked."""
+    """The curves of ``k=auto`` side by side: elbow (inertia over k), silhouette and, when the
+    selection has it, the modularity that chose k; the elbow and the chosen k marked."""
     ks = np.asarray(sel["ks"])
-    fig = _figure((10, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(ks, sel["inertia"], marker="o", markersize=3)
-    ax1.set_title("elbow: k-means inertia")
-    ax2.plot(ks, sel["silhouette"], marker="o", markersize=3, color="tab:green")
-    ax2.set_title("silhouette (sampled)")
-    for ax in (ax1, ax2):
+    curves = [("elbow: k-means inertia", sel["inertia"], "tab:blue"),
+              ("silhouette (sampled)", sel["silhouette"], "tab:green")]
+    if sel.get("modularity"):
+        curves.append(("modularity of merged micro-clusters", sel["modularity"], "tab:purple"))
+    fig = _figure((5 * len(curves), 4))
+    for ax, (title, values, color) in zip(np.atleast_1d(fig.subplots(1, len(curves))), curves):
+        ax.plot(ks, values, marker="o", markersize=3, color=color)
+        ax.set_title(title)
         ax.set_xlabel("k")
         if sel.get("elbow_k") is not None:
             ax.axvline(sel["elbow_k"], color="tab:orange", linestyle=":", label=f"elbow k={sel['elbow_k']}")

@@ -73,6 +73,17 @@ class ExploreInfo(_Part):
     backends: list[str] = Field(default_factory=list)
 
 
+class KSelectionInfo(_Part):
+    """``k=auto``: the k chosen, the label-free score that chose it and its curve over ``ks``."""
+
+    chosen_k: int
+    method: str
+    ks: list[int]
+    score: list[float]
+    elbow_k: int | None = None
+    rows: int | None = None
+
+
 class MetricsDoc(_Part):
     """``metrics.json``: what the run found, per algorithm, and how it ran."""
 
@@ -87,6 +98,7 @@ class MetricsDoc(_Part):
     fallbacks: list[str] = Field(default_factory=list)
     explore: ExploreInfo | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)
+    k_selection: KSelectionInfo | None = None
 
 
 def _problem(path: Path, exc: ValidationError) -> str:
