@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo test test-gpu gpu-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
+
+## On a GPU machine: what the GPU paths see, their tests, and short GPU benchmarks (figures in gpu-check/).
+gpu-check: $(STAMP)
+	mkdir -p gpu-check
+	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee gpu-check/device.csv
+	$(VENV)/bin/gpuclust backends | tee gpu-check/backends.txt
+	$(PY) -m pytest -q -m gpu -rs 2>&1 | tee gpu-check/pytest-gpu.txt
+	$(PY) -m bench.cluster --jsonl gpu-check/cluster.jsonl kmeans --n 100000,1000000 --d 64,512 --k 100 --backends all
+	$(PY) -m bench.extract --extractors resnet18,efficientnet_lite0 --sizes 128 --batch-sizes 256 --n 4096 --device cuda --gpu-decode | tee gpu-check/extract.txt
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,4 +1,4 @@
-"""``gpuclust`` command line: ``run``, ``backends``.
+"""``gpuclust`` command line: ``run``, ``similar``, ``assign``, ``report``, ``serve``, ``backends``.
 
 Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what and where);
 1 anything else.
@@ -116,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)build report.html and its figures for a finished run directory")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--embed-images", action="store_true", help="one self-contained HTML file (data URIs)")
+
+    similar = sub.add_parser("similar", help="the nearest images of a finished run to one of its images or a new file")
+    similar.add_argument("run_dir", type=Path)
+    query = similar.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", type=Path, help="an image file (embedded with the run's extractor)")
+    query.add_argument("--id", dest="image_id", help="an image id of the run (assignments.parquet)")
+    similar.add_argument("-k", type=int, default=10, help="how many neighbours (default 10)")
+    similar.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    assign = sub.add_parser("assign", help="assign new images to a finished run's clusters (a Prefect flow)")
+    assign.add_argument("run_dir", type=Path)
+    assign.add_argument("--dataset", required=True, help="the new images: digits | idx:DIR | folder:DIR | npz:FILE | "
+                        "usps:FILE | parquet:DIR (embeddings made with the run's extractor)")
+    assign.add_argument("--split", choices=["train", "test", "all"], default="all")
+    assign.add_argument("--limit", type=int)
+    assign.add_argument("--out", help="a .parquet or .csv file (default runs/<time>-assign-<dataset>.parquet)")
     return parser
 
 
@@ -247,6 +263,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similar(args: argparse.Namespace) -> int:
+    import json
+
+    from gpu_ops.explore.assign import similar
+
+    what, neighbours = similar(args.run_dir, image=args.image, image_id=args.image_id, k=args.k)
+    if args.json:
+        print(json.dumps({"query": what, "neighbours": [vars(n) for n in neighbours]}, indent=2))
+        return 0
+    algorithms = list(neighbours[0].clusters) if neighbours else []
+    width = max([len("image_id")] + [len(n.image_id) for n in neighbours])
+    print(f"nearest images to {what} in {args.run_dir}:")
+    print(f"{'rank':>4}  {'image_id':<{width}}  {'distance':>10}" + "".join(f"  {a:>10}" for a in algorithms))
+    for n in neighbours:
+        print(f"{n.rank:>4}  {n.image_id:<{width}}  {n.distance:>10.4f}" + "".join(f"  {n.clusters[a]:>10}" for a in algorithms))
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from flows.api_server import prefect_api, startup_timeout
+    from gpu_ops.data import load_dataset
+    from gpu_ops.explore.assign import check_out_file, default_out, open_run
+
+    open_run(args.run_dir)  # bad input fails before the flow starts
+    out = check_out_file(args.out or default_out(args.dataset))
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be a positive integer; got {args.limit}")
+    load_dataset(args.dataset, args.split, args.limit)
+    with prefect_api() as server:
+        from flows.assign import assign_images
+
+        if server is not None:
+            server.wait_until_ready(startup_timeout())
+        summary = assign_images(str(args.run_dir), args.dataset, args.split, args.limit, str(out))
+    print(f"assigned {summary['rows']} image(s) to the clusters of {args.run_dir}: {summary['out']}")
+    for algorithm, novel in summary["novel"].items():
+        print(f"{algorithm}: {novel} novel (far from every cluster)")
+    return 0
+
+
 def cmd_backends(_args: argparse.Namespace) -> int:
     from gpu_ops.device import cuda_available, installed_faiss_distributions
     from gpu_ops.placement import place, stages
@@ -304,6 +360,11 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command == "serve":
             _filter_prefect_loggers()
             return cmd_serve(args)
+        if args.command == "similar":
+            return cmd_similar(args)
+        if args.command == "assign":
+            _filter_prefect_loggers()
+            return cmd_assign(args)
         return cmd_backends(args)
     except InputError as exc:
         print(f"gpuclust: error: {exc}", file=sys.stderr)
@@ -322,7 +383,7 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    if args.command in ("run", "report"):
+    if args.command in ("run", "report", "assign"):
         stopping.install()  # SIGINT/SIGTERM: one line, exit 130/143, no process left behind
     try:
         code = run_command(args)

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 from flows import stopping
+from flows.assign import save_for_reuse
 from flows.scaleout import cluster_store, extract_store, scale_out
 from flows.tasks import build_report, configured, evaluate, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
@@ -36,11 +37,13 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         timings["reduce"] = reduced.seconds
         metrics = configured(evaluate, config, "evaluate")(store.store, clusters)
         doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings)
+        configured(save_for_reuse, config, "write")(str(staging), config, store.store)
         report = configured(build_report, config, "report")(str(staging), str(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_run(staging, out)
+    stopping.ignore_from_now()  # the run is whole on disk: a late Ctrl-C must not report it as stopped
     return {**doc, "run_dir": str(out), "report": report["html"]}
 
 

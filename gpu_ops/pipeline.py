@@ -17,6 +17,7 @@ import yaml
 from gpu_ops.config import DEEP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
+from gpu_ops.explore.models import save_deep_model, save_model
 from gpu_ops.features.autoencoder import RECONSTRUCTIONS
 from gpu_ops.features.extract import (
     build_extractor,
@@ -124,6 +125,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
                       checkpoint_dir=dataset_directory(Path(cfg.cache_root()) / "stores", dataset) / "deep",
                       backend=cfg.backend_for("kmeans"), **overrides)
     atomic_write_json(run.history(algorithm), result.history, sort_keys=False)
+    save_deep_model(run, algorithm, result)
     ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
                      f"deep clustering in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
     return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
@@ -142,6 +144,7 @@ def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> Clu
     est = StreamingKMeans(n_clusters=k, memory_mb=int(cfg.memory_mb), max_iter=int(cfg.max_iter),
                           n_init=int(cfg.n_init), seed=int(cfg.seed), backend=cfg.backend_for("kmeans"))
     est.fit(store, labels_path=run.labels("kmeans"))
+    save_model(run, "kmeans", est)
     del est.labels_  # the memory map: flushed and closed
     stats = StreamingStats(**est.plan_.as_dict(), timings_s=est.timings_, inertia=est.inertia_)
     return write_cluster_result(run, "kmeans", k=k, resolutions=[ResolutionRecord(**est.resolution_, stage="kmeans")],
@@ -177,6 +180,7 @@ def _in_memory_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, 
                                     seed=cfg.seed, **cut)
     resolutions.append(ResolutionRecord.of(res, algorithm))
     est.fit(space)
+    save_model(run, algorithm, est)  # what `gpuclust assign` predicts with (k-means centres, the mixture)
     k = int(getattr(est, "n_clusters_", k))  # found by HDBSCAN or a distance cut
     return write_cluster_result(run, algorithm, k=k, resolutions=resolutions, started=t0, labels=est.labels_,
                                 linkage=getattr(est, "linkage_matrix_", None))

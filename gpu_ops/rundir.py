@@ -51,9 +51,17 @@ class RunDir:
     TSNE_SWEEP = "tsne_sweep.npz"
     MAP_PNG = "map.png"
     MAP2D_SCRATCH = "map2d.npy"
+    SEARCH_INFO = "search.json"
+    SEARCH_VECTORS = "search-vectors.npy"
+    SEARCH_INDEX = "search.faiss"
+    EMBEDDER = "embedder.json"
     _LABELS = "labels-{}.npy"
     _LINKAGE = "linkage-{}.npy"
     _HISTORY = "history-{}.json"
+    _MODEL = "model-{}.npz"
+    _MODEL_INFO = "model-{}.json"
+    _ENCODER = "encoder-{}.pt"
+    _HEAD = "model-{}.pt"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -75,6 +83,22 @@ class RunDir:
     def history(self, algorithm: str) -> Path:
         """A deep clustering algorithm's per-epoch history (JSON list)."""
         return self.path / self._HISTORY.format(algorithm)
+
+    def model(self, algorithm: str) -> Path:
+        """What ``gpuclust assign`` predicts ``algorithm``'s clusters with (arrays, ``.npz``)."""
+        return self.path / self._MODEL.format(algorithm)
+
+    def model_info(self, algorithm: str) -> Path:
+        """The saved model's kind, its novelty threshold and what the threshold means (JSON)."""
+        return self.path / self._MODEL_INFO.format(algorithm)
+
+    def head(self, algorithm: str) -> Path:
+        """A clustering head's saved model (``load_head(path)`` answers ``predict_proba``)."""
+        return self.path / self._HEAD.format(algorithm)
+
+    def encoder(self, algorithm: str) -> Path:
+        """A deep clustering algorithm's trained encoder (an autoencoder checkpoint)."""
+        return self.path / self._ENCODER.format(algorithm)
 
     def linkages(self) -> dict[str, Path]:
         """Every linkage matrix present, by algorithm name (sorted)."""
@@ -127,6 +151,26 @@ class RunDir:
     @property
     def tsne_sweep(self) -> Path:
         return self.path / self.TSNE_SWEEP
+
+    @property
+    def search_info(self) -> Path:
+        """The similar-image index: which kind (exact or IVF-Flat) and how it was built."""
+        return self.path / self.SEARCH_INFO
+
+    @property
+    def search_vectors(self) -> Path:
+        """The exact index: the run's embeddings (float32 (n, d), store order)."""
+        return self.path / self.SEARCH_VECTORS
+
+    @property
+    def search_index(self) -> Path:
+        """The approximate index (a FAISS ``IndexIVFFlat``), for large runs."""
+        return self.path / self.SEARCH_INDEX
+
+    @property
+    def embedder(self) -> Path:
+        """How the run embedded its images (extractor identity, item shape): what new images get."""
+        return self.path / self.EMBEDDER
 
 
 RUN_FILES = (RunDir.CONFIG, RunDir.ASSIGNMENTS, RunDir.MAP2D, RunDir.METRICS, RunDir.MAP_PNG)

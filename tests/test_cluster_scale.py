@@ -485,21 +485,6 @@ def test_tsne_perplexity_sweep_maps_each_usable_perplexity(tmp_path, caplog):
         perplexity_sweep(X, [500])
 
 
-def test_pipeline_reduce_stage_writes_the_sweep(blob_npz, tmp_path):
-    pytest.importorskip("openTSNE")
-    from gpu_ops import pipeline
-    from gpu_ops.config import make_config
-
-    cfg = make_config(dataset=f"npz:{blob_npz}", extractor="raw", reducer="tsne", tsne_perplexities=[10, 40],
-                      limit=600, cache_dir=tmp_path / "cache")
-    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False).store
-    out = pipeline.reduce_stage(store, cfg, str(tmp_path))
-    assert np.load(out.path).shape == (600, 2)
-    with np.load(tmp_path / "tsne_sweep.npz", allow_pickle=False) as sweep:
-        assert sweep["embeddings"].shape == (2, 600, 2) and sweep["perplexities"].tolist() == [10.0, 40.0]
-    assert not list(tmp_path.glob("*.png"))
-
-
 def test_import_umap_caches_every_kernel_and_restores_numba():
     """In a fresh process: after import_umap(), numba's decorators are the originals again and umap's
     own kernels (which umap-learn does not mark cache=True) have an on-disk cache."""

@@ -148,4 +148,5 @@ def test_k_auto_is_chosen_once_by_one_rule_on_every_path(blobs7, dask_address, t
     gmm = pipeline.cluster_stage(store, make_config(**common, algorithms="kmeans,gmm"), "gmm", str(paths["in-memory"]))
     assert gmm.k == 7 and selection_file.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in paths["in-memory"].iterdir()) == ["k_selection.json", "labels-gmm.npy",
-                                                                    "labels-kmeans.npy"]
+                                                                    "labels-kmeans.npy", "model-gmm.npz",
+                                                                    "model-kmeans.npz"]

@@ -5,7 +5,7 @@ C++ GMM in 2026, not exposed through cuML), so ``auto`` and ``gpu`` resolve to t
 
 After ``fit(X)``: ``labels_`` (n,) (the most probable component), ``cluster_centers_`` (k, d)
 (the component means), ``probabilities_`` (n,) (posterior of the chosen component), ``bic_``,
-``converged_``, ``n_iter_``.
+``converged_``, ``n_iter_``, ``mixture_`` (the fitted scikit-learn model: weights, means, covariances).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class SklearnGMM:
         model.fit(X)
         proba = model.predict_proba(X)
         self._gmm = model
+        self.mixture_ = model
         self.labels_ = proba.argmax(axis=1).astype(np.int64)
         self.probabilities_ = proba.max(axis=1).astype(np.float32)
         self.cluster_centers_ = model.means_.astype(np.float32)

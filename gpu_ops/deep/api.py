@@ -133,6 +133,8 @@ class DeepResult:
         (k, latent_dim) for k-means based methods.
     info : dict
         Backends used (k-means, UMAP), the resolved config and the checkpoint file.
+    model : torch.nn.Module or None
+        The trained autoencoder (its encoder fine-tuned by DKM, DEC and IDEC).
     """
 
     method: str
@@ -146,6 +148,7 @@ class DeepResult:
     manifold: np.ndarray | None = None
     centroids: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
 
 
 def fit_deep(method: Method, images: np.ndarray, n_clusters: int, *, seed: int = 0, device: str = "auto",
@@ -280,7 +283,7 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
                       history=history, device=str(dev),
                       timings={"pretrain": t_pre - t_start, "cluster": t_end - t_pre, "total": t_end - t_start},
                       metrics=metrics, pretrained_from_checkpoint=bool(ae_hist.from_checkpoint),
-                      manifold=manifold, centroids=centroids, info=info)
+                      manifold=manifold, centroids=centroids, info=info, model=model)
 
 
 def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int,
