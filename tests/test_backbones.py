@@ -242,3 +242,27 @@ def test_batched_decoding_prepares_every_backbone_as_per_file_decoding_does(phot
     assert a.embeddings.shape == (30, 1280 + 512) and a.image_ids == b.image_ids
     assert a.metadata["flip_average"] == "true"
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-4)
+
+
+def test_new_images_are_assigned_with_the_runs_flip_averaged_features(photos, tmp_path):
+    """A flip-averaged run rebuilds its extractor with flip averaging for `gpuclust assign`: its
+    own images get its own labels back, and embeddings made without flip averaging are refused."""
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    result = run_cli(["run", "--dataset", f"folder:{photos}", "--extractor", "efficientnet_lite0", "--image-size", "32",
+                      "--flip-average", "--algorithm", "kmeans", "--k", "3", "--reducer", "none", "--backend", "cpu",
+                      "--out", str(run)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    embedder = json.loads((run / "embedder.json").read_text())
+    assert (embedder["settings"]["flip_average"], embedder["identity"]["flip_average"]) == (True, "true")
+    out = tmp_path / "again.parquet"
+    result = run_cli(["assign", str(run), "--dataset", f"folder:{photos}", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(pq.read_table(out).column("kmeans").to_numpy(),
+                          pq.read_table(run / "assignments.parquet").column("kmeans").to_numpy())
+    plain = extract_to_store(load_dataset(f"folder:{photos}"), create_extractor("efficientnet_lite0", image_size=32),
+                             tmp_path / "stores", progress=False)
+    result = run_cli(["assign", str(run), "--dataset", f"parquet:{plain.directory}", "--out", str(tmp_path / "x.parquet")])
+    assert result.returncode == 2 and "new images must be embedded with the run's extractor and weights" in result.stderr
+    assert not (tmp_path / "x.parquet").exists()
