@@ -25,7 +25,8 @@ log = logging.getLogger("gpuclust")
 RUN_OPTIONS = {
     "dataset": "--dataset", "split": "--split", "limit": "--limit", "extractor": "--extractor",
     "weights": "--weights", "image_size": "--image-size", "batch_size": "--batch-size",
-    "num_workers": "--num-workers", "decode_on_device": "--gpu-decode", "latent_dim": "--latent-dim",
+    "num_workers": "--num-workers", "decode_on_device": "--gpu-decode", "flip_average": "--flip-average",
+    "latent_dim": "--latent-dim",
     "ae_epochs": "--ae-epochs", "deep_epochs": "--deep-epochs", "algorithms": "--algorithm",
     "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out", "explore": "--no-explore",
 }
@@ -71,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
     run.add_argument("--split", choices=["train", "test", "all"])
     run.add_argument("--limit", type=int)
-    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50 | efficientnet_lite0 | autoencoder")
-    run.add_argument("--weights", help="none | imagenet | PATH")
+    run.add_argument("--extractor", help="raw | resnet18 | resnet34 | resnet50 | efficientnet_lite0 | efficientnet_lite1 | "
+                     "efficientnet_lite2 | autoencoder | timm:NAME | torchvision:NAME; join backbones with + "
+                     "to concatenate their L2-normalised features")
+    run.add_argument("--weights", help="none | imagenet | PATH (timm:/torchvision: models: unset or imagenet = the "
+                     "library's default pretrained weights, downloaded once)")
+    run.add_argument("--flip-average", action="store_true", default=None, dest="flip_average",
+                     help="average each image's features with its mirror image's (pretrained extractors)")
     run.add_argument("--image-size", type=int, dest="image_size")
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.add_argument("--num-workers", type=int, dest="num_workers", help="loader worker processes")

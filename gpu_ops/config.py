@@ -108,8 +108,10 @@ class RunConfig(BaseModel):
     dataset: str = Field("digits", description="digits | idx:DIR | folder:DIR | npz:FILE | usps:FILE | parquet:DIR")
     split: Literal["train", "test", "all"] = "all"
     limit: int | None = Field(None, ge=1, description="use only the first N items")
-    extractor: str = "raw"
+    extractor: str = Field("raw", description="raw | resnet18|34|50 | efficientnet_lite0|1|2 | autoencoder | "
+                           "timm:NAME | torchvision:NAME | backbones joined by + (rows concatenated)")
     weights: str | None = Field(None, description="none | imagenet | PATH to a state_dict (unset: the extractor's default, ImageNet for pretrained networks)")
+    flip_average: bool = Field(False, description="average each image's features with its mirror image's")
     image_size: int | None = Field(None, ge=8, description="input size for the extractor (its default when unset)")
     batch_size: int = Field(256, ge=1)
     latent_dim: int = Field(10, ge=2, le=256, description="autoencoder latent size (extractor autoencoder)")
@@ -157,9 +159,10 @@ class RunConfig(BaseModel):
     @field_validator("extractor")
     @classmethod
     def _known_extractor(cls, value: str, info: ValidationInfo) -> str:
-        from gpu_ops.features import EXTRACTORS
+        from gpu_ops.features import check_extractor
 
-        return _one_of(info, "extractor", value, EXTRACTORS)
+        _checked(info, "extractor", lambda: check_extractor(value))
+        return value
 
     @field_validator("algorithms", mode="before")
     @classmethod
@@ -291,6 +294,8 @@ APPLIES: tuple[Applies, ...] = (
     Applies("decode_on_device", _pretrained, lambda c: f"extractor {c.extractor}",
             "JPEG folders (folder: datasets) with a pretrained extractor"),
     Applies("weights", _pretrained, lambda c: f"extractor {c.extractor}",
+            "the pretrained extractors (every one but raw and autoencoder)"),
+    Applies("flip_average", _pretrained, lambda c: f"extractor {c.extractor}",
             "the pretrained extractors (every one but raw and autoencoder)"),
     Applies("latent_dim", lambda c: c.extractor == "autoencoder" or _any_deep(c),
             lambda c: f"extractor {c.extractor} with {_algorithms_context(c)}",

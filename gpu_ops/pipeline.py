@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
-            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs")
+            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs", "flip_average")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = placement_for(cfg, "extract").torch_device
     params["cache_root"] = str(cfg.cache_root())

@@ -86,7 +86,9 @@ BAD_INPUTS = [
     (["--dataset", "folder:/no/such/dir"], "gpuclust: error: /no/such/dir: image folder does not exist"),
     (["--dataset", "idx:/no/such/dir"], "gpuclust: error: /no/such/dir: IDX dataset directory does not exist"),
     (["--dataset", "cifar"], "gpuclust: error: unknown dataset 'cifar'; expected digits or KIND:PATH with KIND one of: idx, folder, npz, npy, usps, parquet"),
-    (["--extractor", "vgg"], "gpuclust: error: unknown extractor 'vgg'; expected one of: autoencoder, efficientnet_lite0, raw, resnet18, resnet34, resnet50"),
+    (["--extractor", "vgg"], "gpuclust: error: unknown extractor 'vgg'; expected one of: autoencoder, efficientnet_lite0, "
+     "efficientnet_lite1, efficientnet_lite2, raw, resnet18, resnet34, resnet50, timm:NAME, torchvision:NAME "
+     "(or several backbones joined by +)"),
     (["--backend", "tpu"], "gpuclust: error: unknown backend 'tpu'; expected one of: auto, cpu, gpu"),
     (["--backend", "kmeans=nope"], "gpuclust: error: unknown kmeans backend 'nope'; expected one of: auto, cpu, cuml, faiss-cpu, faiss-gpu, gpu, sklearn"),
     (["--algorithm", "spectral"], "gpuclust: error: --algorithm: unknown algorithm 'spectral'; expected one of:"),

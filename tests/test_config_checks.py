@@ -30,7 +30,8 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 UNKNOWN_NAMES = [
     ({"extractor": "vgg"},
-     "unknown extractor 'vgg'; expected one of: autoencoder, efficientnet_lite0, raw, resnet18, resnet34, resnet50"),
+     "unknown extractor 'vgg'; expected one of: autoencoder, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, "
+     "raw, resnet18, resnet34, resnet50, timm:NAME, torchvision:NAME (or several backbones joined by +)"),
     ({"backend": "tpu"}, "unknown backend 'tpu'; expected one of: auto, cpu, gpu"),
     ({"backends": {"extract": "bogus"}}, "unknown extract backend 'bogus'; expected one of: auto, cpu, gpu"),
     ({"backends": {"kmeans": "nope"}},

@@ -24,9 +24,10 @@ from gpu_ops.fsutil import atomic_write_json
 from gpu_ops.rundir import RunDir
 
 #: The store metadata entries that identify how embeddings were made.
-IDENTITY_KEYS = ("extractor", "weights", "weights_sha256", "preprocessing")
+IDENTITY_KEYS = ("extractor", "weights", "weights_sha256", "preprocessing", "flip_average")
 #: The run settings that build its extractor (:func:`gpu_ops.features.extract.build_extractor`).
-EXTRACTOR_SETTINGS = ("extractor", "weights", "image_size", "latent_dim", "ae_epochs", "seed", "batch_size")
+EXTRACTOR_SETTINGS = ("extractor", "weights", "image_size", "latent_dim", "ae_epochs", "seed", "batch_size",
+                      "flip_average")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_ops.errors import InputError
+from gpu_ops.features.jpeg import resize_normalise
 
 
 class Extractor(ABC):
@@ -23,6 +24,8 @@ class Extractor(ABC):
 
     name: str = ""
     device: str = "cpu"
+    #: Whether :meth:`preprocess_decoded` can prepare batches decoded on the device.
+    device_decoding: bool = False
 
     @abstractmethod
     def preprocess(self, item: np.ndarray) -> torch.Tensor:
@@ -31,6 +34,10 @@ class Extractor(ABC):
     @abstractmethod
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """(b, ...) batch from :meth:`preprocess` -> (b, d) float32 numpy."""
+
+    def preprocess_decoded(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(3, h, w) uint8 images already on the device -> the batch :meth:`embed` takes."""
+        raise InputError(f"{self.name} cannot prepare images decoded on the device")
 
     @abstractmethod
     def metadata(self) -> dict[str, str]:
@@ -76,6 +83,7 @@ class PretrainedImageExtractor(Extractor):
     """
 
     image_size: int
+    device_decoding = True
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     model: torch.nn.Module | None
@@ -97,6 +105,15 @@ class PretrainedImageExtractor(Extractor):
     def preprocess(self, item: np.ndarray) -> torch.Tensor:
         """(h, w[, c]) uint8 -> (3, size, size) float32, normalised."""
         return (image_tensor(item, self.image_size, self.name) - self._mean) / self._std
+
+    def preprocess_decoded(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(3, h, w) uint8 images on the device -> (b, 3, size, size) normalised, as :meth:`preprocess`."""
+        return resize_normalise(images, self.image_size, self._mean, self._std)
+
+    def output_dim(self) -> int:
+        """Length of this extractor's embeddings (one forward pass of a blank image)."""
+        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        return int(self.embed(self.preprocess(blank)[None]).shape[1])
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:

@@ -105,8 +105,7 @@ def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor
     failed = [i for i in range(len(decoded)) if decoded[i] is None]
     if not ok:
         return None, failed, [reasons[i] for i in failed]
-    batch = jpeg.resize_normalise([decoded[i] for i in ok], extractor.image_size,  # type: ignore[attr-defined]
-                                  extractor._mean, extractor._std)  # type: ignore[attr-defined]
+    batch = extractor.preprocess_decoded([decoded[i] for i in ok])  # type: ignore[misc]
     return batch, failed, [reasons[i] for i in failed]
 
 
@@ -118,8 +117,10 @@ def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
 
 
 def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
-    """``<dataset dir>/<extractor>-<key>``: one store per data x extractor x weights x preprocessing."""
-    return dataset_directory(store_root, dataset) / f"{extractor.name}-{extractor.store_key()}"
+    """``<dataset dir>/<extractor>-<key>``: one store per data x extractor x weights x preprocessing
+    (``timm:resnet18`` becomes ``timm-resnet18``)."""
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", extractor.name)
+    return dataset_directory(store_root, dataset) / f"{slug}-{extractor.store_key()}"
 
 
 def worker_start_method() -> str:
@@ -188,7 +189,7 @@ def build_extractor(params: dict[str, Any], dataset: Dataset, *, device: str | N
                                    latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
                                    image_size=image_size, seed=params["seed"], device=device, progress=progress)
     return create_extractor(params["extractor"], weights=params["weights"], image_size=image_size, device=device,
-                            seed=params["seed"])
+                            seed=params["seed"], flip_average=bool(params.get("flip_average")))
 
 
 def extract_options(params: dict[str, Any], device: str) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size}")
-    if decode_on_device and not (hasattr(dataset, "paths") and hasattr(extractor, "_mean")):
+    if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
         raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
                          f"(got {dataset.name} with {extractor.name})")
     directory = store_directory(store_root, dataset, extractor)
