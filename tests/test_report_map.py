@@ -308,6 +308,8 @@ def test_embedded_map_is_one_file_with_a_thumbnail_sample(run_dir, open_map, tmp
 
 def test_outlier_scores_are_optional_and_checked(run_dir, tmp_path):
     run = copy_run(run_dir, tmp_path)
+    assert [m.key for m in D.map_points(load_run(run)).modes][-1] == "score"  # the explore stage's scores
+    (run / D.OUTLIERS).unlink()
     inputs = load_run(run)
     assert inputs.outliers is None and inputs.missing == []  # absent: no colour mode, nothing reported
     assert [m.key for m in D.map_points(inputs).modes] == ["cluster:kmeans", "cluster:agglomerative", "label"]
