@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+import gpu_ops  # noqa: F401  (lets OpenMP threads sleep; before any OpenMP runtime loads)
 import flows  # noqa: F401  (sets Prefect environment defaults before Prefect is imported)
 from flows import stopping
 from flows.api_server import ServerStartError
