@@ -48,6 +48,8 @@ class DeepConfig:
     hidden: tuple[int, ...] = (500, 500, 2000)
     filters: tuple[int, ...] = (32, 64, 128)
     eval_every: int = 5  #: pretraining epochs between ACC/NMI/ARI logs (only with labels)
+    #: Start the autoencoder's sigmoid output at the data's mean (against dead starts).
+    output_bias_init: bool = True
     # k-means initialisation of the centroids (DKM, DEC, IDEC) and the ae-kmeans method
     kmeans_n_init: int = 20
     #: Where DKM/DEC/IDEC start: ``"manifold"``, the embedding's mean per cluster of the N2D
@@ -228,7 +230,8 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
         arch, augment = "dense", False
     ae_cfg = AutoencoderConfig(arch=arch, latent_dim=cfg.latent_dim, epochs=cfg.resolved_epochs(n),
                                batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, augment=augment,
-                               image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters)
+                               image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters,
+                               output_bias_init=cfg.output_bias_init)
     ae_cfg.validate()
     log.info("%s: n=%d k=%d device=%s arch=%s latent=%d pretrain_epochs=%d", method, n, k, dev, arch,
              cfg.latent_dim, ae_cfg.epochs)
