@@ -168,6 +168,8 @@ def test_degenerate_result_reaches_metrics_json(data_dir, tmp_path):
     assert "degenerate" not in metrics["algorithms"]["kmeans"]  # only the deep algorithms are checked
     assert read_metrics(out / "metrics.json")["algorithms"]["n2d"]["degenerate"] == flagged
     assert "n2d: degenerate result: the autoencoder never reconstructed" in result.stderr + result.stdout
+    assert f"degenerate n2d: {flagged[0]}" in result.stdout  # under the table the run prints
+    assert "Degenerate results" in (out / "report.html").read_text()
 
 
 def _openmp_settings(env: dict[str, str]) -> tuple[str, str]:

@@ -318,8 +318,12 @@ def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int, backe
                                              n_neighbors=cfg.umap_neighbors, min_dist=cfg.umap_min_dist,
                                              clusterer=cfg.n2d_clusterer, backend=backend, gmm_n_init=cfg.gmm_n_init)
     for i, start in enumerate(starts):
+        scores = evaluate_labels(labels, start.labels)
         history.append({"phase": "n2d-start", "epoch": i + 1, "loss": None, **start.record(), "chosen": i == chosen,
-                        **evaluate_labels(labels, start.labels)})
+                        **scores})
+        if scores:
+            log.info("N2D start %d (seed %d): silhouette %.4f, acc=%.4f nmi=%.4f%s", i + 1, start.seed,
+                     start.silhouette, scores["acc"], scores["nmi"], " (kept)" if i == chosen else "")
     best = starts[chosen]
     info = {**best.info, "starts": [s.record() for s in starts], "chosen_start": chosen,
             "start_score": "silhouette on the start's UMAP manifold"}
