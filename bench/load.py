@@ -33,10 +33,10 @@ MODES = {"spin": {"GPUCLUST_OMP_WAIT": "spin"}, "passive": {}}
 def worker(args: argparse.Namespace) -> int:
     """Train one epoch and print ``{"seconds": ...}`` as the last line of stdout."""
     sys.path.insert(0, str(ROOT))
-    import gpu_ops  # noqa: F401  (before torch: the OpenMP wait policy)
     import numpy as np
     import torch
 
+    import gpu_ops  # noqa: F401  (before torch: the OpenMP wait policy)
     from gpu_ops.data import load_dataset
     from gpu_ops.deep import train_autoencoder
 
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> int:
     images = np.asarray(ds.items)[: args.n]
     _, hist = train_autoencoder(images, "conv", latent_dim=10, epochs=1, batch_size=64, seed=0, device="cpu",
                                 progress=False, augment=True)
-    record = [h for h in hist if h["phase"] == "pretrain"][0]
+    record = next(h for h in hist if h["phase"] == "pretrain")
     print(json.dumps({"seconds": record["seconds"], "loss": record["loss"], "threads": torch.get_num_threads(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_cli
 
 from gpu_ops.deep import build_autoencoder, fit_deep
 from gpu_ops.deep._common import degenerate_reasons, images_to_tensor
@@ -28,10 +29,12 @@ from gpu_ops.deep.autoencoder import (
     fit_autoencoder_tensor,
     reconstruction_probe,
 )
-from gpu_ops.deep.n2d import Start, best_manifold_partition, partition_silhouette, select_start
+from gpu_ops.deep.n2d import (
+    Start,
+    partition_silhouette,
+    select_start,
+)
 from gpu_ops.report.metrics_doc import read_metrics
-
-from conftest import REPO, run_cli
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
