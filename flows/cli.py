@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+import gpu_ops  # noqa: F401  (lets OpenMP threads sleep; before any OpenMP runtime loads)
 import flows  # noqa: F401  (sets Prefect environment defaults before Prefect is imported)
 from flows import stopping
 from flows.api_server import ServerStartError
@@ -251,6 +252,9 @@ def print_metrics(doc: dict[str, Any]) -> None:
     for name, m in doc["algorithms"].items():
         cells = "".join(f"{m[key]:>8.4f}" if key in m else f"{'-':>8}" for key in ("acc", "nmi", "ari"))
         print(f"{name:<16}{m['k']:>5}{cells}  {m['backend']}")
+    for name, m in doc["algorithms"].items():
+        for reason in m.get("degenerate") or []:
+            print(f"degenerate {name}: {reason}")
     for fallback in doc.get("fallbacks", []):
         print(f"fallback: {fallback}")
     print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in doc["timings_s"].items()))

@@ -104,7 +104,7 @@ def reduce_to_2d(store: str, config: RunConfig, staging: str) -> MapResult:
 def evaluate(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMetrics]:
     """Metrics per algorithm, published as a table artifact keyed so runs form a history."""
     metrics = pipeline.evaluate_stage(store, clusters)
-    rows = [{"algorithm": name, **{k: (round(v, 4) if isinstance(v, float) else v)
+    rows = [{"algorithm": name, **{k: (round(v, 4) if isinstance(v, float) else "; ".join(v) if k == "degenerate" else v)
                                    for k, v in m.as_json().items() if k != "cluster_sizes"}}
             for name, m in metrics.items()]
     create_table_artifact(table=rows, key="cluster-metrics", description="Clustering quality per algorithm")

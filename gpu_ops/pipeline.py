@@ -131,7 +131,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
                      f"deep clustering in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
     return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
-                                labels=result.labels)
+                                labels=result.labels, degenerate=result.degenerate)
 
 
 def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> ClusterResult:
@@ -248,7 +248,8 @@ def evaluate_stage(store: str, clusters: list[ClusterResult]) -> dict[str, Algor
         scores = evaluate(labels_true, pred) if labels_true is not None and (labels_true >= 0).all() else {}
         noise = int((pred < 0).sum())  # -1: HDBSCAN noise
         out[c.algorithm] = AlgorithmMetrics(**scores, k=c.k, backend=c.backend,
-                                            cluster_sizes=np.bincount(pred[pred >= 0]).tolist(), noise=noise or None)
+                                            cluster_sizes=np.bincount(pred[pred >= 0]).tolist(), noise=noise or None,
+                                            degenerate=c.degenerate)
     return out
 
 

@@ -90,6 +90,8 @@ class ClusterResult(StageModel):
     streaming: StreamingStats | None = None
     inertia: float | None = None
     n_iter: int | None = None
+    #: metrics.json's ``degenerate`` (see :class:`gpu_ops.report.metrics_doc.AlgorithmMetrics`)
+    degenerate: list[str] | None = None
 
     def load_labels(self) -> np.ndarray:
         return np.load(self.labels)
@@ -114,6 +116,8 @@ class AlgorithmMetrics(StageModel):
     backend: str
     cluster_sizes: list[int]
     noise: int | None = None  #: rows labelled -1 (HDBSCAN), when there are any
+    #: see :class:`gpu_ops.report.metrics_doc.AlgorithmMetrics`
+    degenerate: list[str] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The entry as metrics.json holds it (absent scores and noise left out)."""
@@ -127,7 +131,8 @@ def write_cluster_result(run: RunDir, algorithm: str, *, k: int, resolutions: li
 
     ``labels`` None: the caller has already written them to ``run.labels(algorithm)`` (the
     streaming k-means memory-maps them there). ``started``: ``time.perf_counter()`` at the
-    stage's start. ``extras``: :class:`ClusterResult`'s optional fields (streaming, inertia, n_iter).
+    stage's start. ``extras``: :class:`ClusterResult`'s optional fields (streaming, inertia, n_iter,
+    degenerate).
     """
     path = run.labels(algorithm)
     if labels is not None:

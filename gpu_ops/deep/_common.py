@@ -1,5 +1,5 @@
 """Shared helpers for the deep clustering package: device, seeding, autocast, image tensors,
-per-epoch evaluation and atomic checkpoint writes."""
+per-epoch evaluation, atomic checkpoint writes and the degenerate-result check."""
 
 from __future__ import annotations
 
@@ -139,3 +139,47 @@ def format_metrics(rec: dict[str, Any]) -> str:
         if key in rec and rec[key] is not None:
             parts.append(f"{key}={rec[key]:.4f}" if isinstance(rec[key], float) else f"{key}={rec[key]}")
     return " ".join(parts)
+
+
+#: Reconstruction "never improved" when the last pretraining loss is above this fraction of the
+#: mean image's MSE (the best an output that ignores its input can do).
+NO_IMPROVEMENT_FRACTION = 0.9
+
+
+def dominant_share_limit(k: int) -> float:
+    """Largest share of the images one of ``k`` clusters may hold before the partition is flagged:
+    half for k >= 6, more for fewer clusters (0.6 for k=5, 0.75 for k=4, 0.9 for k <= 3)."""
+    return max(0.5, min(0.9, 3.0 / max(1, k)))
+
+
+def degenerate_reasons(labels: np.ndarray, k: int, pretrain: list[dict[str, Any]] | None = None,
+                       dead_ratio: float = 0.01) -> list[str]:
+    """Why a deep clustering result is degenerate, in words; empty when nothing looks wrong.
+
+    Checks: one cluster holds more than :func:`dominant_share_limit` of the images; some of the
+    ``k`` clusters are empty; the autoencoder's pretraining (``pretrain``: its ``pretrain``
+    records, as :func:`~gpu_ops.deep.autoencoder.fit_autoencoder_tensor` returns them) ended with
+    reconstructions that hardly vary with the input (less than ``dead_ratio`` of the images'
+    variance), or never reconstructed much better than the mean image.
+    """
+    labels = np.asarray(labels)
+    assigned = labels[labels >= 0]
+    reasons: list[str] = []
+    if k > 1 and len(assigned):
+        sizes = np.bincount(assigned, minlength=k)
+        share = float(sizes.max()) / len(assigned)
+        if share > dominant_share_limit(k):
+            reasons.append(f"one cluster holds {share:.0%} of the images (more than "
+                           f"{dominant_share_limit(k):.0%} with k={k})")
+        empty = int((sizes[:k] == 0).sum())
+        if empty:
+            reasons.append(f"{empty} of {k} clusters are empty")
+    records = [r for r in (pretrain or []) if r.get("phase") == "pretrain"]
+    final = records[-1] if records and "final_probe_mse" in records[-1] else None
+    if final is not None and final["final_output_variance_ratio"] < dead_ratio:
+        reasons.append(f"the autoencoder's reconstructions do not depend on the input (they vary "
+                       f"{final['final_output_variance_ratio']:.5f} as much as the images)")
+    elif final is not None and final["final_probe_mse"] >= NO_IMPROVEMENT_FRACTION * final["mean_image_mse"]:
+        reasons.append(f"the autoencoder never reconstructed much better than the mean image (MSE "
+                       f"{final['final_probe_mse']:.4f}, mean image {final['mean_image_mse']:.4f})")
+    return reasons

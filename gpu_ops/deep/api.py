@@ -12,8 +12,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from gpu_ops.deep._common import evaluate_labels, images_to_tensor, quick_kmeans, resolve_device, seed_everything
-from gpu_ops.deep.autoencoder import AutoencoderConfig, train_or_load, data_fingerprint, encode_tensor
+from gpu_ops.deep._common import (
+    degenerate_reasons,
+    evaluate_labels,
+    images_to_tensor,
+    quick_kmeans,
+    resolve_device,
+    seed_everything,
+)
+from gpu_ops.deep.autoencoder import DEAD_VARIANCE_RATIO, AutoencoderConfig, data_fingerprint, encode_tensor, train_or_load
 from gpu_ops.errors import InputError, choice_error
 
 log = logging.getLogger("gpu_ops.deep")
@@ -41,6 +48,8 @@ class DeepConfig:
     hidden: tuple[int, ...] = (500, 500, 2000)
     filters: tuple[int, ...] = (32, 64, 128)
     eval_every: int = 5  #: pretraining epochs between ACC/NMI/ARI logs (only with labels)
+    #: Start the autoencoder's sigmoid output at the data's mean (against dead starts).
+    output_bias_init: bool = True
     # k-means initialisation of the centroids (DKM, DEC, IDEC) and the ae-kmeans method
     kmeans_n_init: int = 20
     #: Where DKM/DEC/IDEC start: ``"manifold"``, the embedding's mean per cluster of the N2D
@@ -69,6 +78,9 @@ class DeepConfig:
     umap_min_dist: float = 0.0
     n2d_clusterer: Literal["gmm", "kmeans"] = "gmm"
     gmm_n_init: int = 5  #: GMM restarts, best likelihood kept (one restart often merges two digits)
+    #: N2D starts (UMAP + mixture, each with its own seed); the one whose partition has the best
+    #: silhouette on its own manifold is kept, and so starts DKM/DEC/IDEC too.
+    n2d_starts: int = 3
     # run
     progress: bool = True
     num_threads: int | None = None  #: torch CPU threads for this call (None: leave as is)
@@ -120,6 +132,8 @@ class DeepResult:
     history : list[dict]
         One record per epoch (pretraining, then the clustering phase: DKM epochs, DEC/IDEC target
         refreshes), with ``phase``, ``epoch``, ``loss`` and ``acc``/``nmi``/``ari`` when labels were given.
+        A dead autoencoder start leaves a ``pretrain-restart`` record; each N2D start an ``n2d-start``
+        record with its ``seed``, ``silhouette``, ``agreement`` and ``chosen``.
     device : str
         torch device that ran the networks.
     timings : dict[str, float]
@@ -135,6 +149,9 @@ class DeepResult:
         Backends used (k-means, UMAP), the resolved config and the checkpoint file.
     model : torch.nn.Module or None
         The trained autoencoder (its encoder fine-tuned by DKM, DEC and IDEC).
+    degenerate : list[str]
+        Why the result looks degenerate (one cluster holds most images, empty clusters, an
+        autoencoder that never learnt to reconstruct), in words; empty when nothing does.
     """
 
     method: str
@@ -149,6 +166,7 @@ class DeepResult:
     centroids: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
     model: Any = None
+    degenerate: list[str] = field(default_factory=list)
 
 
 def fit_deep(method: Method, images: np.ndarray, n_clusters: int, *, seed: int = 0, device: str = "auto",
@@ -215,7 +233,8 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
         arch, augment = "dense", False
     ae_cfg = AutoencoderConfig(arch=arch, latent_dim=cfg.latent_dim, epochs=cfg.resolved_epochs(n),
                                batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, augment=augment,
-                               image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters)
+                               image_size=cfg.image_size, hidden=cfg.hidden, filters=cfg.filters,
+                               output_bias_init=cfg.output_bias_init)
     ae_cfg.validate()
     log.info("%s: n=%d k=%d device=%s arch=%s latent=%d pretrain_epochs=%d", method, n, k, dev, arch,
              cfg.latent_dim, ae_cfg.epochs)
@@ -236,12 +255,12 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
     z = encode_tensor(model, X, device=dev)
     centroids = manifold = None
     if method == "n2d":
-        pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend)
+        pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history)
         info.update(extra)
         history.append({"phase": "n2d", "epoch": 1, "loss": None, **evaluate_labels(labels, pred)})
     else:
         if method != "ae-kmeans" and cfg.cluster_init == "manifold":
-            pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend)
+            pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history)
             centroids = cluster_means(z, pred, k)
             info["init"] = {"method": "manifold", **extra}
         else:
@@ -279,21 +298,39 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
     if metrics:
         log.info("%s done in %.1fs: acc=%.4f nmi=%.4f ari=%.4f", method, t_end - t_start, metrics["acc"],
                  metrics["nmi"], metrics["ari"])
+    degenerate = degenerate_reasons(pred, k, ae_hist.checkpoint_history if ae_hist.from_checkpoint else list(ae_hist),
+                                    dead_ratio=DEAD_VARIANCE_RATIO)
+    for reason in degenerate:
+        log.warning("%s: degenerate result: %s", method, reason)
     return DeepResult(method=method, labels=np.asarray(pred, dtype=np.int64), embedding=z.astype(np.float32),
                       history=history, device=str(dev),
                       timings={"pretrain": t_pre - t_start, "cluster": t_end - t_pre, "total": t_end - t_start},
                       metrics=metrics, pretrained_from_checkpoint=bool(ae_hist.from_checkpoint),
-                      manifold=manifold, centroids=centroids, info=info, model=model)
+                      manifold=manifold, centroids=centroids, info=info, degenerate=degenerate, model=model)
 
 
-def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int,
-                        backend: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """N2D's partition of the embedding ``z`` (n, d): (labels (n,), manifold (n, umap_dim), info)."""
-    from gpu_ops.deep.n2d import manifold_cluster
+def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int, backend: str,
+                        labels: np.ndarray | None,
+                        history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """N2D's partition of the embedding ``z`` (n, d), the best of ``cfg.n2d_starts`` starts by a
+    label-free score: (labels (n,), manifold (n, umap_dim), info). Each start is appended to
+    ``history`` (``n2d-start`` records; ACC/NMI/ARI only when ``labels`` are given)."""
+    from gpu_ops.deep.n2d import best_manifold_partition
 
-    return manifold_cluster(z, k, seed=seed, n_components=cfg.umap_dim, n_neighbors=cfg.umap_neighbors,
-                            min_dist=cfg.umap_min_dist, clusterer=cfg.n2d_clusterer, backend=backend,
-                            gmm_n_init=cfg.gmm_n_init)
+    chosen, starts = best_manifold_partition(z, k, starts=cfg.n2d_starts, seed=seed, n_components=cfg.umap_dim,
+                                             n_neighbors=cfg.umap_neighbors, min_dist=cfg.umap_min_dist,
+                                             clusterer=cfg.n2d_clusterer, backend=backend, gmm_n_init=cfg.gmm_n_init)
+    for i, start in enumerate(starts):
+        scores = evaluate_labels(labels, start.labels)
+        history.append({"phase": "n2d-start", "epoch": i + 1, "loss": None, **start.record(), "chosen": i == chosen,
+                        **scores})
+        if scores:
+            log.info("N2D start %d (seed %d): silhouette %.4f, acc=%.4f nmi=%.4f%s", i + 1, start.seed,
+                     start.silhouette, scores["acc"], scores["nmi"], " (kept)" if i == chosen else "")
+    best = starts[chosen]
+    info = {**best.info, "starts": [s.record() for s in starts], "chosen_start": chosen,
+            "start_score": "silhouette on the start's UMAP manifold"}
+    return best.labels, best.manifold, info
 
 
 def cluster_means(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -2,11 +2,18 @@
 
 UMAP runs through the backend registry (cuML on a GPU, umap-learn on the CPU); the mixture is
 scikit-learn's ``GaussianMixture`` with full covariances, or k-means through the registry.
+
+Which manifold a seed gives decides most of the final accuracy (on MNIST-test one seed's UMAP put
+200 of the 9s with the 4s, and IDEC, which only sharpens its start, ended below it). So
+:func:`best_manifold_partition` makes several starts (UMAP + mixture, each with its own seed) and
+keeps the one with the best label-free score: the silhouette of its partition on its own manifold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +23,73 @@ from gpu_ops.deep._common import quick_kmeans, torch_threads_kept
 log = logging.getLogger("gpu_ops.deep")
 
 N2D_CLUSTERERS = ("gmm", "kmeans")
+
+
+#: Rows the silhouette of a start is computed on (a seeded sample; the same rows for every start).
+SILHOUETTE_SAMPLE = 4000
+#: Seed offset between two starts.
+START_SEED_STEP = 1000
+
+
+@dataclass(frozen=True)
+class Start:
+    """One N2D start: its seed, partition, manifold and label-free scores."""
+
+    seed: int
+    labels: np.ndarray
+    manifold: np.ndarray
+    silhouette: float
+    info: dict[str, Any]
+    agreement: float | None = None  #: mean ARI with the other starts' partitions
+
+    def record(self) -> dict[str, Any]:
+        """The start's scores, as the history keeps them."""
+        return {"seed": self.seed, "silhouette": self.silhouette, "agreement": self.agreement}
+
+
+def partition_silhouette(manifold: np.ndarray, labels: np.ndarray, seed: int = 0,
+                         sample: int = SILHOUETTE_SAMPLE) -> float:
+    """Silhouette of ``labels`` on ``manifold`` over a seeded sample of ``sample`` rows; -1 for a
+    partition with fewer than two clusters in the sample (nothing separated)."""
+    from sklearn.metrics import silhouette_score
+
+    n = len(labels)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
+    if len(np.unique(labels[rows])) < 2 or len(np.unique(labels[rows])) >= len(rows):
+        return -1.0
+    return float(silhouette_score(manifold[rows], labels[rows]))
+
+
+def select_start(starts: list[Start]) -> int:
+    """Index of the start with the highest silhouette (the first of equals)."""
+    if not starts:
+        raise ValueError("select_start needs at least one start")
+    return int(np.argmax([s.silhouette for s in starts]))
+
+
+def best_manifold_partition(z: np.ndarray, n_clusters: int, *, starts: int = 1, seed: int = 0,
+                            **options: Any) -> tuple[int, list[Start]]:
+    """``starts`` N2D partitions of ``z`` (start i seeded ``seed + i * START_SEED_STEP``), each scored
+    by :func:`partition_silhouette`; returns (index of the chosen one, every start).
+
+    ``options``: :func:`manifold_cluster`'s keywords.
+    """
+    made: list[Start] = []
+    for i in range(max(1, int(starts))):
+        s = int(seed) + i * START_SEED_STEP
+        labels, manifold, info = manifold_cluster(z, n_clusters, seed=s, **options)
+        made.append(Start(seed=s, labels=labels, manifold=manifold,
+                          silhouette=partition_silhouette(manifold, labels, seed=int(seed)), info=info))
+    if len(made) > 1:
+        from sklearn.metrics import adjusted_rand_score
+
+        made = [dataclasses.replace(a, agreement=float(np.mean(
+            [adjusted_rand_score(a.labels, b.labels) for b in made if b is not a]))) for a in made]
+    chosen = select_start(made)
+    if len(made) > 1:
+        log.info("N2D: %d starts, silhouettes %s; keeping start %d (seed %d)", len(made),
+                 ", ".join(f"{m.silhouette:.4f}" for m in made), chosen + 1, made[chosen].seed)
+    return chosen, made
 
 
 def manifold_cluster(z: np.ndarray, n_clusters: int, *, seed: int = 0, n_components: int = 10,

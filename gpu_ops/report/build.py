@@ -294,6 +294,9 @@ def metrics_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSour
                                                 "cluster sizes (largest first)"], cells, "metrics")])
     if rows and all(r["acc"] is None for r in rows):
         sec.blocks.append(Text("No true labels: ACC, NMI and ARI are not defined for this run.", "note"))
+    degenerate = [f"{r['algorithm']}: {reason}" for r in rows for reason in r["degenerate"]]
+    if degenerate:
+        sec.blocks.append(Warn("Degenerate results", degenerate))
     return [sec]
 
 

@@ -417,7 +417,8 @@ def _rank(name: str, order: Sequence[str] | None) -> int:
 
 
 def metrics_rows(metrics: dict[str, Any], order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per algorithm: name, k, backend, acc, nmi, ari (None when absent), sizes largest first.
+    """One row per algorithm: name, k, backend, acc, nmi, ari (None when absent), sizes largest first,
+    and why the result looks degenerate (``degenerate``, empty when nothing does).
 
     Rows follow ``order`` (the run's algorithm order; metrics.json stores them sorted by name).
     """
@@ -425,7 +426,8 @@ def metrics_rows(metrics: dict[str, Any], order: Sequence[str] | None = None) ->
     for name, m in (metrics.get("algorithms") or {}).items():
         sizes = sorted((int(s) for s in m.get("cluster_sizes", [])), reverse=True)
         rows.append({"algorithm": name, "k": m.get("k"), "backend": m.get("backend"),
-                     "acc": m.get("acc"), "nmi": m.get("nmi"), "ari": m.get("ari"), "cluster_sizes": sizes})
+                     "acc": m.get("acc"), "nmi": m.get("nmi"), "ari": m.get("ari"), "cluster_sizes": sizes,
+                     "degenerate": list(m.get("degenerate") or [])})
     return sorted(rows, key=lambda r: _rank(r["algorithm"], order))
 
 

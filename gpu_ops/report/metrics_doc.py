@@ -27,6 +27,11 @@ class AlgorithmMetrics(_Part):
     backend: str | None = None
     cluster_sizes: list[int] = Field(default_factory=list)
     noise: int | None = None
+    #: Deep algorithms only: why the result looks degenerate, one sentence per finding (one
+    #: cluster holds most images, empty clusters, an autoencoder whose reconstructions ignore the
+    #: input or never beat the mean image); ``[]`` when checked and nothing was found. The run's
+    #: log carries the same sentences as warnings.
+    degenerate: list[str] | None = None
     acc: float | None = None
     nmi: float | None = None
     ari: float | None = None
