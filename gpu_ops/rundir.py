@@ -54,6 +54,7 @@ class RunDir:
     _LABELS = "labels-{}.npy"
     _LINKAGE = "linkage-{}.npy"
     _HISTORY = "history-{}.json"
+    _MODEL = "model-{}.pt"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -75,6 +76,10 @@ class RunDir:
     def history(self, algorithm: str) -> Path:
         """A deep clustering algorithm's per-epoch history (JSON list)."""
         return self.path / self._HISTORY.format(algorithm)
+
+    def model(self, algorithm: str) -> Path:
+        """A clustering head's kept model (``torch.save``; read it with :func:`gpu_ops.heads.load_head`)."""
+        return self.path / self._MODEL.format(algorithm)
 
     def linkages(self) -> dict[str, Path]:
         """Every linkage matrix present, by algorithm name (sorted)."""
