@@ -75,7 +75,7 @@ def fit_head(algorithm: str, data: Any, k: int, *, seed: int = 0, device: str = 
     dev = resolve_torch_device(device)
     rng = seeded(seed)
     sample = source.subset(min(n, FIT_SAMPLE_ROWS), seed)
-    transform = InputTransform.fit(sample, cfg.pca_dim, cfg.l2_normalize)
+    transform = InputTransform.fit(sample, cfg.pca_dim, cfg.l2_normalize, cfg.whiten)
     Z = transformed_rows(source, transform, memory_mb, Path(scratch) if scratch is not None else None)
     t_prep = time.perf_counter()
     neighbors, knn = mine_neighbors(Z, cfg.neighbors, knn_backend)

@@ -50,7 +50,8 @@ class HeadConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     hidden: int = 0  #: width of the hidden layer (0: linear heads)
-    pca_dim: int | None = None  #: whiten the input with PCA to this many dimensions (None: no PCA)
+    pca_dim: int | None = None  #: project the input on its first principal axes (None: no PCA)
+    whiten: bool = False  #: with ``pca_dim``: scale each principal axis to unit variance
     l2_normalize: bool = True  #: L2-normalise each (transformed) row before the head
     progress: bool = False  #: log every epoch at INFO level
 
@@ -101,8 +102,9 @@ def _is_int(value: object) -> bool:
 
 @dataclass
 class InputTransform:
-    """Row preprocessing: ``x - mean``, then ``@ components / scale`` (PCA whitening, when fitted
-    with a ``pca_dim``), then L2 normalisation (when ``l2``). Stored with every saved head."""
+    """Row preprocessing: ``x - mean``, then ``@ components / scale`` (PCA projection, whitened
+    or not, when fitted with a ``pca_dim``), then L2 normalisation (when ``l2``). Stored with
+    every saved head."""
 
     mean: np.ndarray
     components: np.ndarray | None = None  #: (d, p) principal axes
@@ -118,8 +120,9 @@ class InputTransform:
         return int(self.components.shape[1]) if self.components is not None else self.in_dim
 
     @classmethod
-    def fit(cls, sample: np.ndarray, pca_dim: int | None, l2: bool) -> "InputTransform":
-        """Fit the mean (and the PCA whitening to ``pca_dim`` dimensions) on ``sample`` (m, d)."""
+    def fit(cls, sample: np.ndarray, pca_dim: int | None, l2: bool, whiten: bool = False) -> "InputTransform":
+        """Fit the mean (and the PCA projection to ``pca_dim`` dimensions, whitened when
+        ``whiten``) on ``sample`` (m, d)."""
         X = np.asarray(sample, dtype=np.float64)
         mean = X.mean(axis=0)
         if pca_dim is None:
@@ -130,6 +133,8 @@ class InputTransform:
         evals, evecs = np.linalg.eigh(cov)
         order = np.argsort(evals)[::-1][:p]
         scale = np.sqrt(np.maximum(evals[order], 1e-12 * max(float(evals.max()), 1e-30)))
+        if not whiten:
+            scale = np.ones_like(scale)
         return cls(mean.astype(np.float32), evecs[:, order].astype(np.float32), scale.astype(np.float32), l2)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
