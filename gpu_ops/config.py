@@ -17,7 +17,9 @@ from gpu_ops.errors import InputError, choice_error
 DEEP_ALGORITHMS = ("n2d", "dkm", "dec", "idec")
 #: UMAP-space algorithms: ``umap_dims`` applies to them.
 UMAP_ALGORITHMS = ("umap-graph", "umap-kmeans")
-ALGORITHMS = (*UMAP_ALGORITHMS, "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS)
+#: Clustering heads trained in torch on the store's embeddings (:mod:`gpu_ops.heads`).
+HEAD_ALGORITHMS = ("scan", "temi")
+ALGORITHMS = (*UMAP_ALGORITHMS, "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
 #: numpy's seeding range (``np.random.RandomState`` and FAISS take a 32-bit unsigned seed).
 SEED_MAX = 2**32 - 1
 
@@ -132,7 +134,8 @@ class RunConfig(BaseModel):
     min_cluster_size: int = Field(15, ge=2, description="hdbscan: the smallest group that counts as a cluster")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
     memory_mb: int | None = Field(None, ge=16, description="kmeans: stream the store through out-of-core k-means "
-                                  "within this memory budget (None: load it)")
+                                  "within this memory budget (None: load it); scan, temi: memory-map the "
+                                  "head's rows when they need more than half of it")
     tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also map these "
                                            "perplexities (tsne_sweep.npz; the report shows them side by side)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
@@ -218,7 +221,7 @@ class RunConfig(BaseModel):
         from gpu_ops.device import BACKEND_CHOICES
         from gpu_ops.registry import check_backend_name, list_ops
 
-        torch_stages = ("extract", *DEEP_ALGORITHMS)
+        torch_stages = ("extract", *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
         ops = [*list_ops(), *torch_stages]
         for op, name in value.items():
             if op not in ops:
@@ -307,7 +310,8 @@ APPLIES: tuple[Applies, ...] = (
     Applies("distance_threshold", lambda c: "agglomerative" in c.algorithms, _algorithms_context, "agglomerative"),
     Applies("min_cluster_size", lambda c: "hdbscan" in c.algorithms, _algorithms_context, "hdbscan"),
     Applies("covariance_type", lambda c: "gmm" in c.algorithms, _algorithms_context, "gmm"),
-    Applies("memory_mb", lambda c: "kmeans" in c.algorithms, _algorithms_context, "kmeans (out-of-core)"),
+    Applies("memory_mb", lambda c: any(a in ("kmeans", *HEAD_ALGORITHMS) for a in c.algorithms), _algorithms_context,
+            "kmeans (out-of-core) and the clustering heads (scan, temi)"),
     Applies("umap_dims", lambda c: any(a in UMAP_ALGORITHMS for a in c.algorithms), _algorithms_context,
             " and ".join(UMAP_ALGORITHMS)),
     Applies("k_range", lambda c: c.k == "auto", lambda c: f"k={c.k}", "k=auto (the range k is chosen from)"),

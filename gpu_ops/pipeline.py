@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from gpu_ops.config import DEEP_ALGORITHMS, UMAP_ALGORITHMS, RunConfig
+from gpu_ops.config import DEEP_ALGORITHMS, HEAD_ALGORITHMS, UMAP_ALGORITHMS, RunConfig
 from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
 from gpu_ops.explore.stage import ExploreResult
@@ -94,13 +94,16 @@ def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
 def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> ClusterResult:
     """Cluster the store's rows with ``algorithm``; labels go to the run directory ``staging``.
 
-    Deep algorithms cluster the dataset's images in torch; ``kmeans`` with ``cfg.memory_mb``
-    streams the store; every other algorithm clusters the embeddings in memory.
+    Deep algorithms cluster the dataset's images in torch; clustering heads (``scan``, ``temi``)
+    train in torch on the store's embeddings; ``kmeans`` with ``cfg.memory_mb`` streams the
+    store; every other algorithm clusters the embeddings in memory.
     """
     t0 = time.perf_counter()
     run = RunDir(staging)
     if algorithm in DEEP_ALGORITHMS:
         return _deep_cluster(store, cfg, algorithm, run, t0)
+    if algorithm in HEAD_ALGORITHMS:
+        return _head_cluster(store, cfg, algorithm, run, t0)
     if algorithm == "kmeans" and cfg.memory_mb is not None:
         return _streaming_kmeans(store, cfg, run, t0)
     return _in_memory_cluster(store, cfg, algorithm, run, t0)
@@ -132,6 +135,30 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
                      f"deep clustering in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
     return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
                                 labels=result.labels, degenerate=result.degenerate)
+
+
+def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
+    """A clustering head (``scan``, ``temi``) trained on the store's embeddings, streamed from the
+    store; the kept head goes to ``model-<algorithm>.pt``, the per-epoch history beside it."""
+    from gpu_ops.cluster.sources import StoreSource
+    from gpu_ops.heads import fit_head
+    from gpu_ops.heads.common import store_labels
+
+    source = StoreSource(store)
+    k = k_for(cfg, source, run)
+    if k > source.count():
+        raise InputError(f"k={k} is larger than the number of images ({source.count()})")
+    placed = placement_for(cfg, algorithm)
+    result = fit_head(algorithm, store, k, seed=cfg.seed, device=placed.torch_device, labels=store_labels(store),
+                      knn_backend=cfg.backend_for("knn"), memory_mb=cfg.memory_mb, scratch=run.path / ".head-scratch")
+    shutil.rmtree(run.path / ".head-scratch", ignore_errors=True)
+    result.save(run.head(algorithm))
+    atomic_write_json(run.history(algorithm), result.history, sort_keys=False)
+    ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
+                     f"{algorithm} head in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
+    knn = ResolutionRecord(**result.knn_backend, stage=algorithm)
+    return write_cluster_result(run, algorithm, k=k, resolutions=[knn, ResolutionRecord.of(ran, algorithm)],
+                                started=t0, labels=result.labels)
 
 
 def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> ClusterResult:

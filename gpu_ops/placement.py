@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from gpu_ops.config import DEEP_ALGORITHMS
+from gpu_ops.config import DEEP_ALGORITHMS, HEAD_ALGORITHMS
 from gpu_ops.device import BACKEND_CHOICES, Machine, cuda_available
 from gpu_ops.errors import choice_error
 from gpu_ops.backend_table import BackendSpec, Resolution
@@ -36,7 +36,7 @@ TorchDevice = Literal["cuda", "cpu"]
 
 EXTRACT = "extract"
 #: Stages that run in torch: their placement is the torch device.
-TORCH_STAGES = (EXTRACT, *DEEP_ALGORITHMS)
+TORCH_STAGES = (EXTRACT, *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
 #: Algorithms that chain ops; each op is placed on its own and the algorithm holds a GPU when any does.
 COMPOSITES: dict[str, tuple[str, ...]] = {"umap-kmeans": ("umap", "kmeans"), "umap-graph": ("umap", "kmeans", "knn")}
 TORCH_BACKEND = "torch"
@@ -67,7 +67,7 @@ class Placement:
 
 def stages() -> tuple[str, ...]:
     """Every stage :func:`place` knows: extract, the registry's ops, composites, deep algorithms."""
-    return (EXTRACT, *list_ops(), *COMPOSITES, *DEEP_ALGORITHMS)
+    return (EXTRACT, *list_ops(), *COMPOSITES, *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
 
 
 def _gpu_backend_installed(name: str) -> bool:

@@ -23,9 +23,9 @@ Kinds of saved model (``model-<algorithm>.npz`` + ``model-<algorithm>.json``):
   distance to that row. These algorithms have no out-of-sample rule of their own (UMAP's
   ``transform`` would need the pickled UMAP model and its numba compilation in every process).
 
-A clustering head that saves ``model-<algorithm>.pt`` with a ``load_head(path)`` answering
-``predict_proba(X)`` plugs in through :data:`HEAD_LOADERS` (algorithm name -> loader); its
-label is the argmax, its confidence the maximum probability, its distance ``1 - confidence``.
+A clustering head (``scan``, ``temi``) is its saved ``model-<algorithm>.pt``, read with
+:func:`gpu_ops.heads.load_head`: its label is the argmax of ``predict_proba(X)``, its confidence
+the maximum probability, its distance ``1 - confidence``.
 
 Novelty: for each cluster, the :data:`NOVEL_QUANTILE` quantile of the run's own members' distances
 (for ``neighbours``: each member's distance to its nearest *other* labelled row); an image is novel
@@ -40,11 +40,11 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from gpu_ops.config import HEAD_ALGORITHMS
 from gpu_ops.errors import InputError
 from gpu_ops.fsutil import atomic_path, atomic_write_json
 from gpu_ops.rundir import RunDir
@@ -66,11 +66,6 @@ MEANINGS = {
     "neighbours": "Euclidean distance to the nearest labelled image of the run",
     "head": "1 - the head's probability of the assigned cluster",
 }
-
-#: Clustering heads: algorithm -> ``load_head(path)`` returning an object with ``predict_proba(X)``.
-#: A head module registers itself here when it saves ``model-<algorithm>.pt``.
-HEAD_LOADERS: dict[str, Callable[[Path], Any]] = {}
-
 
 @dataclass
 class Prediction:
@@ -164,7 +159,7 @@ class NeighbourModel:
 
 
 class HeadModel:
-    """A clustering head saved as ``model-<algorithm>.pt`` (see :data:`HEAD_LOADERS`)."""
+    """A clustering head saved as ``model-<algorithm>.pt`` (:func:`gpu_ops.heads.load_head`)."""
 
     kind = "head"
     input = "embedding"
@@ -290,8 +285,10 @@ def load_model(run: RunDir, algorithm: str, run_labels: np.ndarray | None = None
     not given.
     """
     head = run.head(algorithm)
-    if algorithm in HEAD_LOADERS and head.is_file():
-        return HeadModel(algorithm, HEAD_LOADERS[algorithm](head))
+    if algorithm in HEAD_ALGORITHMS and head.is_file():
+        from gpu_ops.heads import load_head
+
+        return HeadModel(algorithm, load_head(head))
     arrays = _read_arrays(run, algorithm)
     if arrays is None and (run_labels is None or search_index is None):
         run_labels = run_labels if run_labels is not None else run_assignments(run)[algorithm]

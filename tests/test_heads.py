@@ -1,0 +1,161 @@
+"""Clustering heads (SCAN, TEMI) on real data: each beats k-means on the same features, the saved
+head assigns the same labels, a seed repeats, a store streamed from disk gives the same head, and
+bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gpu_ops.config import make_config
+from gpu_ops.errors import InputError
+from gpu_ops.heads import fit_head, head_config, load_head
+from gpu_ops.metrics import evaluate
+from gpu_ops.registry import create_estimator
+from gpu_ops.store import EmbeddingStore
+from tests.conftest import run_cli
+
+#: Shorter training than the defaults (fewer epochs and heads), enough on MNIST's test pixels.
+FAST = {"scan": {"epochs": 6, "n_heads": 4, "selflabel_epochs": 2},
+        "temi": {"epochs": 8, "n_heads": 3}}
+#: Settings for the checks that need no accuracy (repeats, streaming, files).
+TINY = {"scan": {"epochs": 2, "n_heads": 2, "selflabel_epochs": 1}, "temi": {"epochs": 2, "n_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_test) -> tuple[np.ndarray, np.ndarray]:
+    """The 10 000 MNIST test digits as raw pixels in [0, 1], and their labels."""
+    X, y = mnist_test
+    return X, y.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def mnist_2k(mnist) -> tuple[np.ndarray, np.ndarray]:
+    X, y = mnist
+    return X[:2000], y[:2000]
+
+
+@pytest.fixture(scope="module")
+def kmeans_acc(mnist) -> float:
+    """k-means (FAISS, 10 restarts) on the same pixels: ACC 0.55."""
+    X, y = mnist
+    est, _ = create_estimator("kmeans", "cpu", n_clusters=10, n_init=10, max_iter=100, seed=0)
+    est.fit(X)
+    return evaluate(y, est.labels_)["acc"]
+
+
+@pytest.fixture(scope="module")
+def fitted(mnist) -> dict:
+    X, y = mnist
+    return {alg: fit_head(alg, X, 10, seed=0, device="cpu", labels=y, **FAST[alg]) for alg in ("scan", "temi")}
+
+
+@pytest.mark.parametrize("algorithm, margin", [("scan", 0.04), ("temi", 0.04)])
+def test_each_head_beats_kmeans_on_the_same_features(fitted, kmeans_acc, algorithm, margin) -> None:
+    res = fitted[algorithm]
+    assert res.metrics["acc"] >= kmeans_acc + margin, (res.metrics, kmeans_acc)
+    # the history holds one record per epoch with the kept head's objective and the scores
+    main = [h for h in res.history if h["phase"] == algorithm]
+    assert [h["epoch"] for h in main] == list(range(1, FAST[algorithm]["epochs"] + 1))
+    assert {"loss", "head", "objectives", "acc", "nmi", "ari"} <= set(main[-1])
+    # the kept head is the one with the lowest objective
+    assert res.kept_head == int(np.argmin(res.objectives)) and len(res.objectives) == FAST[algorithm]["n_heads"]
+
+
+@pytest.mark.parametrize("algorithm", ["scan", "temi"])
+def test_the_saved_head_assigns_the_same_labels(fitted, mnist, tmp_path, algorithm) -> None:
+    X, _ = mnist
+    res = fitted[algorithm]
+    head = load_head(res.save(tmp_path / f"model-{algorithm}.pt"))
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(X), 10) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(proba.argmax(axis=1), res.labels)
+    assert (head.k, head.dim, head.algorithm, head.kept_head) == (10, 784, algorithm, res.kept_head)
+    with pytest.raises(InputError, match=r"model-.*\.pt: the head takes rows of 784 features; got shape \(3, 5\)"):
+        head.predict_proba(np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.parametrize("algorithm", ["scan", "temi"])
+def test_a_seed_repeats(mnist_2k, algorithm) -> None:
+    X, y = mnist_2k
+    first, again, other = (fit_head(algorithm, X, 10, seed=seed, device="cpu", labels=y, **TINY[algorithm])
+                           for seed in (5, 5, 6))
+    assert np.array_equal(again.labels, first.labels)
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in first.history]
+    assert [h["loss"] for h in other.history] != [h["loss"] for h in first.history]
+
+
+def test_a_store_streamed_through_a_memory_map_trains_the_same_head(mnist_2k, tmp_path) -> None:
+    """Rows that exceed the memory budget are memory-mapped; the head is the one trained in memory."""
+    X, y = mnist_2k
+    directory = tmp_path / "store"
+    store = EmbeddingStore(directory, {"extractor": "raw-pixels", "store_key": "mnist-2k"}, len(X), 700)
+    for shard in store.pending_shards():
+        rows = store.shard_range(shard)
+        store.write_shard(shard, [str(i) for i in rows], [""] * len(rows), y[rows].astype(np.int32), X[rows], [])
+    store.finish()
+    settings = TINY["scan"]
+    scratch = tmp_path / "scratch"
+    streamed = fit_head("scan", directory, 10, seed=3, device="cpu", memory_mb=1, scratch=scratch, **settings)
+    assert (scratch / "head-rows.npy").is_file()  # 2 000 x 784 float32 rows need 6 MB: over half of 1 MB
+    in_memory = fit_head("scan", X, 10, seed=3, device="cpu", **settings)
+    assert np.array_equal(streamed.labels, in_memory.labels)
+
+
+@pytest.mark.parametrize("algorithm, overrides, message", [
+    ("scan", {"entropy_weight": -1}, "scan entropy_weight must be a number >= 0; got -1"),
+    ("scan", {"confidence": 1.5}, "scan confidence must be a number between 0 and 1; got 1.5"),
+    ("scan", {"n_heads": 0}, "scan n_heads must be a positive integer; got 0"),
+    ("temi", {"beta": 0}, "temi beta must be a number in (0, 1]; got 0"),
+    ("temi", {"teacher_temp": 0.0}, "temi teacher_temp must be a positive number; got 0.0"),
+    ("temi", {"heads": 3}, "unknown temi option(s) 'heads'; expected some of: "),
+])
+def test_bad_settings_are_one_line_errors(algorithm, overrides, message) -> None:
+    with pytest.raises(InputError) as err:
+        head_config(algorithm, **overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_bad_inputs_are_one_line_errors(mnist_2k, tmp_path) -> None:
+    X, _ = mnist_2k
+    with pytest.raises(InputError, match=r"^scan: k must be an integer from 2 to the number of rows \(2000\); got 1$"):
+        fit_head("scan", X, 1)
+    with pytest.raises(InputError, match=r"^neighbors=20 needs at least 21 rows; the store has 5$"):
+        fit_head("scan", X[:5], 2)
+    with pytest.raises(InputError, match=r"^unknown clustering head 'dec'; expected one of: scan, temi$"):
+        fit_head("dec", X, 10)
+    missing = tmp_path / "model-scan.pt"
+    with pytest.raises(InputError, match=r"model-scan\.pt: no saved head there"):
+        load_head(missing)
+    missing.write_text("not a model")
+    with pytest.raises(InputError, match=r"model-scan\.pt: not a saved clustering head"):
+        load_head(missing)
+
+
+def test_a_run_trains_both_heads_and_saves_them(tmp_path) -> None:
+    """``gpuclust run --algorithm scan,temi`` on digits: labels, metrics, the kept heads and their histories."""
+    out = tmp_path / "run"
+    proc = run_cli(["run", "--dataset", "digits", "--algorithm", "scan,temi,kmeans", "--k", "10", "--reducer", "none",
+                    "--backend", "cpu", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["algorithms"]) == {"scan", "temi", "kmeans"}
+    for algorithm in ("scan", "temi"):
+        assert metrics["algorithms"][algorithm]["acc"] > 0.6  # 0.78 (scan), k-means 0.79: heads want more rows
+        history = json.loads((out / f"history-{algorithm}.json").read_text())
+        assert history[0]["phase"] == algorithm and "acc" in history[-1]
+        head = load_head(out / f"model-{algorithm}.pt")
+        assert (head.k, head.dim) == (10, 64)
+    ops = {(r["stage"], r["op"]) for r in metrics["backends"]}
+    assert {("scan", "knn"), ("temi", "knn"), ("scan", "scan"), ("temi", "temi")} <= ops
+
+
+def test_the_memory_budget_applies_to_the_heads_and_not_to_gmm() -> None:
+    assert make_config(algorithms=["scan", "temi"], memory_mb=64).memory_mb == 64
+    with pytest.raises(InputError) as err:
+        make_config(algorithms=["gmm"], memory_mb=64)
+    assert str(err.value) == ("memory_mb does not apply to algorithms gmm; it is for kmeans (out-of-core) and the "
+                              "clustering heads (scan, temi)")
