@@ -20,9 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gpuclust run --out runs/demo
 
-## The test suite (GPU tests skip without CUDA).
+## The test suite (GPU tests skip without CUDA), in two worker processes: a test file stays in one
+## worker (its fixtures are built once), and much of the suite waits on subprocesses and servers.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

@@ -138,3 +138,17 @@ def test_the_handwriting_preset_loads_and_takes_the_acceptance_flags(data_dir):
     assert (cfg.algorithms, cfg.extractor, cfg.k, cfg.seed, cfg.split) == (["idec"], "raw", "auto", 4, "test")
     plain = run_config_from_args(build_parser().parse_args(["run", "--config", str(preset)]))
     assert (plain.dataset, plain.algorithms, plain.k) == ("digits", ["idec"], 10)
+
+
+def test_the_photos_preset_loads_and_takes_the_acceptance_flags(tmp_path):
+    """configs/photos.yaml: two packaged ImageNet backbones and a SCAN head beside k-means; the
+    acceptance runs add only --dataset, --k and --seed."""
+    from flows.cli import build_parser, run_config_from_args
+
+    preset = REPO / "configs" / "photos.yaml"
+    args = build_parser().parse_args(["run", "--config", str(preset), "--dataset", f"folder:{tmp_path}",
+                                      "--k", "auto", "--seed", "2"])
+    cfg = run_config_from_args(args)
+    assert (cfg.extractor, cfg.image_size, cfg.algorithms, cfg.k, cfg.seed) == (
+        "efficientnet_lite0+efficientnet_lite2", 128, ["scan", "kmeans"], "auto", 2)
+    assert cfg.weights is None  # the packaged ImageNet weights: nothing to download
