@@ -19,8 +19,8 @@ Kinds of saved model (``model-<algorithm>.npz`` + ``model-<algorithm>.json``):
 - ``gmm``: the scikit-learn mixture's weights, means and covariances; label = the most probable
   component, confidence = its posterior, distance = the negative log-likelihood of the row.
 - ``neighbours`` (umap-kmeans, agglomerative, hdbscan; n2d in its latent space): the cluster of the
-  nearest labelled row of the run (the similar-image index for embeddings); distance = the
-  distance to that row. These algorithms have no out-of-sample rule of their own (UMAP's
+  nearest labelled row of the run (the similar-image index when it holds the embeddings, else
+  the embeddings saved with the model); distance = the distance to that row. These algorithms have no out-of-sample rule of their own (UMAP's
   ``transform`` would need the pickled UMAP model and its numba compilation in every process).
 
 A clustering head that saves ``model-<algorithm>.pt`` with a ``load_head(path)`` answering
@@ -248,6 +248,31 @@ def save_deep_model(run: RunDir, algorithm: str, result: Any) -> None:
         np.savez(tmp, **arrays)
 
 
+def save_neighbour_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray) -> None:
+    """Save ``algorithm``'s labelled rows ``X`` (store order) for nearest-labelled-row prediction:
+    for runs whose similar-image index holds another space than the embeddings ``X``."""
+    arrays = {"kind": np.array("neighbours"), "codes": np.asarray(X, np.float32),
+              "labels": np.asarray(labels, np.int64)}
+    with atomic_path(run.model(algorithm)) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def learned_space(run: RunDir, algorithms: list[str]) -> str | None:
+    """The first of ``algorithms`` that learned its own embedding (a deep method whose encoder the
+    run saved), or None: the run's similar-image index is built over that encoder's codes."""
+    from gpu_ops.config import DEEP_ALGORITHMS
+
+    return next((a for a in algorithms if a in DEEP_ALGORITHMS and run.encoder(a).is_file()), None)
+
+
+def encoder_codes(run: RunDir, algorithm: str, images: np.ndarray) -> np.ndarray:
+    """(m, latent) float32: ``images`` (uint8, the run's item shape) through ``algorithm``'s saved encoder."""
+    model = load_model(run, algorithm)
+    if not isinstance(model, EncodedModel):
+        raise InputError(f"{run.path}: {algorithm} has no saved encoder ({run.encoder(algorithm).name})")
+    return np.asarray(model.encode(images), dtype=np.float32)
+
+
 def _exact_search(codes: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     from gpu_ops.registry import create_estimator
 
@@ -270,6 +295,9 @@ def _inner_model(run: RunDir, algorithm: str, arrays: dict[str, np.ndarray] | No
     if arrays is None:
         if run_labels is None or search_index is None:
             return None
+        if search_index.info.encoder is not None:
+            raise InputError(f"{run.path}: {algorithm} has no saved model ({run.model(algorithm).name} is missing) "
+                             f"and the similar-image index holds {search_index.info.space} codes, not embeddings")
         return NeighbourModel(algorithm, run_labels, search_index.search)
     kind = str(arrays["kind"])
     if kind == "centroids":
