@@ -13,7 +13,10 @@ and similar images").
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/assign_accept.py --work /tmp/assign-accept
 
-``--run-dir`` reuses a finished run (steps 2-4 only). Prints the figures as JSON lines.
+``--run-dir`` reuses a finished run (steps 2-4 only); with ``--refit-novelty`` its deep model's
+novelty thresholds are first set again by :func:`gpu_ops.explore.models.finish_model`, the function
+the run's last step calls, from the run's own images (for runs made before a change to the rule).
+Prints the figures as JSON lines.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--cifar", type=int, default=1000, help="CIFAR-10 test JPEGs assigned")
     ap.add_argument("--config", default=str(ROOT / "configs" / "handwriting.yaml"))
     ap.add_argument("--run-dir", type=Path, help="reuse this finished run")
+    ap.add_argument("--refit-novelty", action="store_true", help="set the reused run's IDEC novelty thresholds again")
     args = ap.parse_args()
 
     from gpu_ops.explore.search import IndexInfo, SearchIndex
@@ -136,6 +140,16 @@ def main() -> None:
     run_labels = column(run_dir / "assignments.parquet", algorithm)
     y_first = labels_by_id(f"npz:{first}", [str(i) for i in column(run_dir / "assignments.parquet", "image_id")])
     run_acc = hungarian_accuracy(y_first, run_labels)
+    if args.run_dir is not None and args.refit_novelty:
+        from gpu_ops.data import load_dataset
+        from gpu_ops.explore.models import finish_model
+
+        dataset = load_dataset(f"npz:{first}")
+        position = {i: r for r, i in enumerate(dataset.image_ids)}
+        ids = [str(i) for i in column(run_dir / "assignments.parquet", "image_id")]
+        images = np.asarray(dataset.items)[[position[i] for i in ids]]
+        doc = finish_model(RunDir(run_dir), algorithm, images, run_labels)
+        print(json.dumps({"step": "refit novelty", "threshold": doc["threshold"]["meaning"]}), flush=True)
 
     held = args.work / "held.parquet"
     seconds = gpuclust("assign", str(run_dir), "--dataset", f"npz:{rest}", "--out", str(held))

@@ -32,6 +32,11 @@ Novelty: for each cluster, the :data:`NOVEL_QUANTILE` quantile of the run's own 
 when its distance exceeds the threshold of the cluster it was assigned to (clusters with fewer
 than :data:`MIN_MEMBERS` members use the quantile over all rows). The thresholds and this meaning
 are in ``model-<algorithm>.json`` and in the metadata of every assignment file.
+
+Deep methods also flag an image whose autoencoder reconstruction error exceeds the
+:data:`NOVEL_QUANTILE` quantile of the run's own images' errors: an encoder maps any input to some
+code, and images unlike the run's (photos given to a digits run) can land near a centre, but the
+decoder, trained to rebuild the run's images only, rebuilds them badly.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Prediction:
     labels: np.ndarray
     distance: np.ndarray
     confidence: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None  #: (m,) a deep method's autoencoder reconstruction error
 
 
 class ClusterModel(Protocol):
@@ -195,8 +201,17 @@ class EncodedModel:
 
         return encode(self.encoder, images, device="cpu" if not _cuda() else "auto")
 
+    def encode_with_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, reconstruction errors) of ``images``."""
+        from gpu_ops.deep import encode_with_error
+
+        return encode_with_error(self.encoder, images, device="cpu" if not _cuda() else "auto")
+
     def predict(self, X: np.ndarray) -> Prediction:
-        return self.inner.predict(self.encode(X))
+        codes, errors = self.encode_with_error(X)
+        prediction = self.inner.predict(codes)
+        prediction.reconstruction = errors
+        return prediction
 
 
 def _cuda() -> bool:
@@ -359,22 +374,31 @@ class Threshold:
     overall: float
     quantile: float
     measure: str
+    reconstruction: float | None = None  #: deep methods: the quantile of the run's reconstruction errors
 
     def meaning(self) -> str:
-        return (f"novel: {self.measure} above the {self.quantile:.0%} quantile of the run's own members of the "
-                f"assigned cluster (clusters under {MIN_MEMBERS} members: of all rows); by construction about "
-                f"{1 - self.quantile:.0%} of the run's own images are novel")
+        text = (f"novel: {self.measure} above the {self.quantile:.0%} quantile of the run's own members of the "
+                f"assigned cluster (clusters under {MIN_MEMBERS} members: of all rows)")
+        if self.reconstruction is None:
+            return text + f"; by construction about {1 - self.quantile:.0%} of the run's own images are novel"
+        return (text + f", or an autoencoder reconstruction error above the {self.quantile:.0%} quantile of the "
+                f"run's own images' errors ({self.reconstruction:.6g}); by construction {1 - self.quantile:.0%} "
+                f"to {2 * (1 - self.quantile):.0%} of the run's own images are novel")
 
     def novel(self, prediction: Prediction) -> np.ndarray:
-        """(m,) bool: no cluster, or farther than the assigned cluster's threshold."""
+        """(m,) bool: no cluster, farther than the assigned cluster's threshold, or (deep methods)
+        reconstructed worse than the run's threshold."""
         limits = np.asarray(self.per_cluster + [self.overall], dtype=np.float64)
         labels = prediction.labels
         lab = np.where((labels >= 0) & (labels < len(self.per_cluster)), labels, len(self.per_cluster))
-        return (labels < 0) | ~(prediction.distance.astype(np.float64) <= limits[lab])
+        novel = (labels < 0) | ~(prediction.distance.astype(np.float64) <= limits[lab])
+        if self.reconstruction is not None and prediction.reconstruction is not None:
+            novel |= ~(prediction.reconstruction.astype(np.float64) <= self.reconstruction)
+        return novel
 
     def as_dict(self) -> dict[str, Any]:
         return {"quantile": self.quantile, "measure": self.measure, "overall": self.overall,
-                "per_cluster": self.per_cluster, "meaning": self.meaning()}
+                "per_cluster": self.per_cluster, "reconstruction": self.reconstruction, "meaning": self.meaning()}
 
 
 def fit_threshold(prediction: Prediction, k: int, measure: str, quantile: float = NOVEL_QUANTILE) -> Threshold:
@@ -386,7 +410,10 @@ def fit_threshold(prediction: Prediction, k: int, measure: str, quantile: float 
     for c in range(k):
         members = d[lab == c]
         per.append(float(np.quantile(members, quantile)) if len(members) >= MIN_MEMBERS else overall)
-    return Threshold(per, overall, quantile, measure)
+    reconstruction = None
+    if prediction.reconstruction is not None and len(prediction.reconstruction):
+        reconstruction = float(np.quantile(prediction.reconstruction.astype(np.float64), quantile))
+    return Threshold(per, overall, quantile, measure, reconstruction)
 
 
 def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray, search_index: Any = None,
@@ -402,9 +429,10 @@ def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray,
     if len(rows) > THRESHOLD_SAMPLE_ROWS and model.kind in ("neighbours", "deep"):
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), THRESHOLD_SAMPLE_ROWS, replace=False))
     kind = model.kind
+    errors = None
     if isinstance(model, EncodedModel):
         kind = model.inner.kind
-        codes = model.encode(X[rows])
+        codes, errors = model.encode_with_error(X[rows])
         inner = model.inner
         prediction = inner.predict(codes, exclude=rows) if isinstance(inner, NeighbourModel) else inner.predict(codes)
     elif isinstance(model, NeighbourModel):
@@ -412,7 +440,7 @@ def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray,
     else:
         prediction = model.predict(np.asarray(X[rows]))
     # Members are measured against their own cluster: the run's label, not a fresh prediction.
-    prediction = Prediction(labels[rows], prediction.distance, prediction.confidence)
+    prediction = Prediction(labels[rows], prediction.distance, prediction.confidence, errors)
     threshold = fit_threshold(prediction, k, MEANINGS[kind])
     doc = {"algorithm": algorithm, "kind": model.kind if model.kind != "deep" else f"deep+{kind}",
            "input": model.input, "k": k, "distance": MEANINGS[kind], "threshold": threshold.as_dict()}
@@ -427,4 +455,6 @@ def load_threshold(run: RunDir, algorithm: str) -> Threshold:
         raise InputError(f"{run.path}: {algorithm} has no saved model for assign ({path.name} is missing); "
                          "runs made before gpuclust kept one must be rerun")
     t = json.loads(path.read_text())["threshold"]
-    return Threshold([float(v) for v in t["per_cluster"]], float(t["overall"]), float(t["quantile"]), t["measure"])
+    reconstruction = t.get("reconstruction")  # absent in models saved before deep methods kept one
+    return Threshold([float(v) for v in t["per_cluster"]], float(t["overall"]), float(t["quantile"]), t["measure"],
+                     None if reconstruction is None else float(reconstruction))
