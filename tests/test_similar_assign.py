@@ -255,3 +255,17 @@ def test_assign_on_a_deep_run_keeps_every_algorithms_labels(deep_run: Path, pref
         agreement = (_labels(out, algorithm) == run.column(algorithm).to_numpy()).mean()
         assert agreement >= 0.99, (algorithm, agreement)
     assert json.loads((deep_run / "model-agglomerative.json").read_text())["kind"] == "neighbours"
+
+
+def test_cifar_images_assigned_to_a_deep_run_are_novel(deep_run: Path, prefect_server, cifar_folder: Path,
+                                                       tmp_path: Path) -> None:
+    """Photos land near some centre of IDEC's code space, but its autoencoder, trained on digits,
+    rebuilds them worse than the run's own images: they are flagged novel."""
+    out = tmp_path / "cifar.parquet"
+    res = _assign(deep_run, prefect_server, f"folder:{cifar_folder}", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_labels(out, "idec")) == 200
+    assert _labels(out, "idec_novel").mean() >= 0.9
+    meta = json.loads(pq.read_schema(out).metadata[b"gpuclust_assign"])
+    threshold = meta["algorithms"]["idec"]["novel_threshold"]
+    assert threshold["reconstruction"] > 0 and "reconstruction error above the 99% quantile" in threshold["meaning"]
