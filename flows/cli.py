@@ -299,13 +299,13 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
     from gpu_ops.explore.assign import similar
 
-    what, neighbours = similar(args.run_dir, image=args.image, image_id=args.image_id, k=args.k)
+    what, neighbours, space = similar(args.run_dir, image=args.image, image_id=args.image_id, k=args.k)
     if args.json:
-        print(json.dumps({"query": what, "neighbours": [vars(n) for n in neighbours]}, indent=2))
+        print(json.dumps({"query": what, "index": space, "neighbours": [vars(n) for n in neighbours]}, indent=2))
         return 0
     algorithms = list(neighbours[0].clusters) if neighbours else []
     width = max([len("image_id")] + [len(n.image_id) for n in neighbours])
-    print(f"nearest images to {what} in {args.run_dir}:")
+    print(f"nearest images to {what} in {args.run_dir} ({space}):")
     print(f"{'rank':>4}  {'image_id':<{width}}  {'distance':>10}" + "".join(f"  {a:>10}" for a in algorithms))
     for n in neighbours:
         print(f"{n.rank:>4}  {n.image_id:<{width}}  {n.distance:>10.4f}" + "".join(f"  {n.clusters[a]:>10}" for a in algorithms))

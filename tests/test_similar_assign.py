@@ -182,3 +182,90 @@ def test_a_large_run_keeps_an_ivf_index_that_finds_the_exact_neighbours(tmp_path
     exact = np.argsort(((X[rows, None, :] - X[None]) ** 2).sum(axis=2), axis=1)[:, :10]
     assert found[:, 0].tolist() == rows.tolist() and np.allclose(dist[:, 0], 0, atol=1e-3)
     assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]) >= 0.95
+
+
+# ------------------------------------------------------------------------------ a deep run
+
+DEEP_N = 600  # MNIST test images in the deep run
+
+
+@pytest.fixture(scope="module")
+def deep_run(prefect_server, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """IDEC (2 pretraining epochs) beside k-means and agglomerative on 600 raw MNIST test images."""
+    out = tmp_path_factory.mktemp("similar-deep") / "run"
+    res = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--limit", str(DEEP_N),
+                   "--extractor", "raw", "--algorithm", "idec,kmeans,agglomerative", "--k", "10", "--reducer", "pca",
+                   "--deep-epochs", "2", "--out", str(out)], api_url=prefect_server["url"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _idec_codes(run_dir: Path, images: np.ndarray) -> np.ndarray:
+    """The images through the run's saved IDEC encoder, loaded here with the autoencoder loader."""
+    from gpu_ops.deep import encode, load_autoencoder
+
+    return encode(load_autoencoder(run_dir / "encoder-idec.pt", "cpu"), images, device="cpu")
+
+
+def test_a_deep_runs_index_holds_its_encoders_codes(deep_run: Path, mnist_pixels) -> None:
+    """The index is over what IDEC clustered in (its 10-d codes), says so, and `similar --id` gives
+    the exact code-space neighbours with the image itself first."""
+    info = json.loads((deep_run / "search.json").read_text())
+    assert (info["space"], info["kind"], info["rows"], info["dim"]) == ("latent:idec", "exact", DEEP_N, 10)
+    codes = _idec_codes(deep_run, mnist_pixels[0][:DEEP_N])
+    np.testing.assert_allclose(np.load(deep_run / "search-vectors.npy"), codes, rtol=1e-4, atol=1e-4)
+    res = run_cli(["similar", str(deep_run), "--id", "test/0000007", "-k", "5"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == (f"nearest images to image test/0000007 in {deep_run} "
+                                          "(exact index over the idec encoder's 10-d latent codes):")
+    got = json.loads(run_cli(["similar", str(deep_run), "--id", "test/0000007", "-k", "5", "--json"]).stdout)
+    dist = np.sqrt(((codes.astype(np.float64) - codes[7]) ** 2).sum(axis=1))
+    order = np.argsort(dist, kind="stable")[:5]
+    assert [n["image_id"] for n in got["neighbours"]] == [f"test/{i:07d}" for i in order]
+    assert order[0] == 7
+
+
+def test_similar_image_file_on_a_deep_run_is_embedded_through_the_encoder(deep_run: Path, mnist_pixels,
+                                                                          tmp_path: Path) -> None:
+    """A new file goes through the run's extractor and then IDEC's encoder: its distances are the
+    code-space distances, and the file of a run image finds that image at distance 0."""
+    png = tmp_path / "twelve.png"
+    Image.fromarray(mnist_pixels[0][12]).save(png)
+    res = run_cli(["similar", str(deep_run), "--image", str(png), "-k", "3", "--json"])
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["index"] == "exact index over the idec encoder's 10-d latent codes"
+    codes = _idec_codes(deep_run, mnist_pixels[0][:DEEP_N])
+    dist = np.sqrt(((codes.astype(np.float64) - codes[12]) ** 2).sum(axis=1))
+    order = np.argsort(dist, kind="stable")[:3]
+    assert [n["image_id"] for n in doc["neighbours"]] == [f"test/{i:07d}" for i in order]
+    np.testing.assert_allclose([n["distance"] for n in doc["neighbours"]], dist[order], atol=1e-4)
+
+
+def test_assign_on_a_deep_run_keeps_every_algorithms_labels(deep_run: Path, prefect_server, data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """With the index over IDEC's codes, the algorithms that predict from the nearest labelled
+    embedding keep their own embeddings: the run's own images get their labels back."""
+    out = tmp_path / "own.parquet"
+    res = _assign(deep_run, prefect_server, f"idx:{data_dir / 'mnist'}", out, "--split", "test",
+                  "--limit", str(DEEP_N))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = pq.read_table(deep_run / "assignments.parquet")
+    for algorithm in ("idec", "kmeans", "agglomerative"):
+        agreement = (_labels(out, algorithm) == run.column(algorithm).to_numpy()).mean()
+        assert agreement >= 0.99, (algorithm, agreement)
+    assert json.loads((deep_run / "model-agglomerative.json").read_text())["kind"] == "neighbours"
+
+
+def test_cifar_images_assigned_to_a_deep_run_are_novel(deep_run: Path, prefect_server, cifar_folder: Path,
+                                                       tmp_path: Path) -> None:
+    """Photos land near some centre of IDEC's code space, but its autoencoder, trained on digits,
+    rebuilds them worse than the run's own images: they are flagged novel."""
+    out = tmp_path / "cifar.parquet"
+    res = _assign(deep_run, prefect_server, f"folder:{cifar_folder}", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_labels(out, "idec")) == 200
+    assert _labels(out, "idec_novel").mean() >= 0.9
+    meta = json.loads(pq.read_schema(out).metadata[b"gpuclust_assign"])
+    threshold = meta["algorithms"]["idec"]["novel_threshold"]
+    assert threshold["reconstruction"] > 0 and "reconstruction error above the 99% quantile" in threshold["meaning"]

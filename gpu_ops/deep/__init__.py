@@ -22,6 +22,7 @@ from gpu_ops.deep.autoencoder import (
     build_autoencoder,
     checkpoint_key,
     encode,
+    encode_with_error,
     load_autoencoder,
     train_autoencoder,
 )
@@ -31,6 +32,6 @@ from gpu_ops.deep.dkm import alpha_schedule, dkm_assignments, dkm_cluster_loss
 __all__ = [
     "METHODS", "DeepConfig", "DeepResult", "fit_deep",
     "ARCHS", "AEHistory", "AutoencoderConfig", "ConvAutoencoder", "DenseAutoencoder", "build_autoencoder",
-    "checkpoint_key", "encode", "load_autoencoder", "train_autoencoder",
+    "checkpoint_key", "encode", "encode_with_error", "load_autoencoder", "train_autoencoder",
     "student_t_assign", "target_distribution", "alpha_schedule", "dkm_assignments", "dkm_cluster_loss",
 ]

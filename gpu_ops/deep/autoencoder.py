@@ -282,6 +282,31 @@ def encode(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device:
     return encode_tensor(model, X, batch_size, dev)
 
 
+def encode_with_error(model: nn.Module, images: np.ndarray, batch_size: int = 1024,
+                      device: str | torch.device = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Latent vectors of ``images`` as :func:`encode` gives them, and each image's reconstruction
+    error (mean squared error of the decoded image in the model's [0, 1] input scale): (n, latent)
+    and (n,) float32."""
+    dev = resolve_device(device)
+    model = model.to(dev)
+    X = images_to_tensor(images, getattr(model, "image_size", None), getattr(model, "max_side", 64))
+    expected = tuple(getattr(model, "input_shape", X.shape[1:]))
+    if tuple(X.shape[1:]) != expected:
+        raise InputError(f"images preprocess to shape {tuple(X.shape[1:])} but the autoencoder was trained on {expected}")
+    was_training = model.training
+    model.eval()
+    codes, errors = [], []
+    with torch.no_grad():
+        for start in range(0, X.shape[0], batch_size):
+            xb = X[start:start + batch_size].to(dev, non_blocking=True)
+            with autocast(dev):
+                z, recon = model(xb)
+            codes.append(z.float().cpu())
+            errors.append(((recon.float() - xb.float()) ** 2).flatten(1).mean(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(codes).numpy().astype(np.float32), torch.cat(errors).numpy().astype(np.float32)
+
+
 def move_data(X: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep the whole (preprocessed) dataset on the GPU when it is small enough."""
     if device.type == "cuda" and X.element_size() * X.nelement() < 2 * 1024**3:

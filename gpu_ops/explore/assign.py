@@ -25,13 +25,16 @@ from gpu_ops.config import DEEP_ALGORITHMS
 from gpu_ops.errors import InputError
 from gpu_ops.explore.embed import RunEmbedder, images_of, save_embedder
 from gpu_ops.explore.models import (
+    encoder_codes,
     finish_model,
+    learned_space,
     load_model,
     load_threshold,
     run_assignments,
     save_model,
+    save_neighbour_model,
 )
-from gpu_ops.explore.search import SearchIndex, save_index
+from gpu_ops.explore.search import EMBEDDINGS, SearchIndex, latent_space, save_index
 from gpu_ops.fsutil import atomic_path, atomic_write_json
 from gpu_ops.rundir import RunDir, is_run_dir
 from gpu_ops.store import read_embeddings
@@ -58,15 +61,29 @@ def open_run(run_dir: str | Path) -> RunDir:
 
 def save_for_reuse(staging: str, cfg: Any, store: str) -> dict[str, Any]:
     """Write the similar-image index, ``embedder.json`` and every algorithm's model and novelty
-    threshold into the run's staging directory (after ``assignments.parquet``)."""
+    threshold into the run's staging directory (after ``assignments.parquet``).
+
+    The index holds the space the clustering grouped the images in: the encoder codes of the first
+    deep method with a saved encoder, else the store's embeddings. Over codes, the algorithms that
+    predict from the nearest labelled embedding keep their embeddings with their model."""
     from gpu_ops.data import load_dataset
+    from gpu_ops.explore.embed import ConformedDataset, ItemForm
 
     t0 = time.perf_counter()
     run = RunDir(staging)
     table = read_embeddings(Path(store))
-    info = save_index(run, table.embeddings, seed=int(cfg.seed))
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     embedder = save_embedder(run, cfg, table.metadata, dataset, store)
+    deep = [a for a in cfg.algorithms if a in DEEP_ALGORITHMS and run.encoder(a).is_file()]
+    images: Any = None
+    if deep:
+        conformed = ConformedDataset(dataset, ItemForm(**embedder["item_form"]))
+        images = images_of(conformed, table.image_ids, cfg.image_size or 32)
+    learned = learned_space(run, list(cfg.algorithms))
+    if learned is not None:
+        info = save_index(run, encoder_codes(run, learned, images), seed=int(cfg.seed), space=latent_space(learned))
+    else:
+        info = save_index(run, table.embeddings, seed=int(cfg.seed))
     assignments = run_assignments(run)
     index = SearchIndex(run, cfg.backend_for("knn"))
     models = {}
@@ -74,15 +91,11 @@ def save_for_reuse(staging: str, cfg: Any, store: str) -> dict[str, Any]:
         labels = assignments[algorithm]
         if algorithm == "kmeans" and not run.model(algorithm).is_file():
             save_model(run, algorithm, _Centres(table.embeddings, labels))  # a path that kept no centres
-        if algorithm in DEEP_ALGORITHMS and run.encoder(algorithm).is_file():
-            from gpu_ops.explore.embed import ConformedDataset, ItemForm
-
-            form = ItemForm(**embedder["item_form"])
-            X: Any = images_of(ConformedDataset(dataset, form), table.image_ids, cfg.image_size or 32)
-        else:
-            X = table.embeddings
+        if info.space != EMBEDDINGS and algorithm not in deep and not run.model(algorithm).is_file():
+            save_neighbour_model(run, algorithm, table.embeddings, labels)
+        X: Any = images if algorithm in deep else table.embeddings
         models[algorithm] = finish_model(run, algorithm, X, labels, index, seed=int(cfg.seed))["kind"]
-    return {"index": info.kind, "models": models, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"index": info.kind, "space": info.space, "models": models, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @dataclass
@@ -111,9 +124,10 @@ class Neighbour:
 
 
 def similar(run_dir: str | Path, *, image: str | Path | None = None, image_id: str | None = None, k: int = 10,
-            backend: str = "auto") -> tuple[str, list[Neighbour]]:
-    """The ``k`` nearest images of the run to ``image`` (a file, embedded the run's way) or to its
-    image ``image_id``; returns (what was queried, neighbours nearest first, itself included)."""
+            backend: str = "auto") -> tuple[str, list[Neighbour], str]:
+    """The ``k`` nearest images of the run to ``image`` (a file, embedded the run's way, then through
+    the deep method's encoder when the index holds its codes) or to its image ``image_id``; returns
+    (what was queried, neighbours nearest first, itself included, what the index holds)."""
     if (image is None) == (image_id is None):
         raise InputError("similar needs exactly one of --image PATH and --id IMAGE_ID")
     if k < 1:
@@ -127,13 +141,16 @@ def similar(run_dir: str | Path, *, image: str | Path | None = None, image_id: s
         if row is None:
             raise InputError(f"{run.path}: no image with id {image_id!r} (ids look like {ids[0]!r})")
         query, what = index.vectors(np.array([row])), f"image {image_id}"
+    elif index.info.encoder is not None:
+        images = RunEmbedder(run).images_of_files([Path(image)])  # type: ignore[arg-type]
+        query, what = encoder_codes(run, index.info.encoder, images), str(image)
     else:
         query, what = RunEmbedder(run).embed_files([Path(image)]), str(image)  # type: ignore[arg-type]
     dist, rows = index.search(query, k)
     algorithms = [a for a in assignments if a != "image_id"]
     out = [Neighbour(rank + 1, ids[r], float(d), {a: int(assignments[a][r]) for a in algorithms})
            for rank, (d, r) in enumerate(zip(dist[0], rows[0])) if r >= 0]
-    return what, out
+    return what, out, index.info.describe()
 
 
 # ------------------------------------------------------------------------------ assign

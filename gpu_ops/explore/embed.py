@@ -233,6 +233,12 @@ class RunEmbedder:
             out.append(embed(tensor))
         return np.concatenate(out).astype(np.float32)
 
+    def images_of_files(self, paths: list[Path]) -> np.ndarray:
+        """Image files as the run's deep methods read its items: in the run's form (channels, size),
+        stacked as uint8 (len(paths), h, w[, c])."""
+        dataset = self.conformed(FilesDataset(paths))
+        return images_of(dataset, dataset.image_ids, int(self.settings.get("image_size") or 32))
+
     def embed_dataset(self, spec: str, split: str = "all", limit: int | None = None,
                       progress: bool = False) -> tuple[Path, ConformedDataset | None]:
         """Embed a dataset of new images into a store in the run's cache (a rerun reuses it), or

@@ -19,8 +19,8 @@ Kinds of saved model (``model-<algorithm>.npz`` + ``model-<algorithm>.json``):
 - ``gmm``: the scikit-learn mixture's weights, means and covariances; label = the most probable
   component, confidence = its posterior, distance = the negative log-likelihood of the row.
 - ``neighbours`` (umap-kmeans, agglomerative, hdbscan; n2d in its latent space): the cluster of the
-  nearest labelled row of the run (the similar-image index for embeddings); distance = the
-  distance to that row. These algorithms have no out-of-sample rule of their own (UMAP's
+  nearest labelled row of the run (the similar-image index when it holds the embeddings, else
+  the embeddings saved with the model); distance = the distance to that row. These algorithms have no out-of-sample rule of their own (UMAP's
   ``transform`` would need the pickled UMAP model and its numba compilation in every process).
 
 A clustering head (``scan``, ``temi``) is its saved ``model-<algorithm>.pt``, read with
@@ -32,6 +32,11 @@ Novelty: for each cluster, the :data:`NOVEL_QUANTILE` quantile of the run's own 
 when its distance exceeds the threshold of the cluster it was assigned to (clusters with fewer
 than :data:`MIN_MEMBERS` members use the quantile over all rows). The thresholds and this meaning
 are in ``model-<algorithm>.json`` and in the metadata of every assignment file.
+
+Deep methods also flag an image whose autoencoder reconstruction error exceeds the
+:data:`NOVEL_QUANTILE` quantile of the run's own images' errors: an encoder maps any input to some
+code, and images unlike the run's (photos given to a digits run) can land near a centre, but the
+decoder, trained to rebuild the run's images only, rebuilds them badly.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Prediction:
     labels: np.ndarray
     distance: np.ndarray
     confidence: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None  #: (m,) a deep method's autoencoder reconstruction error
 
 
 class ClusterModel(Protocol):
@@ -190,8 +196,17 @@ class EncodedModel:
 
         return encode(self.encoder, images, device="cpu" if not _cuda() else "auto")
 
+    def encode_with_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, reconstruction errors) of ``images``."""
+        from gpu_ops.deep import encode_with_error
+
+        return encode_with_error(self.encoder, images, device="cpu" if not _cuda() else "auto")
+
     def predict(self, X: np.ndarray) -> Prediction:
-        return self.inner.predict(self.encode(X))
+        codes, errors = self.encode_with_error(X)
+        prediction = self.inner.predict(codes)
+        prediction.reconstruction = errors
+        return prediction
 
 
 def _cuda() -> bool:
@@ -243,6 +258,31 @@ def save_deep_model(run: RunDir, algorithm: str, result: Any) -> None:
         np.savez(tmp, **arrays)
 
 
+def save_neighbour_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray) -> None:
+    """Save ``algorithm``'s labelled rows ``X`` (store order) for nearest-labelled-row prediction:
+    for runs whose similar-image index holds another space than the embeddings ``X``."""
+    arrays = {"kind": np.array("neighbours"), "codes": np.asarray(X, np.float32),
+              "labels": np.asarray(labels, np.int64)}
+    with atomic_path(run.model(algorithm)) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def learned_space(run: RunDir, algorithms: list[str]) -> str | None:
+    """The first of ``algorithms`` that learned its own embedding (a deep method whose encoder the
+    run saved), or None: the run's similar-image index is built over that encoder's codes."""
+    from gpu_ops.config import DEEP_ALGORITHMS
+
+    return next((a for a in algorithms if a in DEEP_ALGORITHMS and run.encoder(a).is_file()), None)
+
+
+def encoder_codes(run: RunDir, algorithm: str, images: np.ndarray) -> np.ndarray:
+    """(m, latent) float32: ``images`` (uint8, the run's item shape) through ``algorithm``'s saved encoder."""
+    model = load_model(run, algorithm)
+    if not isinstance(model, EncodedModel):
+        raise InputError(f"{run.path}: {algorithm} has no saved encoder ({run.encoder(algorithm).name})")
+    return np.asarray(model.encode(images), dtype=np.float32)
+
+
 def _exact_search(codes: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     from gpu_ops.registry import create_estimator
 
@@ -265,6 +305,9 @@ def _inner_model(run: RunDir, algorithm: str, arrays: dict[str, np.ndarray] | No
     if arrays is None:
         if run_labels is None or search_index is None:
             return None
+        if search_index.info.encoder is not None:
+            raise InputError(f"{run.path}: {algorithm} has no saved model ({run.model(algorithm).name} is missing) "
+                             f"and the similar-image index holds {search_index.info.space} codes, not embeddings")
         return NeighbourModel(algorithm, run_labels, search_index.search)
     kind = str(arrays["kind"])
     if kind == "centroids":
@@ -328,22 +371,31 @@ class Threshold:
     overall: float
     quantile: float
     measure: str
+    reconstruction: float | None = None  #: deep methods: the quantile of the run's reconstruction errors
 
     def meaning(self) -> str:
-        return (f"novel: {self.measure} above the {self.quantile:.0%} quantile of the run's own members of the "
-                f"assigned cluster (clusters under {MIN_MEMBERS} members: of all rows); by construction about "
-                f"{1 - self.quantile:.0%} of the run's own images are novel")
+        text = (f"novel: {self.measure} above the {self.quantile:.0%} quantile of the run's own members of the "
+                f"assigned cluster (clusters under {MIN_MEMBERS} members: of all rows)")
+        if self.reconstruction is None:
+            return text + f"; by construction about {1 - self.quantile:.0%} of the run's own images are novel"
+        return (text + f", or an autoencoder reconstruction error above the {self.quantile:.0%} quantile of the "
+                f"run's own images' errors ({self.reconstruction:.6g}); by construction {1 - self.quantile:.0%} "
+                f"to {2 * (1 - self.quantile):.0%} of the run's own images are novel")
 
     def novel(self, prediction: Prediction) -> np.ndarray:
-        """(m,) bool: no cluster, or farther than the assigned cluster's threshold."""
+        """(m,) bool: no cluster, farther than the assigned cluster's threshold, or (deep methods)
+        reconstructed worse than the run's threshold."""
         limits = np.asarray(self.per_cluster + [self.overall], dtype=np.float64)
         labels = prediction.labels
         lab = np.where((labels >= 0) & (labels < len(self.per_cluster)), labels, len(self.per_cluster))
-        return (labels < 0) | ~(prediction.distance.astype(np.float64) <= limits[lab])
+        novel = (labels < 0) | ~(prediction.distance.astype(np.float64) <= limits[lab])
+        if self.reconstruction is not None and prediction.reconstruction is not None:
+            novel |= ~(prediction.reconstruction.astype(np.float64) <= self.reconstruction)
+        return novel
 
     def as_dict(self) -> dict[str, Any]:
         return {"quantile": self.quantile, "measure": self.measure, "overall": self.overall,
-                "per_cluster": self.per_cluster, "meaning": self.meaning()}
+                "per_cluster": self.per_cluster, "reconstruction": self.reconstruction, "meaning": self.meaning()}
 
 
 def fit_threshold(prediction: Prediction, k: int, measure: str, quantile: float = NOVEL_QUANTILE) -> Threshold:
@@ -355,7 +407,10 @@ def fit_threshold(prediction: Prediction, k: int, measure: str, quantile: float 
     for c in range(k):
         members = d[lab == c]
         per.append(float(np.quantile(members, quantile)) if len(members) >= MIN_MEMBERS else overall)
-    return Threshold(per, overall, quantile, measure)
+    reconstruction = None
+    if prediction.reconstruction is not None and len(prediction.reconstruction):
+        reconstruction = float(np.quantile(prediction.reconstruction.astype(np.float64), quantile))
+    return Threshold(per, overall, quantile, measure, reconstruction)
 
 
 def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray, search_index: Any = None,
@@ -371,9 +426,10 @@ def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray,
     if len(rows) > THRESHOLD_SAMPLE_ROWS and model.kind in ("neighbours", "deep"):
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), THRESHOLD_SAMPLE_ROWS, replace=False))
     kind = model.kind
+    errors = None
     if isinstance(model, EncodedModel):
         kind = model.inner.kind
-        codes = model.encode(X[rows])
+        codes, errors = model.encode_with_error(X[rows])
         inner = model.inner
         prediction = inner.predict(codes, exclude=rows) if isinstance(inner, NeighbourModel) else inner.predict(codes)
     elif isinstance(model, NeighbourModel):
@@ -381,7 +437,7 @@ def finish_model(run: RunDir, algorithm: str, X: np.ndarray, labels: np.ndarray,
     else:
         prediction = model.predict(np.asarray(X[rows]))
     # Members are measured against their own cluster: the run's label, not a fresh prediction.
-    prediction = Prediction(labels[rows], prediction.distance, prediction.confidence)
+    prediction = Prediction(labels[rows], prediction.distance, prediction.confidence, errors)
     threshold = fit_threshold(prediction, k, MEANINGS[kind])
     doc = {"algorithm": algorithm, "kind": model.kind if model.kind != "deep" else f"deep+{kind}",
            "input": model.input, "k": k, "distance": MEANINGS[kind], "threshold": threshold.as_dict()}
@@ -396,4 +452,6 @@ def load_threshold(run: RunDir, algorithm: str) -> Threshold:
         raise InputError(f"{run.path}: {algorithm} has no saved model for assign ({path.name} is missing); "
                          "runs made before gpuclust kept one must be rerun")
     t = json.loads(path.read_text())["threshold"]
-    return Threshold([float(v) for v in t["per_cluster"]], float(t["overall"]), float(t["quantile"]), t["measure"])
+    reconstruction = t.get("reconstruction")  # absent in models saved before deep methods kept one
+    return Threshold([float(v) for v in t["per_cluster"]], float(t["overall"]), float(t["quantile"]), t["measure"],
+                     None if reconstruction is None else float(reconstruction))

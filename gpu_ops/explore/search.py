@@ -5,8 +5,10 @@ run's embeddings, which the run keeps as ``search-vectors.npy``. Above :data:`AP
 rows the run keeps a FAISS ``IndexIVFFlat`` (``search.faiss``) instead, searched with
 :data:`DEFAULT_NPROBE` probed lists, on the GPU when a FAISS GPU build sees one
 (``index_cpu_to_gpu``). Both answer Euclidean distances between store rows (row ``i`` is the run's
-``i``-th image, the order of ``assignments.parquet``). ``search.json`` says which kind was built
-and how (:class:`IndexInfo`).
+``i``-th image, the order of ``assignments.parquet``). ``search.json`` says which kind was built,
+how, and in which space (:class:`IndexInfo`): the store's embeddings, or, when the run's clustering
+learned its own embedding (a deep method's trained encoder), that encoder's latent codes of the
+images, which is the space the clustering grouped them in.
 
 The switch point and the probe count come from ``bench/similar.py`` (BENCHMARKS.md, "Similar
 images"): below 200k rows exact search costs at most a few ms per query in a batch and IVF-Flat is
@@ -39,6 +41,15 @@ TRAIN_ROWS_PER_LIST = 40
 #: Lloyd iterations of the IVF coarse quantizer's k-means.
 TRAIN_ITERATIONS = 10
 METRIC = "euclidean"
+#: ``IndexInfo.space`` of an index over the store's embeddings; ``latent:<algorithm>`` is one over a
+#: deep method's encoder codes.
+EMBEDDINGS = "embeddings"
+LATENT_PREFIX = "latent:"
+
+
+def latent_space(algorithm: str) -> str:
+    """The ``space`` of an index over ``algorithm``'s encoder codes."""
+    return f"{LATENT_PREFIX}{algorithm}"
 
 
 def nlist_for(n: int) -> int:
@@ -49,7 +60,8 @@ def nlist_for(n: int) -> int:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """``search.json``: what the run's index is (``exact`` or ``ivf-flat``) and how it was built."""
+    """``search.json``: what the run's index is (``exact`` or ``ivf-flat``), how it was built and
+    which vectors it holds (``space``: :data:`EMBEDDINGS` or ``latent:<algorithm>``)."""
 
     kind: str
     metric: str
@@ -60,6 +72,18 @@ class IndexInfo:
     build_seconds: float
     built_on: str  #: ``gpu`` or ``cpu``
     approx_min_rows: int
+    space: str = EMBEDDINGS  #: indexes written before the field existed are over the embeddings
+
+    @property
+    def encoder(self) -> str | None:
+        """The deep algorithm whose encoder codes the index holds, or None (the store's embeddings)."""
+        return self.space[len(LATENT_PREFIX):] if self.space.startswith(LATENT_PREFIX) else None
+
+    def describe(self) -> str:
+        """``exact index over the idec encoder's 10-d latent codes`` (for ``gpuclust similar``)."""
+        what = (f"the {self.encoder} encoder's {self.dim}-d latent codes" if self.encoder
+                else f"the run's {self.dim}-d embeddings")
+        return f"{self.kind} index over {what}"
 
     @classmethod
     def read(cls, run: RunDir) -> IndexInfo:
@@ -111,9 +135,11 @@ def build_ivf(X: np.ndarray, nlist: int, seed: int = 0, gpu: bool | None = None)
     return index
 
 
-def save_index(run: RunDir, X: np.ndarray, *, seed: int = 0, approx_min_rows: int = APPROX_MIN_ROWS) -> IndexInfo:
-    """Build the run's similar-image index over its embeddings ``X`` (n, d), store order, and
-    write it into ``run`` (``search-vectors.npy`` or ``search.faiss``, then ``search.json``)."""
+def save_index(run: RunDir, X: np.ndarray, *, seed: int = 0, approx_min_rows: int = APPROX_MIN_ROWS,
+               space: str = EMBEDDINGS) -> IndexInfo:
+    """Build the run's similar-image index over ``X`` (n, d), store order, and write it into
+    ``run`` (``search-vectors.npy`` or ``search.faiss``, then ``search.json``); ``space`` says what
+    ``X`` is (:data:`EMBEDDINGS` or :func:`latent_space`)."""
     t0 = time.perf_counter()
     X = np.ascontiguousarray(X, dtype=np.float32)
     n, d = X.shape
@@ -124,14 +150,14 @@ def save_index(run: RunDir, X: np.ndarray, *, seed: int = 0, approx_min_rows: in
         with atomic_path(run.search_index) as tmp:
             _faiss().write_index(index, str(tmp))
         info = IndexInfo("ivf-flat", METRIC, n, d, nlist, min(DEFAULT_NPROBE, nlist), 0.0, "gpu" if gpu else "cpu",
-                         approx_min_rows)
+                         approx_min_rows, space)
     else:
         with atomic_path(run.search_vectors) as tmp:
             np.save(tmp, X)
-        info = IndexInfo("exact", METRIC, n, d, None, None, 0.0, "gpu" if gpu else "cpu", approx_min_rows)
+        info = IndexInfo("exact", METRIC, n, d, None, None, 0.0, "gpu" if gpu else "cpu", approx_min_rows, space)
     info = IndexInfo(**{**asdict(info), "build_seconds": round(time.perf_counter() - t0, 3)})
     atomic_write_json(run.search_info, asdict(info))
-    log.info("similar-image index: %s over %d x %d in %.1f s", info.kind, n, d, info.build_seconds)
+    log.info("similar-image index: %s over %d x %d (%s) in %.1f s", info.kind, n, d, space, info.build_seconds)
     return info
 
 
