@@ -23,7 +23,7 @@ demo: $(STAMP)
 ## The test suite (GPU tests skip without CUDA), in two worker processes: a test file stays in one
 ## worker (its fixtures are built once), and much of the suite waits on subprocesses and servers.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
