@@ -1,9 +1,17 @@
-"""Shared fixtures: an isolated Prefect home and cache per session, real data paths, a Prefect
-test harness, a real `prefect server` on 127.0.0.1, and a CLI runner."""
+"""Shared fixtures: an isolated Prefect home and cache per session, real data paths, ONE real
+`prefect server` on 127.0.0.1 per test process (each xdist worker), and a CLI runner.
+
+Starting a Prefect server costs 10-20 s on a busy 2-core machine, so every test in a process
+shares one: `run_cli` points the flow commands at it, and the `prefect_server` and
+`prefect_harness` fixtures hand it out. A test about ephemeral mode (no server configured)
+says so with ``run_cli(..., shared_server=False)``."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +26,11 @@ import pytest
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 
 REPO = Path(__file__).resolve().parents[1]
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpuclust-tests-"))
+# One scratch directory per pytest process (each xdist worker has its own). This file may be
+# imported twice (as ``conftest`` and as ``tests.conftest``): the second import keeps the first's.
+_owner, _, _dir = os.environ.get("GPUCLUST_TEST_SESSION_DIR", "").partition(":")
+_SESSION_DIR = Path(_dir) if _owner == str(os.getpid()) else Path(tempfile.mkdtemp(prefix="gpuclust-tests-"))
+os.environ["GPUCLUST_TEST_SESSION_DIR"] = f"{os.getpid()}:{_SESSION_DIR}"
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
@@ -70,63 +82,166 @@ def cifar_folder(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One Prefect test harness (temporary database + server) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; stopped by PID."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
+#: This test process's shared `prefect server`, as JSON {"owner", "pid", "url", "home"}. Kept in the
+#: environment, not in a module global: this file is imported both as ``conftest`` and as
+#: ``tests.conftest``, and both copies must find the one server. ``owner`` is the pytest process
+#: (each xdist worker has its own server); the CLI subprocesses inherit the variable and ignore it.
+_SERVER_VAR = "GPUCLUST_TEST_PREFECT_SERVER"
+_LAUNCHED: list[subprocess.Popen] = []
+#: Commands that run a Prefect flow (the others never need an API).
+FLOW_COMMANDS = ("run", "assign")
+
+
+def _server_record() -> dict | None:
+    raw = os.environ.get(_SERVER_VAR)
+    record = json.loads(raw) if raw else None
+    return record if record and record["owner"] == os.getpid() else None
+
+
+def _die_with_pytest():
+    """A ``preexec_fn``: the server gets SIGKILL when this pytest process dies (Linux), so a
+    killed test run leaves no server behind."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def launch_prefect_server() -> dict:
+    """Start this process's shared `prefect server` on 127.0.0.1 (own PREFECT_HOME and SQLite
+    database) without waiting for it; a second call returns the same one."""
+    record = _server_record()
+    if record:
+        return record
+    home = Path(tempfile.mkdtemp(prefix="prefect-server-home-", dir=_SESSION_DIR))
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_pytest())
+    _LAUNCHED.append(proc)  # keeps the Popen (and its exit status) alive
+    record = {"owner": os.getpid(), "pid": proc.pid, "url": f"http://127.0.0.1:{port}/api", "home": str(home)}
+    os.environ[_SERVER_VAR] = json.dumps(record)
+    return record
+
+
+def shared_prefect_server() -> dict:
+    """This process's shared `prefect server` (one per xdist worker), started on first use and
+    healthy on return: {"url", "home", "pid"}. Stopped by PID when the session ends."""
+    record = launch_prefect_server()
+    if record.get("ready"):
+        return record
+    home, url = Path(record["home"]), record["url"]
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     break
         except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("prefect server did not become healthy in 180 s")
-    yield {"url": url, "home": home, "pid": proc.pid}
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-    log.close()
+            pass
+        if not _alive(record["pid"]):
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not become healthy in 180 s: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.25)
+    record["ready"] = True
+    os.environ[_SERVER_VAR] = json.dumps(record)
+    return record
 
 
-def run_cli(args: list[str], *, api_url: str | None = None, cwd: Path | None = None,
+def _stop_shared_prefect_server() -> None:
+    record = _server_record()
+    if not record:
+        return
+    import psutil
+
+    del os.environ[_SERVER_VAR]
+    for signum, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(record["pid"], signum)
+            psutil.Process(record["pid"]).wait(timeout=wait)
+            return
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            return
+        except psutil.TimeoutExpired:
+            continue
+
+
+def _needs_server(item: pytest.Item) -> bool:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return bool(fixtures & {"prefect_server", "prefect_harness"}) or callable(getattr(getattr(item, "module", None),
+                                                                                   "run_cli", None))
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Boot the shared server while the first tests run when any collected test may use it."""
+    if any(_needs_server(item) for item in items):
+        launch_prefect_server()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_prefect_server_stops():
+    yield
+    _stop_shared_prefect_server()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> dict:
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME (this process's
+    shared server)."""
+    return shared_prefect_server()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server: dict):
+    """Flows called in this process run against the shared server (what `prefect_test_harness`
+    gives, without starting a second server)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}):
+        yield
+
+
+def run_cli(args: list[str], *, api_url: str | None = None, shared_server: bool = True, cwd: Path | None = None,
             timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the installed ``gpuclust`` command; against ``api_url`` when given, else ephemeral.
-    ``env``: variables set on top of this process's environment (e.g. a scratch ``HOME``)."""
-    env = {**os.environ, **(env or {})}
-    if api_url:
+    """Run the installed ``gpuclust`` command.
+
+    Flow commands (``run``, ``assign``) run against ``api_url`` (or a ``PREFECT_API_URL`` in
+    ``env``), else against this process's shared Prefect server. ``shared_server=False``: no
+    PREFECT_API_URL at all, what a user who configured none gets (ephemeral mode: the command
+    starts a server of its own). ``env``: variables set on top of this process's environment
+    (e.g. a scratch ``HOME``)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **(env or {})}
+    if not shared_server:
+        assert api_url is None and "PREFECT_API_URL" not in env, "shared_server=False with an API URL"
+    elif api_url:
         env["PREFECT_API_URL"] = api_url
+    elif args and args[0] in FLOW_COMMANDS and "PREFECT_API_URL" not in env:
+        env["PREFECT_API_URL"] = shared_prefect_server()["url"]
     exe = Path(sys.executable).parent / "gpuclust"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)
 

@@ -17,7 +17,7 @@ from conftest import run_cli
 def test_demo_default_in_ephemeral_mode(tmp_path):
     """What `make demo` runs: no server configured, no files, ACC >= 0.95 on digits (umap-graph:
     k-means on the UMAP space alone joins the 1s and 8s, ACC 0.88)."""
-    result = run_cli(["run", "--out", str(tmp_path / "demo")])
+    result = run_cli(["run", "--out", str(tmp_path / "demo")], shared_server=False)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["dataset"] == "digits" and metrics["n"] == 1797
@@ -49,7 +49,7 @@ def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mn
 
 
 def test_deep_clustering_from_the_cli(data_dir, tmp_path):
-    """`--algorithm n2d,idec` in ephemeral mode: the run directory holds both, in the store's order."""
+    """`--algorithm n2d,idec`: the run directory holds both, in the store's order."""
     import pandas as pd
 
     out = tmp_path / "deep"

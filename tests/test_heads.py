@@ -16,7 +16,7 @@ from gpu_ops.heads import fit_head, head_config, load_head
 from gpu_ops.metrics import evaluate
 from gpu_ops.registry import create_estimator
 from gpu_ops.store import EmbeddingStore
-from tests.conftest import run_cli
+from conftest import run_cli
 
 #: Shorter training than the defaults (fewer epochs and heads), enough on MNIST's test pixels.
 FAST = {"scan": {"epochs": 6, "n_heads": 4, "selflabel_epochs": 2},

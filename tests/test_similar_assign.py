@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from conftest import run_cli
 
 N = 1000  # MNIST test images in the run
 
