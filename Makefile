@@ -21,9 +21,10 @@ demo: $(STAMP)
 	$(VENV)/bin/gpuclust run --out runs/demo
 
 ## The test suite (GPU tests skip without CUDA), in two worker processes: a test file stays in one
-## worker (its fixtures are built once), and much of the suite waits on subprocesses and servers.
+## worker (its fixtures are built once), heaviest files first (tests/conftest.py orders them), and
+## much of the suite waits on subprocesses and servers.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

@@ -94,6 +94,12 @@ def free_port() -> int:
 #: (each xdist worker has its own server); the CLI subprocesses inherit the variable and ignore it.
 _SERVER_VAR = "GPUCLUST_TEST_PREFECT_SERVER"
 _LAUNCHED: list[subprocess.Popen] = []
+#: Background services of the shared server that no test here uses (schedules, automations,
+#: late or paused runs, workers' heartbeats): each wakes up every few seconds for the whole
+#: session. A test that needs them starts its own server (tests/test_deploy.py).
+IDLE_SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
+    "SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP", "FOREMAN", "REPOSSESSOR", "TRIGGERS",
+    "DB_VACUUM")}
 #: Commands that run a Prefect flow (the others never need an API).
 FLOW_COMMANDS = ("run", "assign")
 
@@ -135,7 +141,7 @@ def launch_prefect_server() -> dict:
     home = Path(tempfile.mkdtemp(prefix="prefect-server-home-", dir=_SESSION_DIR))
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_ENABLED": "false", **IDLE_SERVICES_OFF}
     env.pop("PREFECT_API_URL", None)
     with open(home / "server.log", "w") as log:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
@@ -197,9 +203,25 @@ def _needs_server(item: pytest.Item) -> bool:
                                                                                    "run_cli", None))
 
 
+#: Rough seconds each test file takes on a quiet 2-core machine. `make test` hands whole files to
+#: two workers in collection order (`--dist loadfile --no-loadscope-reorder`); the heaviest go
+#: first, so neither worker is left alone with a long file at the end. Unlisted files count as
+#: DEFAULT_FILE_SECONDS; list a new file here once it takes more than about a minute.
+FILE_SECONDS = {
+    "test_cli.py": 250, "test_cluster_scale.py": 180, "test_deep.py": 150, "test_report.py": 150,
+    "test_deploy.py": 130, "test_rundir.py": 130, "test_similar_assign.py": 130, "test_config_checks.py": 110,
+    "test_store_integrity.py": 110, "test_dask.py": 110, "test_stopping.py": 110, "test_heads.py": 100,
+    "test_backbones.py": 100, "test_data_checks.py": 80, "test_explore.py": 60,
+}
+DEFAULT_FILE_SECONDS = 30
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Boot the shared server while the first tests run when any collected test may use it."""
-    if any(_needs_server(item) for item in items):
+    """Heaviest files first (see FILE_SECONDS; the order within a file is kept); boot the shared
+    server while the first tests run when any collected test may use it."""
+    weight = {item: FILE_SECONDS.get(item.path.name, DEFAULT_FILE_SECONDS) for item in items}
+    items.sort(key=lambda item: -weight[item])  # a stable sort: files stay contiguous and in order
+    if not config.option.collectonly and any(_needs_server(item) for item in items):
         launch_prefect_server()
 
 

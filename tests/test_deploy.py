@@ -179,15 +179,21 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(live, tmp_path):
 def test_gpuclust_serve_shows_up_in_prefect_deployment_ls(live):
     serve = live.spawn([GPUCLUST, "serve", "--name", "serve-test", "--cron", "15 3 * * *", "--timezone",
                         "Europe/Berlin", "--algorithm", "kmeans", "--reducer", "pca"], "serve")
+    from prefect.exceptions import ObjectNotFound
+
     deadline = time.monotonic() + 180
-    listing = ""
-    while "cluster-images/serve-test" not in listing:
-        assert serve.poll() is None, f"gpuclust serve exited: {live.log('serve')}"
-        assert time.monotonic() < deadline, f"not listed after 180 s: {listing}\n{live.log('serve')}"
-        time.sleep(2)
-        listing = live.cli("deployment", "ls").stdout
-    with live.client() as client:
-        deployment = client.read_deployment_by_name("cluster-images/serve-test")
+    with live.client() as client:  # polled through the API: a `prefect` command per poll costs seconds of CPU
+        while True:
+            try:
+                deployment = client.read_deployment_by_name("cluster-images/serve-test")
+                break
+            except ObjectNotFound:
+                pass
+            assert serve.poll() is None, f"gpuclust serve exited: {live.log('serve')}"
+            assert time.monotonic() < deadline, f"not registered after 180 s: {live.log('serve')}"
+            time.sleep(0.5)
+    listing = live.cli("deployment", "ls").stdout
+    assert "cluster-images/serve-test" in listing, listing
     assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [("15 3 * * *", "Europe/Berlin")]
     assert deployment.parameters["config"]["algorithms"] == ["kmeans"]
     assert deployment.entrypoint == "flows.pipeline.cluster_images"
