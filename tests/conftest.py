@@ -2,9 +2,10 @@
 `prefect server` on 127.0.0.1 per test process (each xdist worker), and a CLI runner.
 
 Starting a Prefect server costs 10-20 s on a busy 2-core machine, so every test in a process
-shares one: `run_cli` points the flow commands at it, and the `prefect_server` and
-`prefect_harness` fixtures hand it out. A test about ephemeral mode (no server configured)
-says so with ``run_cli(..., shared_server=False)``."""
+shares one: `run_cli` points the flow commands at it and the `prefect_server` fixture hands it
+out. A test about ephemeral mode (no server configured) says so with
+``run_cli(..., shared_server=False)``. `prefect_harness` stays Prefect's own test harness, for
+flows called in this process."""
 
 from __future__ import annotations
 
@@ -199,8 +200,7 @@ def _stop_shared_prefect_server() -> None:
 
 def _needs_server(item: pytest.Item) -> bool:
     fixtures = set(getattr(item, "fixturenames", ()))
-    return bool(fixtures & {"prefect_server", "prefect_harness"}) or callable(getattr(getattr(item, "module", None),
-                                                                                   "run_cli", None))
+    return "prefect_server" in fixtures or callable(getattr(getattr(item, "module", None), "run_cli", None))
 
 
 #: Rough seconds each test file takes on a quiet 2-core machine. `make test` hands whole files to
@@ -239,12 +239,13 @@ def prefect_server() -> dict:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(prefect_server: dict):
-    """Flows called in this process run against the shared server (what `prefect_test_harness`
-    gives, without starting a second server)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def prefect_harness():
+    """One Prefect test harness (temporary database + server) for the whole session. Not the shared
+    server: tests/test_flow.py reads a flow's task runs back as soon as it returns, and the shared
+    server had not always recorded them yet."""
+    from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}):
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
