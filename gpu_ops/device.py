@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata as md
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -15,9 +16,27 @@ import numpy as np
 BACKEND_CHOICES = ("auto", "gpu", "cpu")
 
 
+def cuda_driver_present() -> bool:
+    """False when this Linux machine has no CUDA driver library (``libcuda.so.1``), so no CUDA
+    device can be usable; True otherwise (other systems: unknown, assume present). Loading the
+    library initialises nothing; it spares a CPU machine importing torch just to learn that."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
-    """True when torch sees at least one usable CUDA device."""
+    """True when torch sees at least one usable CUDA device (torch is not imported on a machine
+    without a CUDA driver)."""
+    if not cuda_driver_present():
+        return False
     try:
         import torch
     except ImportError:

@@ -19,7 +19,6 @@ from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
 from gpu_ops.explore.stage import ExploreResult
 from gpu_ops.explore.models import save_deep_model, save_model
-from gpu_ops.features.autoencoder import RECONSTRUCTIONS
 from gpu_ops.features.extract import (
     build_extractor,
     dataset_directory,
@@ -313,7 +312,7 @@ def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult],
     if chosen is not None:
         doc["k_selection"] = chosen
     atomic_write_json(run.metrics, doc, sort_keys=False)
-    recon = Path(store.store).parent / "autoencoder" / RECONSTRUCTIONS
+    recon = Path(store.store).parent / "autoencoder" / RunDir.RECONSTRUCTIONS
     if cfg.extractor == "autoencoder" and recon.is_file():
         shutil.copyfile(recon, run.reconstructions)
     for tmp in run.scratch_files():

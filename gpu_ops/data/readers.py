@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import os
 import zipfile
@@ -35,14 +36,30 @@ def _concat_splits(name: str, parts: list[tuple[str, np.ndarray, np.ndarray | No
     return ArrayDataset(name, items, labels, ids, content, class_names)
 
 
-def digits(split: str) -> ArrayDataset:
-    """scikit-learn's bundled digits: 1,797 images of 8x8, 10 classes; no train/test split."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits.
+
+    Read from the CSV file scikit-learn ships (what ``load_digits`` reads), found without importing
+    scikit-learn: that import takes seconds, and a run with nothing else for it to do should not
+    pay them. ``load_digits`` where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        with gzip.open(csv, "rt") as fh:
+            data = np.loadtxt(fh, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = to_uint8_images(bunch.images / 16.0, "digits")  # 17 grey levels 0..16
-    return _concat_splits("digits", [("digits", images, bunch.target.astype(np.int32))],
-                          [str(c) for c in bunch.target_names])
+    return bunch.images, bunch.target
+
+
+def digits(split: str) -> ArrayDataset:
+    """scikit-learn's bundled digits: 1,797 images of 8x8, 10 classes; no train/test split."""
+    pixels, target = _digits_arrays()
+    images = to_uint8_images(pixels / 16.0, "digits")  # 17 grey levels 0..16
+    return _concat_splits("digits", [("digits", images, target.astype(np.int32))],
+                          [str(c) for c in range(10)])
 
 
 def read_idx(path: Path) -> np.ndarray:

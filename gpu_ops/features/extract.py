@@ -3,7 +3,10 @@
 :func:`extract_to_store` is the one extraction routine: a single process calls it for the whole
 store, each Dask worker for its shards (:mod:`gpu_ops.distributed`). :func:`open_dataset` and
 :func:`build_extractor` decide, from an extract run's parameters, what both of them read and
-with which extractor."""
+with which extractor.
+
+torch is imported only where a batch needs it: raw pixels of in-memory arrays (and Parquet
+embeddings) are batched with numpy, without torch's DataLoader."""
 
 from __future__ import annotations
 
@@ -17,20 +20,20 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpu_ops.data import load_dataset
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
-from gpu_ops.features import create_extractor, jpeg
-from gpu_ops.features.autoencoder import trained_autoencoder
+from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ RAW_SIZE = 32
 ShardCallback = Callable[[int, int], None]
 
 
-class _Items(torch.utils.data.Dataset):
-    """Map-style view that preprocesses item ``i`` (or, when decoding on the device, only reads
-    its bytes) and turns read errors into a reason string."""
+class _Items:
+    """Map-style view (a dataset for torch's DataLoader) that preprocesses item ``i`` (or, when
+    decoding on the device, only reads its bytes) and turns read errors into a reason string."""
 
     def __init__(self, dataset: Dataset, extractor: Extractor, indices: list[int], raw_bytes: bool = False) -> None:
         self.dataset, self.extractor, self.indices, self.raw_bytes = dataset, extractor, indices, raw_bytes
@@ -56,6 +59,8 @@ class _Items(torch.utils.data.Dataset):
         index = self.indices[pos]
         try:
             if self.raw_bytes:
+                from gpu_ops.features import jpeg
+
                 return index, jpeg.read_item(self.dataset, index), ""
             return index, self.extractor.preprocess(self.dataset.load(index)), ""
         except BadImageError as exc:
@@ -65,13 +70,25 @@ class _Items(torch.utils.data.Dataset):
 
 
 def _collate(batch: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    """Stack preprocessed tensors (or keep raw (kind, bytes) pairs as a list); set bad items aside."""
+    """Stack preprocessed tensors or numpy arrays (or keep raw (kind, bytes) pairs as a list); set bad
+    items aside."""
     good = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, why) for i, t, why in batch if t is None]
     if good and isinstance(good[0][1], tuple):
         return [i for i, _ in good], [t for _, t in good], bad
-    tensor = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], tensor, bad
+    if not good:
+        return [], None, bad
+    if isinstance(good[0][1], np.ndarray):
+        return [i for i, _ in good], np.stack([t for _, t in good]), bad
+    import torch
+
+    return [i for i, _ in good], torch.stack([t for _, t in good]), bad
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """CUDA's out-of-memory error when torch is loaded (only torch extractors raise it), else none."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
 
 
 class AdaptiveEmbedder:
@@ -82,24 +99,26 @@ class AdaptiveEmbedder:
         self.extractor = extractor
         self.max_batch = max_batch
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         parts, start = [], 0
         while start < len(batch):
             chunk = batch[start:start + self.max_batch]
             try:
                 parts.append(self.extractor.embed(chunk))
                 start += len(chunk)
-            except torch.cuda.OutOfMemoryError:
+            except _out_of_memory_errors():
                 if self.max_batch == 1:
                     raise
                 self.max_batch = max(1, self.max_batch // 2)
                 log.warning("CUDA out of memory at batch size %d: halving to %d", len(chunk), self.max_batch)
-                torch.cuda.empty_cache()
+                sys.modules["torch"].cuda.empty_cache()
         return np.concatenate(parts)
 
 
 def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor | None, list[int], list[str]]:
     """Decode + resize + normalise raw items on the extractor's device; positions that failed and why."""
+    from gpu_ops.features import jpeg
+
     decoded, reasons = jpeg.decode_batch([k for k, _ in payloads], [p for _, p in payloads], extractor.device)
     ok = [i for i, img in enumerate(decoded) if img is not None]
     failed = [i for i in range(len(decoded)) if decoded[i] is None]
@@ -156,13 +175,27 @@ def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
     return workers
 
 
+def _in_process_batches(items: _Items, batch_size: int) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """What a DataLoader without workers yields, without importing torch for extractors that
+    prepare numpy arrays (raw pixels)."""
+    for start in range(0, len(items), batch_size):
+        yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+
+
 def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int,
-                 num_workers: int | None = None, decode_on_device: bool = False) -> DataLoader:
+                 num_workers: int | None = None,
+                 decode_on_device: bool = False) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
     """Batches ``(indices, tensor or raw payloads, [(index, reason), ...])`` of the items at ``indices``,
     in order. Items are preprocessed for ``extractor`` (only read when ``decode_on_device``);
-    unreadable ones come back with their reason instead."""
+    unreadable ones come back with their reason instead. Without loader workers, and on the CPU,
+    the batches are made in this process (no DataLoader)."""
     workers = loader_workers(dataset, num_workers)
-    return DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
+    items = _Items(dataset, extractor, indices, raw_bytes=decode_on_device)
+    if not workers and extractor.device == "cpu" and not decode_on_device:
+        return _in_process_batches(items, batch_size)
+    from torch.utils.data import DataLoader
+
+    return DataLoader(items, batch_size=batch_size,  # type: ignore[arg-type]
                       shuffle=False, num_workers=workers, collate_fn=_collate,
                       multiprocessing_context=worker_start_method() if workers else None,
                       pin_memory=extractor.device == "cuda" and not decode_on_device)
@@ -184,6 +217,8 @@ def build_extractor(params: dict[str, Any], dataset: Dataset, *, device: str | N
         image_size = RAW_SIZE
     device = device or params["device"]
     if params["extractor"] == "autoencoder":
+        from gpu_ops.features.autoencoder import trained_autoencoder
+
         store_root = Path(params["cache_root"]) / "stores"
         return trained_autoencoder(dataset, dataset_directory(store_root, dataset) / "autoencoder",
                                    latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
