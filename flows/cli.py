@@ -1,4 +1,5 @@
-"""``gpuclust`` command line: ``run``, ``similar``, ``assign``, ``export``, ``report``, ``serve``, ``backends``.
+"""``gpuclust`` command line: ``run``, ``similar``, ``assign``, ``export``, ``report``, ``serve``, ``backends``,
+``server``.
 
 Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what and where);
 1 anything else.
@@ -116,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--extract-only", action="store_true", help="serve the extract-images flow instead")
 
     sub.add_parser("backends", help="list every op's backends, which are usable here, and what auto picks")
+
+    server = sub.add_parser(
+        "server", help="a Prefect server in the background that later commands use (start | stop | status)",
+        description="start: `prefect server start` on 127.0.0.1 in the background (its own session; pid and URL "
+                    "in $PREFECT_HOME/gpuclust-server.json, output in $PREFECT_HOME/gpuclust-server.log), waiting "
+                    "until /api/health answers. Later commands with the same PREFECT_HOME and no PREFECT_API_URL "
+                    "run against it instead of starting a temporary server each. stop: stop it. status: exit 0 "
+                    "when it runs, 1 when not.")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, default=4200, help="start: the port on 127.0.0.1 (default 4200)")
+    server.add_argument("--timeout", type=float, default=180.0,
+                        help="start: seconds to wait for the server to answer (default 180)")
 
     report = sub.add_parser("report", help="(re)build report.html and its figures for a finished run directory")
     report.add_argument("run_dir", type=Path)
@@ -363,6 +376,28 @@ def cmd_backends(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import server
+
+    if args.action == "start":
+        if not 0 < args.port < 65536:
+            raise InputError(f"--port must be between 1 and 65535; got {args.port}")
+        try:
+            record, started = server.start(port=args.port, timeout=args.timeout)
+        except RuntimeError as exc:
+            print(f"gpuclust: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{'started' if started else 'already running:'} Prefect server at {record.url} (pid {record.pid}); "
+              f"log: {record.log}")
+        return 0
+    if args.action == "stop":
+        print(server.stop())
+        return 0
+    running, line = server.status()
+    print(line)
+    return 0 if running else 1
+
+
 class _HideInputErrorTracebacks(logging.Filter):
     """Bad input is reported by the CLI in one line; drop the engine's tracebacks for it."""
 
@@ -409,6 +444,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command == "assign":
             _filter_prefect_loggers()
             return cmd_assign(args)
+        if args.command == "server":
+            return cmd_server(args)
         return cmd_backends(args)
     except InputError as exc:
         print(f"gpuclust: error: {exc}", file=sys.stderr)

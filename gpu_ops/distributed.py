@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -80,12 +81,11 @@ def device_label(device: str = "cpu") -> str:
             return f"cuda:{index} ({name}{extra}) on {host}"
         except Exception as exc:  # noqa: BLE001 - a label must never fail the run
             return f"{device} (unknown: {exc}) on {host}"
+    torch = sys.modules.get("torch")  # its thread count when loaded; a label never imports it
     try:
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS", ""))
     except Exception:  # noqa: BLE001
-        threads = os.cpu_count() or 1
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return f"cpu ({threads} threads) on {host}"
 
 
