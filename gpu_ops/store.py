@@ -86,11 +86,19 @@ def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    import torch
+    """Versions of the libraries behind a store's embeddings. torch's is read from its
+    distribution when torch is not loaded: a raw-pixel run never imports it."""
+    import importlib.metadata
+    import sys
 
     import gpu_ops
 
-    return {"gpuclust": gpu_ops.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch.__version__}
+    torch = sys.modules.get("torch")
+    try:
+        torch_version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return {"gpuclust": gpu_ops.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch_version}
 
 
 def embedding_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
