@@ -389,6 +389,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             return 1
         print(f"{'started' if started else 'already running:'} Prefect server at {record.url} (pid {record.pid}); "
               f"log: {record.log}")
+        if os.environ.get("PREFECT_API_URL"):
+            print(f"gpuclust: note: PREFECT_API_URL={os.environ['PREFECT_API_URL']} is set: runs use that server "
+                  "until it is unset", file=sys.stderr)
         return 0
     if args.action == "stop":
         print(server.stop())
