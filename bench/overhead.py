@@ -11,7 +11,9 @@ Per run:
   stages, evaluate, write-run, save-for-reuse and report included), read from the Prefect database
   in ``PREFECT_HOME`` after the run;
 * the overheads ``wall - stages`` and ``wall - tasks``: imports, the Prefect server (ephemeral mode
-  starts one per run), the flow and task engine, exit.
+  starts one per run), the flow and task engine, exit; ``wall - tasks`` split into the time before
+  the flow run starts, between its task runs, and after it ends (the flow run's start and end in
+  the database against this script's clock).
 
 Each (checkout, mode) pair gets its own ``PREFECT_HOME`` and embedding cache and one warm-up run
 (not counted: a fresh database is migrated, the extraction cached); then ``--repeats`` runs, of
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,30 +106,42 @@ def _seconds(start: str | None, end: str | None) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def task_seconds(database: Path) -> dict[str, float]:
-    """Seconds of each task run of the newest flow run in a Prefect SQLite database."""
+def _epoch(stamp: str) -> float:
+    """A Prefect database time (UTC, no zone) as seconds since the epoch."""
+    return datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
+
+
+def flow_run_times(database: Path) -> tuple[float, float, dict[str, float]]:
+    """(start, end) of the newest flow run in a Prefect SQLite database (seconds since the epoch)
+    and the seconds of each of its task runs."""
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as db:
-        (flow_run,) = db.execute("SELECT id FROM flow_run ORDER BY created DESC LIMIT 1").fetchone()
+        flow_run, start, end = db.execute(
+            "SELECT id, start_time, end_time FROM flow_run ORDER BY created DESC LIMIT 1").fetchone()
         rows = db.execute("SELECT name, start_time, end_time FROM task_run WHERE flow_run_id = ?", (flow_run,))
-        return {name.rsplit("-", 1)[0]: round(_seconds(start, end), 3) for name, start, end in rows}
+        tasks = {name.rsplit("-", 1)[0]: round(_seconds(s, e), 3) for name, s, e in rows}
+    return _epoch(start), _epoch(end), tasks
 
 
 def one_run(checkout: Path, env: dict[str, str], out: Path, database: Path) -> dict[str, Any]:
     """Run the demo once; its wall, stage and task seconds."""
     load = os.getloadavg()[0]
+    launched = time.time()
     t0 = time.perf_counter()
     done = subprocess.run([str(GPUCLUST), *RUN_ARGS, "--out", str(out)], env={**env, "PYTHONPATH": str(checkout)},
                           capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
+    exited = time.time()
     if done.returncode != 0:
         raise RuntimeError(f"gpuclust run failed ({done.returncode}): {done.stderr[-2000:]}")
     timings = json.loads((out / "metrics.json").read_text())["timings_s"]
     time.sleep(0.5)  # the server commits the last task run states
-    tasks = task_seconds(database)
+    flow_start, flow_end, tasks = flow_run_times(database)
     stages, task_sum = sum(timings.values()), sum(tasks.values())
     first = done.stdout.splitlines()[0] if done.stdout else ""
     return {"wall": round(wall, 2), "stages": round(stages, 2), "tasks": round(task_sum, 2),
             "overhead_stages": round(wall - stages, 2), "overhead_tasks": round(wall - task_sum, 2),
+            "before_flow": round(flow_start - launched, 2), "between_tasks": round(flow_end - flow_start - task_sum, 2),
+            "after_flow": round(exited - flow_end, 2),
             "load1": round(load, 2), "timings_s": timings, "task_s": tasks,
             "mode_line": first if first.startswith("Prefect:") else ""}
 
@@ -146,12 +160,15 @@ def measure(name: str, checkout: Path, mode: str, server: Server | None, scratch
     for i in range(repeats + 1):
         result = one_run(checkout, env, home / f"run-{i}", database)
         print(f"  {name:<8} {mode:<9} {'warm-up' if i == 0 else f'run {i}':<7} wall {result['wall']:6.2f} s  "
-              f"stages {result['stages']:5.2f}  tasks {result['tasks']:5.2f}  load {result['load1']:.2f}  "
+              f"stages {result['stages']:5.2f}  tasks {result['tasks']:5.2f}  (before the flow "
+              f"{result['before_flow']:.2f}, between tasks {result['between_tasks']:.2f}, after the flow "
+              f"{result['after_flow']:.2f})  load {result['load1']:.2f}  "
               f"{result['mode_line']}", flush=True)
         if i:
             runs.append(result)
     median = {key: round(statistics.median(r[key] for r in runs), 2)
-              for key in ("wall", "stages", "tasks", "overhead_stages", "overhead_tasks", "load1")}
+              for key in ("wall", "stages", "tasks", "overhead_stages", "overhead_tasks", "before_flow",
+                          "between_tasks", "after_flow", "load1")}
     return {"checkout": name, "mode": mode, "median": median, "runs": runs}
 
 
@@ -205,12 +222,14 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nmedians of {args.repeats} runs (seconds); stages = metrics.json timings_s, tasks = every Prefect task run")
-    header = "| checkout | mode | wall | stages | wall - stages | tasks | wall - tasks | load (1 min) |"
+    header = ("| checkout | mode | wall | stages | wall - stages | tasks | wall - tasks | before the flow | "
+              "between tasks | after the flow | load (1 min) |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
         m = r["median"]
         print(f"| {r['checkout']} | {r['mode']} | {m['wall']:.1f} | {m['stages']:.1f} | {m['overhead_stages']:.1f} | "
-              f"{m['tasks']:.1f} | {m['overhead_tasks']:.1f} | {m['load1']:.2f} |")
+              f"{m['tasks']:.1f} | {m['overhead_tasks']:.1f} | {m['before_flow']:.1f} | {m['between_tasks']:.1f} | "
+              f"{m['after_flow']:.1f} | {m['load1']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
     return 0
