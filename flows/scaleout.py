@@ -51,7 +51,7 @@ def _worker_env() -> dict[str, str]:
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with get_client(sync_client=True) as client:
         env["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
-    for name in ("PREFECT_API_KEY", "GPUCLUST_CACHE"):
+    for name in ("PREFECT_API_KEY", "GPUCLUST_CACHE", "PYTHONPATH"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -80,7 +80,7 @@ def scale_out(config: RunConfig) -> Iterator[str | None]:
                        "run against a `prefect server` they can reach (PREFECT_API_URL)", env["PREFECT_API_URL"])
     with distributed.dask_cluster(tr.kind, address=tr.address, n_workers=tr.n_workers,
                                   threads_per_worker=tr.threads_per_worker, processes=tr.processes, env=env,
-                                  extra=tr.cluster_kwargs) as address:
+                                  extra=tr.cluster_kwargs, log_directory=config.cache_root() / "jobs") as address:
         logger.info("task runner %s: Dask scheduler %s", tr.kind, address)
         yield address
 

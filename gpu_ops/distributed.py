@@ -32,7 +32,9 @@ import functools
 import json
 import logging
 import os
+import shlex
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -89,6 +91,21 @@ def device_label(device: str = "cpu") -> str:
     return f"cpu ({threads} threads) on {host}"
 
 
+def batch_job() -> str | None:
+    """``slurm job 123`` / ``pbs job 45.server`` when this process runs inside a batch job, else None."""
+    for kind, name in (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID")):
+        if os.environ.get(name):
+            return f"{kind} job {os.environ[name]}"
+    return None
+
+
+def process_label() -> str:
+    """``host:pid``, plus ``(slurm job 123)`` inside a batch job: who wrote a shard."""
+    job = batch_job()
+    label = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{label} ({job})" if job else label
+
+
 def _import_cluster_class(kind: str) -> Any:
     try:
         if kind == "dask":
@@ -115,11 +132,13 @@ def _import_cluster_class(kind: str) -> Any:
 
 
 def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True,
-                   env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                   log_directory: str | Path | None = None) -> dict[str, Any]:
     """Keyword arguments for the cluster class of ``kind`` (``extra`` wins over the defaults).
 
     ``env`` reaches worker processes: a LocalCluster / LocalCUDACluster gets it as ``env``, a
     jobqueue cluster as ``export`` lines in the job script (``job_script_prologue``).
+    ``log_directory``: where a jobqueue cluster's batch jobs write their output.
     """
     extra = dict(extra or {})
     kw: dict[str, Any] = {}
@@ -135,21 +154,37 @@ def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worke
             kw["env"] = dict(env)
     elif kind in ("slurm", "pbs"):
         kw = {"processes": 1, "cores": extra.pop("cores", threads_per_worker)}
-        prologue = [f"export {k}={v}" for k, v in (env or {}).items()]
+        prologue = [f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()]
         kw["job_script_prologue"] = prologue + list(extra.pop("job_script_prologue", []))
+        if log_directory is not None:
+            kw["log_directory"] = str(log_directory)  # else each job's output lands in the submitting directory
     kw.update(extra)
+    if kind in ("slurm", "pbs"):
+        _check_job_resources(kind, kw)
     return kw
+
+
+def _check_job_resources(kind: str, kw: dict[str, Any]) -> None:
+    """dask-jobqueue needs cores and memory per job (from the settings or Dask's jobqueue config)."""
+    import dask
+
+    for name, example in (("memory", "16GB"), ("cores", "8")):
+        if kw.get(name) is None and dask.config.get(f"jobqueue.{kind}.{name}", None) is None:
+            raise InputError(f"task runner {kind!r} needs task_runner.cluster_kwargs.{name} (per batch job, "
+                             f"e.g. {example}) in the config file, or jobqueue.{kind}.{name} in Dask's config")
 
 
 @contextlib.contextmanager
 def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,
-                 processes: bool = True, env: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> Iterator[str]:
+                 processes: bool = True, env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 log_directory: str | Path | None = None) -> Iterator[str]:
     """Yield the scheduler address of a running Dask cluster; one created here is closed on exit.
 
     ``address`` connects to an existing cluster (nothing is started or stopped). Otherwise
     ``kind`` picks LocalCluster (``dask``), LocalCUDACluster (``dask-cuda``) or a dask-jobqueue
-    SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted).
+    SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted, their
+    output in ``log_directory``). On exit the batch jobs' workers are retired first, so the jobs
+    end by themselves (COMPLETED in ``sacct``) rather than being cancelled.
     """
     if address:
         log.info("using the Dask cluster at %s", address)
@@ -157,15 +192,86 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
         return
     cls = _import_cluster_class(kind)
     kwargs = cluster_kwargs(kind, n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-                            env=env, extra=extra)
+                            env=env, extra=extra, log_directory=log_directory)
     t0 = time.perf_counter()
-    with cls(**kwargs) as cluster:
-        if kind in ("slurm", "pbs"):
-            cluster.scale(jobs=n_workers or 1)
-            log.info("submitted %d %s job(s); job script:\n%s", n_workers or 1, kind, cluster.job_script())
-        log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
-                 time.perf_counter() - t0, cluster.scheduler_address)
-        yield cluster.scheduler_address
+    with _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
+        if kind not in ("slurm", "pbs"):
+            log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
+                     time.perf_counter() - t0, cluster.scheduler_address)
+            yield cluster.scheduler_address
+            return
+        cluster.scale(jobs=n_workers or 1)
+        log.info("submitting %d %s job(s) (output in %s); job script:\n%s", n_workers or 1, kind,
+                 kwargs.get("log_directory") or "the submitting directory", cluster.job_script())
+        try:
+            yield cluster.scheduler_address
+        finally:
+            end_batch_jobs(cluster, kind)
+
+
+#: Seconds the batch jobs get to end by themselves once their workers are retired.
+JOB_END_WAIT_S = 60.0
+
+
+@contextlib.contextmanager
+def _jobs_outlive_their_workers(kind: str) -> Iterator[None]:
+    """A jobqueue cluster cancels a job once its worker has left the scheduler for
+    ``distributed.deploy.lost-worker-timeout`` (15 s); a retired worker's job (its interpreter
+    exiting, the nanny after it) may need longer to end by itself."""
+    if kind not in ("slurm", "pbs"):
+        yield
+        return
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": f"{JOB_END_WAIT_S + 10:.0f}s"}):
+        yield
+
+
+def _jobs_in_queue(kind: str, job_ids: list[str]) -> list[str]:
+    """Those of ``job_ids`` the batch system still lists (pending, running or completing)."""
+    if kind == "slurm":
+        cmd = ["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return sorted(set(out.stdout.split()) & set(job_ids)) if out.returncode == 0 else []
+    left = []
+    for job in job_ids:  # PBS: qstat fails for a job that has finished
+        try:
+            if subprocess.run(["qstat", job], capture_output=True, timeout=30).returncode == 0:
+                left.append(job)
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return left
+
+
+def end_batch_jobs(cluster: Any, kind: str, timeout: float = JOB_END_WAIT_S) -> None:
+    """Retire a jobqueue cluster's workers and wait (up to ``timeout`` s) for their batch jobs to
+    leave the queue: jobs whose worker exits by itself end COMPLETED. Whatever is left is
+    cancelled when the cluster closes."""
+    from distributed import Client
+
+    job_ids = sorted({str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)})
+    if not job_ids:
+        return
+    t0 = time.monotonic()
+    try:
+        with Client(cluster.scheduler_address, set_as_default=False, timeout=10) as client:
+            client.retire_workers(close_workers=True)
+    except Exception as exc:  # noqa: BLE001 - closing the cluster cancels the jobs anyway
+        log.warning("could not retire the workers of %s job(s) %s: %s", kind, ", ".join(job_ids), exc)
+        return
+    left = _jobs_in_queue(kind, job_ids)
+    while left and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        left = _jobs_in_queue(kind, left)
+    if left:
+        log.warning("%s job(s) %s still queued %.0f s after their workers were retired: cancelling them", kind,
+                    ", ".join(left), time.monotonic() - t0)
+    else:
+        log.info("%s job(s) %s ended %.1f s after their workers were retired", kind, ", ".join(job_ids),
+                 time.monotonic() - t0)
 
 
 def worker_count(address: str) -> int:
@@ -221,7 +327,7 @@ class ShardedStore(EmbeddingStore):
         """Part file first, then its entry: an entry always stands for a whole part."""
         entry = write_shard_part(self.directory, shard, image_ids, sources, labels, embeddings, quarantined,
                                  self.metadata)
-        entry["writer"] = f"{socket.gethostname()}:{os.getpid()}"
+        entry["writer"] = process_label()
         self.entry_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.entry_path(shard), entry)
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
@@ -275,7 +381,7 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     log.info("shards %s: %d items with %s on %s", list(done.written), done.items, extractor.name, label)
     return {"shards": list(done.written), "skipped": sorted(set(shards) - set(done.written)), "items": done.items,
             "rows": done.rows, "quarantined": done.quarantined, "device": extractor.device, "device_label": label,
-            "writer": f"{socket.gethostname()}:{os.getpid()}", "seconds": round(time.perf_counter() - t0, 3)}
+            "writer": process_label(), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | None:
@@ -374,12 +480,14 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
         # 2. exact Lloyd passes over every partition, then the assignment, on the workers
         result = lloyd(source, n_clusters, init_centroids=centers, max_iter=max_iter, tol=tol)
         workers = len(client.scheduler_info()["workers"])
-    log.info("dask k-means: %d rows over %d partition(s) on %d worker(s): init %s on %d rows, %d Lloyd pass(es), "
-             "inertia %.6g", n, len(parts), workers, res.backend, len(sample), result.n_iter, result.inertia)
+        jobs = sorted({job for job in client.run(batch_job).values() if job})
+    where = f"{workers} worker(s)" + (f" in {', '.join(jobs)}" if jobs else "")
+    log.info("dask k-means: %d rows over %d partition(s) on %s: init %s on %d rows, %d Lloyd pass(es), "
+             "inertia %.6g", n, len(parts), where, res.backend, len(sample), result.n_iter, result.inertia)
     return {"labels": result.labels, "centers": result.centroids, "inertia": result.inertia,
             "n_iter": result.n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
             "reason": f"{why}: initial fit with {res.backend} on {len(sample)} of {n} rows, then exact Lloyd passes "
-                      f"over {len(parts)} partition(s) on {workers} worker(s)",
+                      f"over {len(parts)} partition(s) on {where}",
             "init_resolution": res.as_dict()}
 
 
