@@ -76,8 +76,9 @@ def scale_out(config: RunConfig) -> Iterator[str | None]:
     env["PREFECT_LOGGING_LEVEL"] = str(PREFECT_LOGGING_LEVEL.value())
     host = urlparse(env["PREFECT_API_URL"]).hostname
     if tr.kind in ("slurm", "pbs") and host in ("127.0.0.1", "localhost"):
-        logger.warning("Prefect API %s is local to this machine: batch-job workers on other nodes cannot reach it; "
-                       "run against a `prefect server` they can reach (PREFECT_API_URL)", env["PREFECT_API_URL"])
+        logger.warning("Prefect API %s is local to this machine: batch jobs on other nodes cannot reach it (jobs on "
+                       "this node can); run against a `prefect server` they reach (PREFECT_API_URL)",
+                       env["PREFECT_API_URL"])
     with distributed.dask_cluster(tr.kind, address=tr.address, n_workers=tr.n_workers,
                                   threads_per_worker=tr.threads_per_worker, processes=tr.processes, env=env,
                                   extra=tr.cluster_kwargs, log_directory=config.cache_root() / "jobs") as address:
