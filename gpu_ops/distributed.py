@@ -183,8 +183,9 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
     ``address`` connects to an existing cluster (nothing is started or stopped). Otherwise
     ``kind`` picks LocalCluster (``dask``), LocalCUDACluster (``dask-cuda``) or a dask-jobqueue
     SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted, their
-    output in ``log_directory``). On exit the batch jobs' workers are retired first, so the jobs
-    end by themselves (COMPLETED in ``sacct``) rather than being cancelled.
+    output in ``log_directory``). When the body finishes, the batch jobs' workers are retired
+    first, so the jobs end by themselves (COMPLETED in ``sacct``); on an exception they are
+    cancelled at once.
     """
     if address:
         log.info("using the Dask cluster at %s", address)
@@ -203,10 +204,8 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
         cluster.scale(jobs=n_workers or 1)
         log.info("submitting %d %s job(s) (output in %s); job script:\n%s", n_workers or 1, kind,
                  kwargs.get("log_directory") or "the submitting directory", cluster.job_script())
-        try:
-            yield cluster.scheduler_address
-        finally:
-            end_batch_jobs(cluster, kind)
+        yield cluster.scheduler_address
+        end_batch_jobs(cluster, kind)  # a run that fails or is stopped cancels its jobs at once
 
 
 #: Seconds the batch jobs get to end by themselves once their workers are retired.

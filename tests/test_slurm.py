@@ -28,16 +28,27 @@ DAEMONS = ("slurmctld", "slurmd", "slurmstepd", "slurmscriptd", "munged")
 COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "sacct")
 
 
-def daemon_pids() -> dict[int, str]:
-    """Running Slurm and munge daemons (zombies excluded): pid -> command line."""
+def daemon_pids() -> dict[int, dict]:
+    """Running Slurm and munge daemons (zombies excluded): pid -> name, cmdline, pgid, create_time."""
     import psutil
 
     found = {}
-    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status", "create_time"]):
         text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
         if proc.info["status"] != psutil.STATUS_ZOMBIE and any(d in text for d in DAEMONS):
-            found[proc.info["pid"]] = text
+            with _no_such_process():
+                found[proc.info["pid"]] = {"text": text, "pgid": os.getpgid(proc.info["pid"]),
+                                           "created": proc.info["create_time"]}
     return found
+
+
+def started_here(root: Path, groups: set[int], since: float) -> dict[int, str]:
+    """The daemons of the cluster under ``root``: those in the process groups of the daemons
+    started there (slurmctld's slurmscriptd), those naming ``root``, and the job step daemons
+    (``slurmstepd``, which detach from slurmd) started since ``since``."""
+    return {pid: d["text"] for pid, d in daemon_pids().items()
+            if d["pgid"] in groups or str(root) in d["text"]
+            or (d["text"].startswith("slurmstepd") and d["created"] >= since)}
 
 
 def slurm_conf(root: Path, node: str, socket_path: Path) -> str:
@@ -92,11 +103,13 @@ def stop(proc: subprocess.Popen, wait_s: float = 15) -> None:
 
 
 class _no_such_process:
+    """Ignore a process that is already gone."""
+
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: type | None, *_: object) -> bool:
-        return kind is ProcessLookupError
+        return kind is not None and issubclass(kind, ProcessLookupError)
 
 
 def _tail(path: Path, n: int = 1500) -> str:
@@ -112,7 +125,7 @@ def slurm() -> Iterator[dict[str, str]]:
         pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}; .ci/run installs slurm-wlm and munge)")
     if os.geteuid() != 0:
         pytest.skip("a test Slurm needs root: slurmd runs its jobs as SlurmUser=root here")
-    before = set(daemon_pids())
+    since = time.time() - 1
     root = Path(tempfile.mkdtemp(prefix="gpuclust-slurm-"))
     root.chmod(0o755)  # munged wants its socket's directory open to every user
     for sub, mode in (("key", 0o700), ("run", 0o755), ("state", 0o755), ("spool", 0o755), ("log", 0o755)):
@@ -173,11 +186,12 @@ def slurm() -> Iterator[dict[str, str]]:
             jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env).stdout.split()
     for proc in (slurmd, ctld, munged):
         stop(proc)
+    groups = {proc.pid for proc in procs}  # each was started in a session (and group) of its own
     deadline = time.monotonic() + 10
-    left = {pid: cmd for pid, cmd in daemon_pids().items() if pid not in before}
+    left = started_here(root, groups, since)
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = {pid: cmd for pid, cmd in daemon_pids().items() if pid not in before}
+        left = started_here(root, groups, since)
     shutil.rmtree(root, ignore_errors=True)
     assert not left, f"daemons still running after the test Slurm was stopped: {left}"
 
