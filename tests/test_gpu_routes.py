@@ -109,3 +109,107 @@ def test_dask_cuda_workers_keep_the_run_environment(monkeypatch):
         seen = client.run(lambda: {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL",
                                                                    "CUDA_VISIBLE_DEVICES")})
     assert list(seen.values()) == [{**env, "CUDA_VISIBLE_DEVICES": "0"}]
+
+
+# ------------------------------------------------------------------------------------------
+# JPEG decoding: the batched call, and the one-by-one CPU fallback that finds a corrupt file
+
+
+def test_jpeg_batches_decode_in_one_call_and_a_corrupt_file_falls_back_one_by_one(cifar_folder, caplog):
+    import torch
+    from PIL import Image
+
+    from gpu_ops.features.jpeg import DecodeCounts, decode_batch
+
+    paths = sorted(cifar_folder.rglob("*.jpg"))[:12]
+    raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    expected = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+
+    counts = DecodeCounts()
+    images, reasons = decode_batch(["jpeg"] * 12, raw, "cpu", counts)
+    assert counts == DecodeCounts(batched=12)
+    assert reasons == [""] * 12
+    for img, ref in zip(images, expected):
+        assert img.dtype == torch.uint8 and img.shape == ref.shape
+        assert (img.int() - ref.int()).abs().max() <= 2  # libjpeg builds may round the IDCT differently
+
+    corrupt = torch.frombuffer(bytearray(paths[0].read_bytes()[:200]), dtype=torch.uint8)  # cut mid-scan
+    pixels = torch.zeros((5, 7, 3), dtype=torch.uint8)
+    counts = DecodeCounts()
+    with caplog.at_level(logging.WARNING, logger="gpu_ops.features.jpeg"):
+        images, reasons = decode_batch(["jpeg", "jpeg", "pixels", "jpeg"], [raw[1], corrupt, pixels, raw[2]], "cpu",
+                                       counts)
+    assert counts == DecodeCounts(batched=0, one_by_one=2, failed=1, pixels=1)
+    assert images[1] is None and reasons[1].startswith("cannot decode JPEG (")
+    assert torch.equal(images[0], decode_batch(["jpeg"], [raw[1]], "cpu")[0][0])
+    assert torch.equal(images[3], decode_batch(["jpeg"], [raw[2]], "cpu")[0][0])
+    assert images[2].shape == (3, 5, 7)
+    assert "batched JPEG decoding on cpu failed" in caplog.text and "decoding 3 JPEG(s) one by one" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision: bf16 only where the hardware has it, loss scaling in fp16
+
+
+@pytest.mark.parametrize("capability, expected", [
+    (None, "fp32"),  # the CPU
+    ((6, 1), "fp16"),  # Pascal (P100/P40)
+    ((7, 0), "fp16"),  # V100: torch.cuda.is_bf16_supported() says True here (emulated bf16)
+    ((7, 5), "fp16"),  # T4
+    ((8, 0), "bf16"),  # A100
+    ((8, 9), "bf16"),  # L4 / L40
+    ((9, 0), "bf16"),  # H100 / H200
+    ((12, 0), "bf16"),
+])
+def test_precision_follows_the_compute_capability(capability, expected):
+    from gpu_ops.device import precision_for
+
+    assert precision_for(capability) == expected
+
+
+def test_precision_of_cpu_work_is_fp32():
+    import torch
+
+    from gpu_ops.deep._common import Amp
+    from gpu_ops.device import autocast_dtype, precision_for_device
+    from gpu_ops.features import create_extractor
+
+    assert precision_for_device("cpu") == precision_for_device(torch.device("cpu")) == "fp32"
+    assert create_extractor("resnet18", weights="none", image_size=32).precision == "fp32"
+    amp = Amp(torch.device("cpu"))
+    assert (amp.precision, amp.scaler) == ("fp32", None)
+    assert (autocast_dtype("bf16"), autocast_dtype("fp16"), autocast_dtype("fp32")) == (torch.bfloat16, torch.float16,
+                                                                                         None)
+
+
+def test_fp16_training_scales_the_loss_and_skips_steps_that_overflow():
+    """fp16 training steps through a GradScaler: gradients are scaled up (no underflow), and a
+    step whose gradients overflow is skipped and the scale halved, instead of writing inf into
+    the weights (run on the CPU, whose autocast also has fp16)."""
+    import torch
+
+    from gpu_ops.deep._common import Amp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = Amp(torch.device("cpu"), precision="fp16")
+    assert amp.scaler is not None and amp.scaler.is_enabled()
+    x = torch.randn(32, 16)
+    with amp.autocast():
+        out = model(x)
+    assert out.dtype == torch.float16
+    before = model.weight.detach().clone()
+    scale = amp.scaler.get_scale()
+    opt.zero_grad()
+    amp.step(out.float().pow(2).mean(), opt)
+    assert not torch.equal(model.weight, before) and torch.isfinite(model.weight).all()
+    assert amp.scaler.get_scale() == scale  # no overflow: the scale holds
+
+    before = model.weight.detach().clone()
+    with amp.autocast():
+        out = model(x)
+    opt.zero_grad()
+    amp.step(out.float().sum() * float("inf"), opt)
+    assert torch.equal(model.weight, before)  # the overflowing step was skipped
+    assert amp.scaler.get_scale() == scale / 2
