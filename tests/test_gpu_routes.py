@@ -213,3 +213,29 @@ def test_fp16_training_scales_the_loss_and_skips_steps_that_overflow():
     amp.step(out.float().sum() * float("inf"), opt)
     assert torch.equal(model.weight, before)  # the overflowing step was skipped
     assert amp.scaler.get_scale() == scale / 2
+
+
+# ------------------------------------------------------------------------------------------
+# A GPU merge tree without heights is cut on its own (the GPU dendrogram check needs no CPU tree)
+
+
+def test_cutting_a_merge_tree_without_heights_gives_the_flat_clustering():
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.datasets import load_digits
+    from sklearn.metrics import adjusted_rand_score
+
+    from gpu_ops.cluster.agglomerative import cut_merge_tree
+    from gpu_ops.errors import InputError
+
+    X = load_digits().data.astype(np.float32)
+    n = len(X)
+    tree = AgglomerativeClustering(n_clusters=1, linkage="single", compute_full_tree=True).fit(X)
+    for k in (2, 10, 40):
+        flat = AgglomerativeClustering(n_clusters=k, linkage="single").fit(X).labels_
+        cut = cut_merge_tree(tree.children_, n, k)
+        assert cut.dtype == np.int64 and cut.shape == (n,) and len(np.unique(cut)) == k
+        assert adjusted_rand_score(flat, cut) == 1.0
+    assert cut_merge_tree(np.array([[0, 1], [2, 3]]), 3, 3).tolist() == [0, 1, 2]
+    assert cut_merge_tree(np.array([[0, 2], [1, 3]]), 3, 2).tolist() == [0, 1, 0]
+    with pytest.raises(InputError, match=r"children must have shape \(2, 2\) for 3 samples; got \(1, 2\)"):
+        cut_merge_tree(np.array([[0, 1]]), 3, 2)
