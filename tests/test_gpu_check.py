@@ -95,3 +95,32 @@ def test_an_unknown_part_is_refused(tmp_path):
     out = _run("--dry-run", "--parts", "torch,tpu", "--out", str(tmp_path / "f.json"))
     assert out.returncode == 2
     assert out.stderr.strip() == "gpu-check: error: unknown part(s) ['tpu']; expected some of: torch, faiss, cuml"
+
+
+def test_wheels_are_packed_into_transfers_and_joined_byte_for_byte(tmp_path):
+    """bench/gpu_wheels.py: wheels cut into folders of at most the transfer size; each folder's
+    join.sh, run as the folders arrive one by one, rebuilds every wheel exactly."""
+    import os
+    import random
+
+    from bench.gpu_wheels import pack
+
+    rng = random.Random(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"a-1.0-py3-none-any.whl": 3000, "b-1.0-py3-none-any.whl": 5000, "big-1.0-cp312-x86_64.whl": 20000}
+    for name, size in sizes.items():
+        (src / name).write_bytes(bytes(rng.randrange(256) for _ in range(size)))
+    folders = pack(sorted(src.iterdir()), tmp_path / "out", "faiss", 8000)
+    assert [f.name for f in folders] == [f"faiss-{i:02d}" for i in range(len(folders))]
+    for folder in folders:
+        assert sum(f.stat().st_size for f in folder.iterdir() if f.name != "join.sh") <= 8000
+    wheels = tmp_path / "wheels"
+    for folder in folders:  # one transfer at a time, as they reach the GPU machine
+        done = subprocess.run(["bash", str(folder / "join.sh")], env={**os.environ, "WHEELS": str(wheels)},
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in wheels.glob("*.whl")) == sorted(sizes)
+    for name in sizes:
+        assert (wheels / name).read_bytes() == (src / name).read_bytes()
+    assert list((wheels / ".parts").iterdir()) == []
