@@ -189,13 +189,15 @@ def _sync() -> None:
     torch.cuda.synchronize()
 
 
-def run_pytest(part: str) -> dict[str, Any]:
-    """``pytest -m gpu`` on the part's selection; a failure or a skip fails the part."""
+def run_pytest(part: str, data: Path | None = None) -> dict[str, Any]:
+    """``pytest -m gpu`` on the part's selection (``data`` as the tests' data directory); a
+    failure or a skip fails the part."""
     report = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={report}", *PYTEST_SELECTION[part]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    env = {**os.environ, **({"GPUCLUST_DATA": str(Path(data).resolve())} if data else {})}
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, env=env)
     seconds = round(time.perf_counter() - t0, 1)
     sys.stdout.write(proc.stdout[-4000:])
     counts = junit_counts(report) if report.is_file() else {}
@@ -416,18 +418,18 @@ def plan() -> list[Part]:
     """The parts in run order, each with its steps."""
     return [
         Part("torch", "PyTorch with CUDA", lambda: None, [
-            Step("pytest", lambda ctx: run_pytest("torch")),
+            Step("pytest", lambda ctx: run_pytest("torch", ctx.data)),
             Step("resnet50_model", bench_resnet50_model),
             Step("jpeg_decode", bench_jpeg_decode),
             Step("resnet50_end_to_end", bench_resnet50_end_to_end),
             Step("deep_mnist70k", bench_deep_mnist),
         ]),
         Part("faiss", "a FAISS GPU build (faiss-gpu-cu12, or conda's faiss-gpu-cuvs)", missing_for_faiss, [
-            Step("pytest", lambda ctx: run_pytest("faiss")),
+            Step("pytest", lambda ctx: run_pytest("faiss", ctx.data)),
             Step("kmeans_1m_256_k20000", bench_faiss_kmeans),
         ]),
         Part("cuml", "cuML (cuml-cu13 / cuml-cu12 and their wheels)", missing_for_cuml, [
-            Step("pytest", lambda ctx: run_pytest("cuml")),
+            Step("pytest", lambda ctx: run_pytest("cuml", ctx.data)),
             Step("kmeans_1m_256_k20000", bench_cuml_kmeans),
             Step("tsne_mnist70k", bench_cuml_tsne),
             Step("umap_mnist70k", bench_cuml_umap),

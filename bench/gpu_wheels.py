@@ -77,6 +77,7 @@ def _target_args() -> list[str]:
 
 def resolve(requirements: list[str], workdir: Path) -> list[dict[str, str]]:
     """name, version and URL of every distribution ``requirements`` install (metadata only)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     report = workdir / "report.json"
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--use-feature=fast-deps", "--ignore-installed",
            *_target_args(), "--target", str(workdir / "t"), "--report", str(report), "-q", *requirements]
