@@ -330,7 +330,7 @@ def bench_deep_mnist(ctx: Context) -> dict[str, Any]:
     args = ["--datasets", "mnist-full", "--methods", "idec", "--seeds", "0", "--device", "cuda",
             "--data-root", str(mnist_dir(ctx).parent), "--jsonl", str(jsonl), "--log-level", "WARNING"]
     if ctx.quick:
-        args = [*args[:1], "mnist-test", *args[2:], "--set", "pretrain_epochs=1", "--set", "max_iter=50"]
+        args = [*args[:1], "mnist-test", *args[2:], "--set", "pretrain_epochs=1", "--set", "dec_max_iter=50"]
     if deep.main(args) != 0 or not jsonl.is_file():
         raise CheckFailed("bench/deep.py did not finish")
     row = json.loads(jsonl.read_text().splitlines()[-1])
