@@ -123,7 +123,7 @@ def test_jpeg_batches_decode_in_one_call_and_a_corrupt_file_falls_back_one_by_on
 
     paths = sorted(cifar_folder.rglob("*.jpg"))[:12]
     raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
-    expected = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+    expected = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
 
     counts = DecodeCounts()
     images, reasons = decode_batch(["jpeg"] * 12, raw, "cpu", counts)
