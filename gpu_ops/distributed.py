@@ -136,8 +136,11 @@ def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worke
                    log_directory: str | Path | None = None) -> dict[str, Any]:
     """Keyword arguments for the cluster class of ``kind`` (``extra`` wins over the defaults).
 
-    ``env`` reaches worker processes: a LocalCluster / LocalCUDACluster gets it as ``env``, a
-    jobqueue cluster as ``export`` lines in the job script (``job_script_prologue``).
+    ``env`` reaches worker processes: a LocalCluster gets it as ``env``, a jobqueue cluster as
+    ``export`` lines in the job script (``job_script_prologue``). A LocalCUDACluster replaces
+    each worker's ``env`` with its own ``CUDA_VISIBLE_DEVICES``, so it gets none here: its
+    workers get ``env`` through the Nanny's ``distributed.nanny.environ`` setting
+    (:func:`worker_env_config`), which the Nanny merges under its ``env``.
     ``log_directory``: where a jobqueue cluster's batch jobs write their output.
     """
     extra = dict(extra or {})
@@ -150,8 +153,6 @@ def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worke
         kw = {"threads_per_worker": threads_per_worker}  # one worker process per visible GPU
         if n_workers:
             kw["n_workers"] = n_workers
-        if env:
-            kw["env"] = dict(env)
     elif kind in ("slurm", "pbs"):
         kw = {"processes": 1, "cores": extra.pop("cores", threads_per_worker)}
         prologue = [f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()]
@@ -174,6 +175,21 @@ def _check_job_resources(kind: str, kw: dict[str, Any]) -> None:
                              f"e.g. {example}) in the config file, or jobqueue.{kind}.{name} in Dask's config")
 
 
+def worker_env_config(kind: str, env: dict[str, str] | None) -> dict[str, Any]:
+    """Dask settings that carry ``env`` into the worker processes of a ``kind`` cluster.
+
+    dask-cuda's ``LocalCUDACluster.new_worker_spec`` sets each worker's Nanny option ``env`` to
+    ``{"CUDA_VISIBLE_DEVICES": ...}``, dropping any ``env`` given to the cluster. The Nanny
+    builds its worker's environment from ``distributed.nanny.environ`` (read when the Nanny is
+    created) merged under that ``env``, so values set there survive (a variable also set in this
+    process's environment keeps that value: Dask lets the OS environment win). Other kinds take
+    ``env`` through :func:`cluster_kwargs` and need nothing here.
+    """
+    if kind == "dask-cuda" and env:
+        return {"distributed.nanny.environ": {k: str(v) for k, v in env.items()}}
+    return {}
+
+
 @contextlib.contextmanager
 def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,
                  processes: bool = True, env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
@@ -192,10 +208,13 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
         yield address
         return
     cls = _import_cluster_class(kind)
+    import dask
+
     kwargs = cluster_kwargs(kind, n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
                             env=env, extra=extra, log_directory=log_directory)
     t0 = time.perf_counter()
-    with _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
+    # the settings stay while the cluster lives: a worker restarted later gets them too
+    with dask.config.set(worker_env_config(kind, env)), _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
         if kind not in ("slurm", "pbs"):
             log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
                      time.perf_counter() - t0, cluster.scheduler_address)
@@ -434,15 +453,73 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
 # k-means over a store whose parts live on the workers
 
 
-def _worker_has_cuml() -> bool:
-    try:
-        import cuml.dask.cluster  # noqa: F401
-        import cudf  # noqa: F401
-        import cupy
+#: The packages the cuML-on-Dask route imports on every worker, in the order they are checked.
+#: ``raft_dask`` (NCCL comms) comes with conda's ``raft-dask`` or pip's ``cuml-cu1X[dask]`` only.
+CUML_DASK_MODULES = ("cupy", "cudf", "raft_dask", "cuml.dask.cluster")
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - any failure means: not this route
-        return False
+
+def cuml_dask_worker_status() -> dict[str, Any]:
+    """What this Dask worker offers the cuML-on-Dask route (run on each worker by ``client.run``).
+
+    Returns ``usable`` (bool), ``reason`` (why not, naming the module and its import error, or
+    what it has), ``host`` and ``device`` (``host/PCI bus id`` of the worker's current CUDA device,
+    None without one). Every import is checked one by one so the reason names what is missing.
+    """
+    import importlib
+
+    host = socket.gethostname()
+    status: dict[str, Any] = {"usable": False, "host": host, "device": None,
+                              "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    for module in CUML_DASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - GPU packages fail at import for many reasons; each is reported
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hint = " (pip install 'cuml-cu13[dask]' or conda install raft-dask)" if module == "raft_dask" else ""
+            status["reason"] = f"{module} not importable on {host} ({type(exc).__name__}: {first}){hint}"
+            return status
+        if module == "cupy":
+            import cupy
+
+            try:
+                count = cupy.cuda.runtime.getDeviceCount()
+                current = cupy.cuda.runtime.getDevice() if count else None
+                bus = cupy.cuda.runtime.deviceGetPCIBusId(current) if count else None
+            except Exception as exc:  # noqa: BLE001 - no driver / no device
+                status["reason"] = f"no CUDA device on {host} ({type(exc).__name__}: {exc})"
+                return status
+            if not count:
+                status["reason"] = f"no CUDA device on {host}"
+                return status
+            status["device"] = f"{host}/{bus}"
+    status.update(usable=True, reason=f"cuML, cuDF and raft-dask on {status['device']}")
+    return status
+
+
+def cuml_dask_route(statuses: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+    """Whether k-means may run as ``cuml.dask.cluster.KMeans`` on workers with these
+    :func:`cuml_dask_worker_status` answers (worker address -> status), and why.
+
+    Every worker must have cuML, cuDF, raft-dask and a CUDA device, and no two workers may share a
+    device: NCCL refuses two ranks on one GPU, so a plain LocalCluster whose workers all see GPU 0
+    must not take this route (LocalCUDACluster gives each worker its own device).
+    """
+    if not statuses:
+        return False, "no workers answered"
+    missing = {addr: s for addr, s in statuses.items() if not s.get("usable")}
+    if missing:
+        addr, first = next(iter(sorted(missing.items())))
+        more = f" (and {len(missing) - 1} more worker(s))" if len(missing) > 1 else ""
+        return False, f"worker {addr}: {first.get('reason', 'not usable')}{more}"
+    by_device: dict[str, list[str]] = {}
+    for addr, s in statuses.items():
+        by_device.setdefault(str(s["device"]), []).append(addr)
+    shared = {dev: sorted(addrs) for dev, addrs in by_device.items() if len(addrs) > 1}
+    if shared:
+        dev, addrs = next(iter(sorted(shared.items())))
+        return False, (f"{len(addrs)} workers share the GPU {dev} ({', '.join(addrs)}): cuML's NCCL communicator "
+                       "needs one device per worker (start the cluster with dask-cuda's LocalCUDACluster)")
+    return True, f"{len(statuses)} worker(s), each with its own GPU"
 
 
 def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
@@ -451,7 +528,10 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
     """k-means of every row of ``store`` on the Dask cluster at ``address``.
 
     Returns ``labels`` (n,) int64 in store order, ``centers`` (k, d), ``inertia``, ``n_iter``,
-    ``backend`` (``cuml-dask`` or ``dask-lloyd+<init backend>``), ``kind`` and ``reason``.
+    ``backend`` (``cuml-dask`` or ``dask-lloyd+<init backend>``), ``kind``, ``reason`` and
+    ``fallback`` (why the cuML route was not taken when a GPU backend was allowed, else None).
+    The cuML route needs every worker to pass :func:`cuml_dask_worker_status` with a device of
+    its own (:func:`cuml_dask_route`); otherwise the CPU route runs and the reason is logged.
     """
     from distributed import Client
 
@@ -462,10 +542,16 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
     parts = [str(p) for p in part_files(Path(store))]
     with Client(address, set_as_default=False) as client:
         client.wait_for_workers(1)
-        on_workers = client.run(_worker_has_cuml) if backend in ("auto", "gpu", "cuml") else {}
-        if on_workers and all(on_workers.values()):
-            return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
-        why = "workers have no CUDA/cuML" if backend in ("auto", "gpu", "cuml") else f"backend {backend!r}"
+        if backend in ("auto", "gpu", "cuml"):
+            usable, why = cuml_dask_route(client.run(cuml_dask_worker_status))
+            if usable:
+                return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
+            log.log(logging.WARNING if backend != "auto" else logging.INFO,
+                    "k-means on Dask: not on cuML (%s): CPU Lloyd passes on the workers", why)
+            fallback: str | None = why
+            why = f"cuml-dask not used: {why}"
+        else:
+            fallback, why = None, f"backend {backend!r}"
         init_backend = "cpu" if backend in ("auto", "gpu", "cuml") else backend
         source = DaskSource.from_parts(client, parts)
         n = source.count()
@@ -487,7 +573,7 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
             "n_iter": result.n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
             "reason": f"{why}: initial fit with {res.backend} on {len(sample)} of {n} rows, then exact Lloyd passes "
                       f"over {len(parts)} partition(s) on {where}",
-            "init_resolution": res.as_dict()}
+            "init_resolution": res.as_dict(), "fallback": fallback}
 
 
 def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_clusters: int, *, max_iter: int,
@@ -525,7 +611,7 @@ def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_cluste
     return {"labels": labels.astype(np.int64), "centers": centers.astype(np.float32), "inertia": None,
             "n_iter": None, "backend": "cuml-dask", "kind": "gpu",
             "reason": f"cuml.dask.cluster.KMeans over {len(parts)} partition(s) on {workers} GPU worker(s)",
-            "init_resolution": None}
+            "init_resolution": None, "fallback": None}
 
 
 def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, address: str) -> ClusterResult:
@@ -543,7 +629,7 @@ def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, addre
     requested = cfg.backend_for("kmeans")
     result = dask_kmeans(address, store, k, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
                          backend=requested, init_sample_rows=cfg.task_runner.init_sample_rows)
-    fallbacks = [f"cuml-dask: {result['reason'].split(':')[0]}"] if requested == "gpu" and result["kind"] == "cpu" else []
+    fallbacks = [f"cuml-dask: {result['fallback']}"] if requested == "gpu" and result.get("fallback") else []
     ran = Resolution("kmeans", requested, result["backend"], result["kind"], result["reason"], fallbacks)
     return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
                                 labels=result["labels"], inertia=result["inertia"], n_iter=result["n_iter"])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu_ops.device import autocast_dtype, precision_for_device
 from gpu_ops.errors import InputError
 from gpu_ops.features.jpeg import resize_normalise
 
@@ -79,7 +80,7 @@ class PretrainedImageExtractor(Extractor):
 
     Subclasses build ``self.model`` (a module mapping (b, 3, s, s) to (b, d)) and call
     :meth:`_place`; ``mean`` / ``std`` are per-channel on the [0, 1] scale. On CUDA the model runs
-    in channels_last under autocast (bf16 when supported, else fp16) with non-blocking copies.
+    in channels_last under autocast in :attr:`precision` with non-blocking copies.
     """
 
     image_size: int
@@ -87,6 +88,12 @@ class PretrainedImageExtractor(Extractor):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     model: torch.nn.Module | None
+
+    @property
+    def precision(self) -> str:
+        """``bf16`` / ``fp16`` / ``fp32``: the precision the model runs in on this extractor's
+        device (:func:`gpu_ops.device.precision_for_device`; bf16 from compute capability 8.0)."""
+        return precision_for_device(self.device)
 
     def _place(self, model: torch.nn.Module) -> None:
         model.eval().to(self.device)
@@ -121,8 +128,7 @@ class PretrainedImageExtractor(Extractor):
         assert self.model is not None
         if self.device == "cuda":
             batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast("cuda", dtype=autocast_dtype(self.precision)):
                 out = self.model(batch)
             return out.float().cpu().numpy()
         return self.model(batch).numpy().astype(np.float32, copy=False)
