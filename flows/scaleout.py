@@ -155,7 +155,7 @@ def extract_store(config: RunConfig, address: str | None) -> StoreRef:
         # params["device"] is the extract placement's torch device
         extract = configured(extract_features, config, "extract", gpu=params["device"] == "cuda")
         result = extract(params)
-        if not cached_store_ok(result.store):
+        if not cached_store_ok(result.store, result.revision):
             # a cached result whose store was deleted or altered since: a cache miss (the stage
             # verifies the store and re-extracts what it must)
             result = extract.with_options(refresh_cache=True)(params)

@@ -234,11 +234,15 @@ def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]
     from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_directory, store_metadata
 
     dataset, extractor = dataset_and_extractor(params, "cpu")
-    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
+    # sharded over workers: a store of fixed index ranges, keyed by the data's content (image folders
+    # too), and by the precision of the device the run's extraction is placed on
+    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=False,
+                                device=params["device"])
     n = len(dataset)
     manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
     rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
-    store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
+    store = ShardedStore(directory, store_metadata(dataset, extractor, incremental=False, device=params["device"]), n,
+                         rows)
     if not (directory / MANIFEST).is_file():
         atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout
     merge_shards(directory, finish=False)  # fold in entries an interrupted run left behind
@@ -264,10 +268,10 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     t0 = time.perf_counter()
     dataset, extractor = dataset_and_extractor(params, device)
     store_root = Path(params["cache_root"]) / "stores"
-    expected = store_directory(store_root, dataset, extractor)
+    expected = store_directory(store_root, dataset, extractor, incremental=False)
     if expected.resolve() != Path(store).resolve():
         raise InputError(f"{store}: this worker's data/extractor belong in {expected} (different dataset "
-                         "files or library versions on the workers?)")
+                         "files, library versions or precision on the workers?)")
     options = {**extract_options(params, extractor.device), "shard_rows": shard_rows}
     done = extract_to_store(dataset, extractor, store_root, shards=shards, progress=False, on_shard=on_shard,
                             **options)

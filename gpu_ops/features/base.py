@@ -44,10 +44,34 @@ class Extractor(ABC):
         """Identity written into the store's schema: ``extractor``, ``weights``, ``weights_sha256``
         and ``preprocessing`` (JSON)."""
 
-    def store_key(self) -> str:
-        """Short hash of :meth:`metadata`: stores of different extractors/weights never mix."""
-        blob = json.dumps(self.metadata(), sort_keys=True).encode()
+    def precision(self, device: str | None = None) -> str:
+        """The arithmetic the embeddings are computed in on ``device`` (this extractor's when
+        None): ``fp32``, or ``bf16`` / ``fp16`` under autocast on a GPU. Embeddings of different
+        precisions never share a store."""
+        return "fp32"
+
+    def identity(self, device: str | None = None) -> dict[str, str]:
+        """What decides an embedding: :meth:`metadata` (extractor, weights, preprocessing) plus
+        :meth:`precision` (on ``device``). A store is keyed by it and carries it in its metadata."""
+        return {**self.metadata(), "precision": self.precision(device)}
+
+    def store_key(self, device: str | None = None) -> str:
+        """Short hash of :meth:`identity`: stores of different extractors, weights, preprocessing
+        or precision never mix."""
+        blob = json.dumps(self.identity(device), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype a pretrained network's forward pass autocasts to on ``device`` (None: float32).
+    On CUDA: bfloat16 where the card supports it, else float16."""
+    if device != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+#: Short names of the autocast dtypes, as stores record them.
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -110,6 +134,9 @@ class PretrainedImageExtractor(Extractor):
         """(3, h, w) uint8 images on the device -> (b, 3, size, size) normalised, as :meth:`preprocess`."""
         return resize_normalise(images, self.image_size, self._mean, self._std)
 
+    def precision(self, device: str | None = None) -> str:
+        return PRECISION_NAMES[autocast_dtype(device or self.device)]
+
     def output_dim(self) -> int:
         """Length of this extractor's embeddings (one forward pass of a blank image)."""
         blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
@@ -121,8 +148,7 @@ class PretrainedImageExtractor(Extractor):
         assert self.model is not None
         if self.device == "cuda":
             batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast("cuda", dtype=autocast_dtype(self.device)):
                 out = self.model(batch)
             return out.float().cpu().numpy()
         return self.model(batch).numpy().astype(np.float32, copy=False)
