@@ -41,6 +41,7 @@ from gpu_ops.config import RunConfig
 from gpu_ops.placement import place
 from gpu_ops.stages import ClusterResult, StoreRef
 from gpu_ops.store import cached_store_ok
+from gpu_ops.store_lock import StoreLock, new_run_id
 
 
 def _worker_env() -> dict[str, str]:
@@ -122,6 +123,13 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     stopping.reclaim_sigterm()
 
     t0 = time.perf_counter()
+    # the driver is the store's one writer for the whole sharded extraction (workers write parts only)
+    with StoreLock(distributed.sharded_store_directory(params), new_run_id(), wait=config.wait_for_store):
+        return _extract_sharded(config, params, address, t0)
+
+
+def _extract_sharded(config: RunConfig, params: dict[str, Any], address: str, t0: float) -> StoreRef:
+    """Plan, embed on the workers and merge (the caller holds the store's lock)."""
     plan = plan_shards(params, config.task_runner.n_workers, address)
     backend = config.backend_for("extract")
     futures = [extract_shard.submit(params, plan["store"], [s], plan["shard_rows"], backend) for s in plan["pending"]]

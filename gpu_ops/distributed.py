@@ -227,17 +227,25 @@ class ShardedStore(EmbeddingStore):
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
 
 
+def sharded_store_directory(params: dict[str, Any]) -> Path:
+    """The store a sharded extraction with ``params`` writes: fixed index ranges, keyed by the
+    data's content (image folders too: a folder is refreshed in place only by a single process)
+    and by the precision of the device the run's extraction is placed on."""
+    from gpu_ops.features.extract import store_directory
+
+    dataset, extractor = dataset_and_extractor(params, "cpu")
+    return store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=False,
+                           device=params["device"])
+
+
 def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]:
     """Fix the store's layout and list its pending shards (driver side; builds the extractor on
     the CPU only to learn its identity). A new store gets ``params["shard_rows"]`` rows per
     shard (the same layout as a single-process extraction); one that exists keeps its own."""
-    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_directory, store_metadata
+    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_metadata
 
     dataset, extractor = dataset_and_extractor(params, "cpu")
-    # sharded over workers: a store of fixed index ranges, keyed by the data's content (image folders
-    # too), and by the precision of the device the run's extraction is placed on
-    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=False,
-                                device=params["device"])
+    directory = sharded_store_directory(params)
     n = len(dataset)
     manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
     rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)

@@ -103,12 +103,20 @@ class StoreLock:
         self.wait = wait
         self.waited_s = 0.0
         self.waited_for: str | None = None
-        self._lock = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
+        self._lock: FileLock | None = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
 
     def __enter__(self) -> "StoreLock":
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.is_dir() and not self.directory.stat().st_mode & 0o222:
+            # made read-only: nobody writes into it, and reusing it must not write either
+            log.info("store %s is read-only: reading it without taking its lock", self.directory)
+            self._lock = None
+            return self
         try:
-            self._lock.acquire(timeout=0)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create store directory {self.directory} ({exc.strerror})") from None
+        try:
+            self._lock.acquire(timeout=0)  # type: ignore[union-attr]
         except Timeout:
             self._wait_for_holder()
         self._take_over()
@@ -121,7 +129,7 @@ class StoreLock:
                              "for it") from None
         log.warning("store %s is being written by %s: waiting for it to finish", self.directory, who)
         t0 = time.monotonic()
-        self._lock.acquire(poll_interval=POLL_S)
+        self._lock.acquire(poll_interval=POLL_S)  # type: ignore[union-attr]
         self.waited_s, self.waited_for = time.monotonic() - t0, who
         log.warning("store %s: waited %.1f s for %s", self.directory, self.waited_s, who)
 
@@ -138,6 +146,8 @@ class StoreLock:
         atomic_write_json(self.directory / HOLDER_FILE, asdict(me))
 
     def __exit__(self, *exc: object) -> None:
+        if self._lock is None:
+            return
         try:
             (self.directory / HOLDER_FILE).unlink(missing_ok=True)
         finally:
