@@ -125,27 +125,23 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     t0 = time.perf_counter()
     # the driver is the store's one writer for the whole sharded extraction (workers write parts only)
     with StoreLock(distributed.sharded_store_directory(params), new_run_id(), wait=config.wait_for_store):
-        return _extract_sharded(config, params, address, t0)
-
-
-def _extract_sharded(config: RunConfig, params: dict[str, Any], address: str, t0: float) -> StoreRef:
-    """Plan, embed on the workers and merge (the caller holds the store's lock)."""
-    plan = plan_shards(params, config.task_runner.n_workers, address)
-    backend = config.backend_for("extract")
-    futures = [extract_shard.submit(params, plan["store"], [s], plan["shard_rows"], backend) for s in plan["pending"]]
-    _, not_done = wait(futures, timeout=config.timeouts.extract)
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} of {len(futures)} shard(s) unfinished after the extract stage's "
-                           f"{config.timeouts.extract} s")
-    results = [f.result() for f in futures]
-    merged = merge_shards(plan["store"])
-    devices = sorted({r["device"] for r in results}) or [params["device"]]
-    writers = sorted({r["writer"] for r in results})
-    get_run_logger().info("%d shard(s) written by %d worker process(es) on %s", len(results), len(writers),
-                          ", ".join(sorted({r["device_label"] for r in results})) or "-")
-    return StoreRef(store=str(plan["store"]), rows=merged["rows"], dim=merged["dim"],
-                    quarantined=merged["quarantined"], device="+".join(devices), extractor=params["extractor"],
-                    shard_rows=plan["shard_rows"], writers=writers, seconds=round(time.perf_counter() - t0, 3))
+        plan = plan_shards(params, config.task_runner.n_workers, address)
+        backend = config.backend_for("extract")
+        futures = [extract_shard.submit(params, plan["store"], [s], plan["shard_rows"], backend)
+                   for s in plan["pending"]]
+        _, not_done = wait(futures, timeout=config.timeouts.extract)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} of {len(futures)} shard(s) unfinished after the extract stage's "
+                               f"{config.timeouts.extract} s")
+        results = [f.result() for f in futures]
+        merged = merge_shards(plan["store"])
+        devices = sorted({r["device"] for r in results}) or [params["device"]]
+        writers = sorted({r["writer"] for r in results})
+        get_run_logger().info("%d shard(s) written by %d worker process(es) on %s", len(results), len(writers),
+                              ", ".join(sorted({r["device_label"] for r in results})) or "-")
+        return StoreRef(store=str(plan["store"]), rows=merged["rows"], dim=merged["dim"],
+                        quarantined=merged["quarantined"], device="+".join(devices), extractor=params["extractor"],
+                        shard_rows=plan["shard_rows"], writers=writers, seconds=round(time.perf_counter() - t0, 3))
 
 
 # ------------------------------------------------------------------------------------------

@@ -257,9 +257,9 @@ class IncrementalStore(EmbeddingStore):
         self._ids_by_source = {dataset.source(i): dataset.image_ids[i] for i in plan.pending}
         if plan.changes:
             self._start_run(plan)
-        label_of = None if dataset.labels is None else dict(zip(dataset.image_ids, (int(v) for v in dataset.labels)))
+        labels = None if dataset.labels is None else dict(zip(dataset.image_ids, (int(v) for v in dataset.labels)))
         for name in sorted(set(plan.drop) | plan.relabel):
-            self._rewrite(name, plan.drop.get(name, set()), label_of if name in plan.relabel else None)
+            self._rewrite(name, plan.drop.get(name, set()), relabel=name in plan.relabel, labels=labels)
         self.groups = {}
         for start in range(0, len(plan.pending), self.shard_rows):
             self.groups[self._next_part()] = plan.pending[start:start + self.shard_rows]
@@ -275,9 +275,10 @@ class IncrementalStore(EmbeddingStore):
         self._started = True
         self._save()
 
-    def _rewrite(self, name: str, drop: set[str], label_of: dict[str, int] | None) -> None:
-        """Part ``name`` without the rows (and quarantined items) in ``drop``, with the labels of
-        ``label_of`` when given, as a new part; the manifest names it, then the old file goes."""
+    def _rewrite(self, name: str, drop: set[str], relabel: bool, labels: dict[str, int] | None) -> None:
+        """Part ``name`` without the rows (and quarantined items) in ``drop``, as a new part (with
+        ``relabel``: its rows' labels from ``labels``, null where None); the manifest names it,
+        then the old file goes."""
         entry = self.manifest["shards"][name]
         quarantined = [q for q in entry["quarantined"] if q.get("image_id") not in drop]
         table = None
@@ -285,8 +286,10 @@ class IncrementalStore(EmbeddingStore):
             table = read_part(self.directory / entry["file"])
             keep = pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(drop), pa.string())))
             table = table.filter(keep)
-            if label_of is not None:
-                new_labels = pa.array([label_of[i] for i in table.column("image_id").to_pylist()], pa.int32())
+            if relabel:
+                ids = table.column("image_id").to_pylist()
+                new_labels = (pa.nulls(len(ids), pa.int32()) if labels is None
+                              else pa.array([labels[i] for i in ids], pa.int32()))
                 table = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"), new_labels)
         del self.manifest["shards"][name]
         if (table is not None and table.num_rows) or quarantined:
