@@ -164,6 +164,11 @@ def concurrent_runs(args: argparse.Namespace, folder: Path, work: Path) -> dict[
             "errors": [err[-1500:] for p, (_, err) in zip(procs, outs) if p.returncode]}
 
 
+def _progress(report: dict[str, Any], key: str) -> None:
+    """One finished section on stderr (a later failure keeps it)."""
+    print(json.dumps({key: report[key]}, default=str), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "extract"])
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"load average {os.getloadavg()[0]:.1f} at start",
                               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                            "pyarrow": pyarrow.__version__, "filelock": filelock.__version__},
-                              "settings": {k: v for k, v in vars(args).items() if k not in ("mode", "paths", "work")}}
+                              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                           if k not in ("mode", "paths", "work")}}
     folder = build_folder(args.images, work / "photos", per_class)
     first = _run_extract(args, folder, work / "cache")
     store = Path(first["store"])
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     report["refresh"] = {"wall_s": rerun["wall_s"], "extract_s": rerun["seconds"],
                          **refresh_figures(before, after, manifest, first_run, folder, parts_before, store)}
 
+    _progress(report, "refresh")
     kill_store = work / "cache-kill" / store.relative_to(work / "cache")
     at_kill = killed_refresh(args, folder, work / "cache-kill", kill_store)
     resumed = _run_extract(args, folder, work / "cache-kill")
@@ -227,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "max_abs_embedding_difference_vs_uninterrupted": max_diff,
                                     "unchanged_rows_identical_to_uninterrupted": all(
                                         after_kill[i] == after[i] for i in after if after[i]["run_id"] == first_run)}
+    _progress(report, "sigkill_then_rerun")
     if not args.skip_concurrency:
         together = build_folder(args.images, work / "photos-together", per_class)
         report["two_runs_together"] = concurrent_runs(args, together, work)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, default=str))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0
