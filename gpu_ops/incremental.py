@@ -250,6 +250,12 @@ class IncrementalStore(EmbeddingStore):
         return plan
 
     # ---------------------------------------------------------------- the refresh
+    def check_writable_for(self, plan: Plan) -> None:
+        """Refuse (one line) a refresh with work to do when the store directory cannot be written."""
+        if plan.changes and not os.access(self.directory, os.W_OK | os.X_OK):
+            raise InputError(f"store {self.directory} needs a refresh ({plan.describe()}) but is not writable: "
+                             "make it writable or choose another cache (GPUCLUST_CACHE)")
+
     def apply(self, plan: Plan, dataset: Dataset) -> None:
         """Retire what ``plan`` drops (rewriting the parts that hold it) and lay out the new parts
         of its pending images (:meth:`pending_shards`, :meth:`shard_range`)."""

@@ -298,8 +298,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
             refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
             plan = refreshing.plan(dataset)
             log.info("store %s: %s", directory, plan.describe())
-            if plan.changes:
-                refreshing.check_writable()
+            refreshing.check_writable_for(plan)
             refreshing.apply(plan, dataset)
             store: EmbeddingStore = refreshing
         else:
