@@ -67,7 +67,9 @@ def extract_features(params: dict[str, Any]) -> StoreRef:
 
     get_run_logger().info("extract: %s features of %s on %s", params["extractor"], params["dataset"],
                           device_label(params["device"]))
-    return pipeline.extract_stage(params, on_shard=on_shard)
+    ref = pipeline.extract_stage(params, on_shard=on_shard)
+    get_run_logger().info("extract: %d item(s) embedded now, %d row(s) in store %s", ref.extracted, ref.rows, ref.store)
+    return ref
 
 
 def _log_backends(stage: str, result: ClusterResult | MapResult) -> None:

@@ -74,7 +74,8 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
                                **extract_options(params, params["device"]))
     return StoreRef(store=str(summary.directory), rows=summary.rows, dim=summary.dim,
                     quarantined=summary.quarantined, device=params["device"], extractor=params["extractor"],
-                    seconds=round(time.perf_counter() - t0, 3), revision=store_revision(Path(summary.directory)))
+                    seconds=round(time.perf_counter() - t0, 3), revision=store_revision(Path(summary.directory)),
+                    extracted=summary.items)
 
 
 def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
