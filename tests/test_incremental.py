@@ -160,6 +160,26 @@ def test_a_refresh_embeds_exactly_the_new_and_changed_images_and_keeps_the_rest(
     assert third.items == 0 and {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamp
 
 
+def test_a_new_class_folder_relabels_the_stored_rows_without_re_embedding_them(jpegs, tmp_path):
+    folder = _folder(tmp_path / "photos", jpegs, 3)
+    store = Path(_extract(folder, tmp_path / "cache", shard_rows=10).directory)
+    before = _rows(store)
+    assert before["airplane/000.jpg"]["label"] == 0 and before["truck/002.jpg"]["label"] == 9
+    (folder / "aardvark").mkdir()  # sorts first: every class id moves up by one
+    (folder / "aardvark" / "0.jpg").write_bytes(jpegs["deer"][100])
+    summary = _extract(folder, tmp_path / "cache", shard_rows=10)
+    after = _rows(store)
+    assert summary.items == 1 and len(after) == 31
+    assert after["aardvark/0.jpg"]["label"] == 0 and after["truck/002.jpg"]["label"] == 10
+    for image_id, row in before.items():
+        assert after[image_id] == {**row, "label": row["label"] + 1}, image_id
+    assert read_embeddings(store).labels.tolist() == [after[i]["label"] for i in read_embeddings(store).image_ids]
+    # a file beside the class folders: no labels any more, and the stored ones become null
+    (folder / "loose.jpg").write_bytes(jpegs["deer"][101])
+    _extract(folder, tmp_path / "cache", shard_rows=10)
+    assert {r["label"] for r in _rows(store).values()} == {None} and read_embeddings(store).labels is None
+
+
 _REFRESH_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
