@@ -175,7 +175,7 @@ class IncrementalStore(EmbeddingStore):
         left between writing a file and recording it (or between recording and deleting one)."""
         listed = {e["file"] for e in self.manifest["shards"].values() if e["file"]}
         leftovers = [p for p in self.directory.glob("part-*.parquet") if p.name not in listed]
-        leftovers += list(self.directory.glob(".part-*.tmp*"))
+        leftovers += [*self.directory.glob(".part-*.tmp*"), *self.directory.glob(f".{Path(MANIFEST).stem}.*.tmp*")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         if leftovers:
@@ -191,26 +191,34 @@ class IncrementalStore(EmbeddingStore):
         return number
 
     # ---------------------------------------------------------------- the comparison
-    def known(self) -> dict[str, Known]:
-        """Every image the store holds (rows and quarantined items), by image_id."""
+    def known(self) -> tuple[dict[str, Known], dict[str, set[str]]]:
+        """Every image the store holds (rows and quarantined items), by image_id; and, by part, any
+        later copy of an image_id already seen (never written by this module: retired if found)."""
         out: dict[str, Known] = {}
+        extra: dict[str, set[str]] = defaultdict(set)
+
+        def add(image_id: str, item: Known) -> None:
+            if image_id in out:
+                extra[item.part].add(image_id)
+            else:
+                out[image_id] = item
+
         for name, entry in sorted(self.manifest["shards"].items()):
             if entry["file"]:
                 table = read_part(self.directory / entry["file"],
                                   columns=["image_id", "label", "size", "mtime_ns", "blake2b"])
                 cols = [table.column(c).to_pylist() for c in ("image_id", "label", "size", "mtime_ns", "blake2b")]
                 for image_id, label, size, mtime, digest in zip(*cols):
-                    out.setdefault(image_id, Known(name, FileState(size, mtime, digest), label, False))
+                    add(image_id, Known(name, FileState(size, mtime, digest), label, False))
             for q in entry["quarantined"]:
                 if "image_id" in q:
-                    out.setdefault(q["image_id"], Known(name, FileState(q["size"], q["mtime_ns"], q["blake2b"]),
-                                                        None, True))
-        return out
+                    add(q["image_id"], Known(name, FileState(q["size"], q["mtime_ns"], q["blake2b"]), None, True))
+        return out, dict(extra)
 
     def plan(self, dataset: Dataset) -> Plan:
         """Compare ``dataset`` (an image folder) with the store: what to retire, what to embed.
         Files whose size and mtime match their record are not read; the others are hashed."""
-        known = self.known()
+        known, duplicates = self.known()
         paths: list[Path] = list(dataset.paths)  # type: ignore[attr-defined]
         ids = dataset.image_ids
         labels = None if dataset.labels is None else [int(v) for v in dataset.labels]
@@ -219,7 +227,7 @@ class IncrementalStore(EmbeddingStore):
                    if (k := known.get(image_id)) is None or (k.state.size, k.state.mtime_ns) != stats[i]]
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
             hashes = dict(zip(to_hash, pool.map(lambda i: _hash_or_empty(paths[i]), to_hash)))
-        plan = Plan(states={}, pending=[], drop=defaultdict(set))
+        plan = Plan(states={}, pending=[], drop=defaultdict(set, {part: set(dup) for part, dup in duplicates.items()}))
         counts = dict.fromkeys(("unchanged", "touched", "new", "changed", "removed"), 0)
         for i, image_id in enumerate(ids):
             k = known.get(image_id)
