@@ -106,8 +106,10 @@ class StoreLock:
         self._lock: FileLock | None = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
 
     def __enter__(self) -> "StoreLock":
-        if self.directory.is_dir() and not self.directory.stat().st_mode & 0o222:
-            # made read-only: nobody writes into it, and reusing it must not write either
+        if self.directory.is_dir() and (not self.directory.stat().st_mode & 0o222
+                                        or not os.access(self.directory, os.W_OK | os.X_OK)):
+            # made read-only (or not ours to write): this run cannot write into it, and reusing it must
+            # not write either (the store refuses in one line if it would have to)
             log.info("store %s is read-only: reading it without taking its lock", self.directory)
             self._lock = None
             return self
