@@ -12,7 +12,8 @@ SIGKILL included, so a killed run never blocks the next one. Its sidecar stays b
 the next holder finds it, checks the pid it names (not running on this host, or another
 process) and says in the log that the previous writer ended without releasing the store. A
 sidecar whose pid is not running while the lock is held is reported as stale, not as the holder.
-Locks on network filesystems are only as reliable as the filesystem's ``flock``.
+Locks on network filesystems are only as reliable as the filesystem's ``flock``. A store directory
+this process cannot write (a read-only cache) is read without the lock.
 """
 
 from __future__ import annotations
