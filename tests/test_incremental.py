@@ -114,6 +114,9 @@ def test_a_refresh_embeds_exactly_the_new_and_changed_images_and_keeps_the_rest(
     run1 = _manifest(store)["runs"][-1]["run_id"]
     part_bytes = {f: (store / f).read_bytes() for f in _manifest(store)["files"]}
     assert len(before) == 120 and len(part_bytes) == 10
+    meta = read_embeddings(store).metadata  # keyed by the folder and what decides an embedding, not the files
+    assert meta["precision"] == "fp32" and meta["collection"] and "dataset_fingerprint" not in meta
+    assert store.parent.name == f"folder-photos-{load_dataset(f'folder:{folder}').collection_id()}"
 
     change = _change(folder, jpegs, 1, 12)
     second = _extract(folder, tmp_path / "cache", shard_rows=12)
