@@ -240,7 +240,7 @@ def bench_resnet50_model(ctx: Context) -> dict[str, Any]:
     ex = create_extractor("resnet50", weights="none", image_size=224, device="cuda")
     batch, iters = (64, 3) if ctx.quick else (256, 30)
     x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[ex.precision]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[ex.precision()]
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
         for _ in range(5):
             ex.model(x)
@@ -251,7 +251,7 @@ def bench_resnet50_model(ctx: Context) -> dict[str, Any]:
         _sync()
         seconds = time.perf_counter() - t0
     return {"images_per_s": round(batch * iters / seconds, 1), "batch": batch, "iterations": iters,
-            "precision": ex.precision, "memory_format": "channels_last", "image_size": 224}
+            "precision": ex.precision(), "memory_format": "channels_last", "image_size": 224}
 
 
 def make_jpegs(directory: Path, n: int, size: tuple[int, int] = (320, 240)) -> Path:
@@ -318,7 +318,7 @@ def bench_resnet50_end_to_end(ctx: Context) -> dict[str, Any]:
     if summary.rows != n:
         raise CheckFailed(f"end-to-end extraction stored {summary.rows} of {n} images")
     return {"images_per_s": round(n / seconds, 1), "images": n, "seconds": round(seconds, 2), "jpeg": "320x240",
-            "precision": ex.precision, "decode_on_device": True}
+            "precision": ex.precision(), "decode_on_device": True}
 
 
 def bench_deep_mnist(ctx: Context) -> dict[str, Any]:

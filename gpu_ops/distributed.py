@@ -351,18 +351,30 @@ class ShardedStore(EmbeddingStore):
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
 
 
+def sharded_store_directory(params: dict[str, Any]) -> Path:
+    """The store a sharded extraction with ``params`` writes: fixed index ranges, keyed by the
+    data's content (image folders too: a folder is refreshed in place only by a single process)
+    and by the precision of the device the run's extraction is placed on."""
+    from gpu_ops.features.extract import store_directory
+
+    dataset, extractor = dataset_and_extractor(params, "cpu")
+    return store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=False,
+                           device=params["device"])
+
+
 def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]:
     """Fix the store's layout and list its pending shards (driver side; builds the extractor on
     the CPU only to learn its identity). A new store gets ``params["shard_rows"]`` rows per
     shard (the same layout as a single-process extraction); one that exists keeps its own."""
-    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_directory, store_metadata
+    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_metadata
 
     dataset, extractor = dataset_and_extractor(params, "cpu")
-    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
+    directory = sharded_store_directory(params)
     n = len(dataset)
     manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
     rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
-    store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
+    store = ShardedStore(directory, store_metadata(dataset, extractor, incremental=False, device=params["device"]), n,
+                         rows)
     if not (directory / MANIFEST).is_file():
         atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout
     merge_shards(directory, finish=False)  # fold in entries an interrupted run left behind
@@ -388,10 +400,10 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     t0 = time.perf_counter()
     dataset, extractor = dataset_and_extractor(params, device)
     store_root = Path(params["cache_root"]) / "stores"
-    expected = store_directory(store_root, dataset, extractor)
+    expected = store_directory(store_root, dataset, extractor, incremental=False)
     if expected.resolve() != Path(store).resolve():
         raise InputError(f"{store}: this worker's data/extractor belong in {expected} (different dataset "
-                         "files or library versions on the workers?)")
+                         "files, library versions or precision on the workers?)")
     options = {**extract_options(params, extractor.device), "shard_rows": shard_rows}
     done = extract_to_store(dataset, extractor, store_root, shards=shards, progress=False, on_shard=on_shard,
                             **options)

@@ -175,7 +175,7 @@ def test_precision_of_cpu_work_is_fp32():
     from gpu_ops.features import create_extractor
 
     assert precision_for_device("cpu") == precision_for_device(torch.device("cpu")) == "fp32"
-    assert create_extractor("resnet18", weights="none", image_size=32).precision == "fp32"
+    assert create_extractor("resnet18", weights="none", image_size=32).precision() == "fp32"
     amp = Amp(torch.device("cpu"))
     assert (amp.precision, amp.scaler) == ("fp32", None)
     assert (autocast_dtype("bf16"), autocast_dtype("fp16"), autocast_dtype("fp32")) == (torch.bfloat16, torch.float16,

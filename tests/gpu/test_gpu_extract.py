@@ -65,7 +65,7 @@ def test_extraction_runs_in_the_precision_of_the_device():
 
     ex = create_extractor("resnet50", weights="none", image_size=64, device="cuda")
     expected = precision_for(torch.cuda.get_device_capability())
-    assert ex.precision == expected
+    assert ex.precision() == expected
     captured = {}
     handle = ex.model.register_forward_hook(lambda m, i, o: captured.setdefault("dtype", o.dtype))
     ex.embed(ex.preprocess(np.zeros((64, 64, 3), np.uint8))[None])
