@@ -32,6 +32,7 @@ RUN_OPTIONS = {
     "latent_dim": "--latent-dim",
     "ae_epochs": "--ae-epochs", "deep_epochs": "--deep-epochs", "algorithms": "--algorithm",
     "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out", "explore": "--no-explore",
+    "wait_for_store": "--no-wait",
 }
 #: The task_runner fields the Dask options set.
 RUNNER_OPTIONS = {"kind": "--task-runner", "address": "--dask-address", "n_workers": "--dask-workers"}
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
+    run.add_argument("--no-wait", action="store_false", default=None, dest="wait_for_store",
+                     help="fail at once when another run is writing the same embedding store (default: wait for it)")
     run.add_argument("--no-explore", action="store_false", default=None, dest="explore",
                      help="skip duplicates, outliers and quality flags (one more pass over the images)")
     run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "

@@ -122,6 +122,8 @@ class RunConfig(BaseModel):
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
     shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")
+    wait_for_store: bool = Field(True, description="another run writing the same embedding store: wait for it "
+                                 "(false: fail at once, naming it)")
     algorithms: list[str] = Field(default_factory=lambda: ["umap-graph"])
     k: int | Literal["auto"] = 10
     k_range: tuple[int, int] = Field((2, 20), description="k=auto: the smallest and largest k tried")

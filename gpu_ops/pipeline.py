@@ -26,6 +26,7 @@ from gpu_ops.features.extract import (
     extract_to_store,
     open_dataset,
 )
+from gpu_ops.incremental import store_revision
 from gpu_ops.metrics import evaluate
 from gpu_ops.placement import placement_for
 from gpu_ops.registry import Resolution, create_estimator
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
-            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs", "flip_average")
+            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs", "flip_average", "wait_for_store")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = placement_for(cfg, "extract").torch_device
     params["cache_root"] = str(cfg.cache_root())
@@ -68,10 +69,12 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
     dataset = open_dataset(params)
     extractor = build_extractor(params, dataset, progress=progress)
     summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores", on_shard=on_shard,
-                               progress=progress, **extract_options(params, params["device"]))
+                               progress=progress, wait=params.get("wait_for_store", True),
+                               **extract_options(params, params["device"]))
     return StoreRef(store=str(summary.directory), rows=summary.rows, dim=summary.dim,
                     quarantined=summary.quarantined, device=params["device"], extractor=params["extractor"],
-                    seconds=round(time.perf_counter() - t0, 3))
+                    seconds=round(time.perf_counter() - t0, 3), revision=store_revision(Path(summary.directory)),
+                    extracted=summary.items)
 
 
 def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:

@@ -46,6 +46,8 @@ class StoreRef(StageModel):
     seconds: float
     shard_rows: int | None = None  #: sharded (Dask) extraction: rows per shard
     writers: list[str] | None = None  #: sharded extraction: the worker processes that wrote shards
+    revision: str | None = None  #: a store refreshed in place: the run that last changed it
+    extracted: int | None = None  #: items this run read (embedded or quarantined); the rest were stored already
 
 
 class ResolutionRecord(StageModel):

@@ -212,8 +212,9 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK | os.X_OK)
 
 
-def cached_store_ok(directory: str | Path) -> bool:
-    """Cheap check (a stat per part, no hashing) that a finished store is as its manifest says.
+def cached_store_ok(directory: str | Path, revision: str | None = None) -> bool:
+    """Cheap check (a stat per part, no hashing) that a finished store is as its manifest says
+    (and, for a store refreshed in place, still at the ``revision`` the cached result saw).
 
     For a store named by a cached result of an earlier run: False means "run the extract stage
     again". It logs why: a warning when the store (or its manifest) is gone or unfinished, since
@@ -233,6 +234,10 @@ def cached_store_ok(directory: str | Path) -> bool:
         return False
     if not manifest["complete"]:
         log.warning("store %s is unfinished: re-extracting its missing shards", directory)
+        return False
+    if manifest.get("revision") != revision:
+        log.info("store %s was refreshed since (revision %s, the cached result saw %s): running the extract "
+                 "stage again", directory, manifest.get("revision"), revision)
         return False
     problems = [p for entry in manifest["shards"].values() if entry["file"]
                 for p in [part_problem(directory, entry, full=False)] if p]

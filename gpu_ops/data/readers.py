@@ -230,6 +230,11 @@ class FolderDataset(Dataset):
             parts.append(f"{p.relative_to(self.root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
         return hash_strings(parts)
 
+    def collection_id(self) -> str:
+        """The folder itself (its resolved path), whatever it holds today: one store per folder,
+        refreshed image by image."""
+        return hash_strings(["folder", str(self.root.resolve())])
+
 
 #: Pillow modes holding one channel of 16-bit (``I;16*``) or 32-bit integer (``I``) values. A
 #: 16-bit PNG opens as one of them; its values are scaled 0..65535 -> 0..255 by the pixel rule.

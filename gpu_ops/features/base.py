@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpu_ops.device import autocast_dtype, precision_for_device
 from gpu_ops.errors import InputError
 
 if TYPE_CHECKING:
@@ -46,9 +47,21 @@ class Extractor(ABC):
         """Identity written into the store's schema: ``extractor``, ``weights``, ``weights_sha256``
         and ``preprocessing`` (JSON)."""
 
-    def store_key(self) -> str:
-        """Short hash of :meth:`metadata`: stores of different extractors/weights never mix."""
-        blob = json.dumps(self.metadata(), sort_keys=True).encode()
+    def precision(self, device: str | None = None) -> str:
+        """The arithmetic the embeddings are computed in on ``device`` (this extractor's when
+        None): ``fp32``, or ``bf16`` / ``fp16`` under autocast on a GPU. Embeddings of different
+        precisions never share a store."""
+        return "fp32"
+
+    def identity(self, device: str | None = None) -> dict[str, str]:
+        """What decides an embedding: :meth:`metadata` (extractor, weights, preprocessing) plus
+        :meth:`precision` (on ``device``). A store is keyed by it and carries it in its metadata."""
+        return {**self.metadata(), "precision": self.precision(device)}
+
+    def store_key(self, device: str | None = None) -> str:
+        """Short hash of :meth:`identity`: stores of different extractors, weights, preprocessing
+        or precision never mix."""
+        blob = json.dumps(self.identity(device), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -84,7 +97,7 @@ class PretrainedImageExtractor(Extractor):
 
     Subclasses build ``self.model`` (a module mapping (b, 3, s, s) to (b, d)) and call
     :meth:`_place`; ``mean`` / ``std`` are per-channel on the [0, 1] scale. On CUDA the model runs
-    in channels_last under autocast (bf16 when supported, else fp16) with non-blocking copies.
+    in channels_last under autocast in :meth:`precision` with non-blocking copies.
     """
 
     image_size: int
@@ -119,6 +132,12 @@ class PretrainedImageExtractor(Extractor):
 
         return resize_normalise(images, self.image_size, self._mean, self._std)
 
+    def precision(self, device: str | None = None) -> str:
+        """``bf16`` / ``fp16`` / ``fp32``: the precision the model runs in on ``device`` (this
+        extractor's when None; :func:`gpu_ops.device.precision_for_device`: bf16 from compute
+        capability 8.0)."""
+        return precision_for_device(device or self.device)
+
     def output_dim(self) -> int:
         """Length of this extractor's embeddings (one forward pass of a blank image)."""
         blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
@@ -132,8 +151,7 @@ class PretrainedImageExtractor(Extractor):
         with torch.inference_mode():
             if self.device == "cuda":
                 batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-                with torch.autocast("cuda", dtype=dtype):
+                with torch.autocast("cuda", dtype=autocast_dtype(self.precision())):
                     out = self.model(batch)
                 return out.float().cpu().numpy()
             return self.model(batch).numpy().astype(np.float32, copy=False)

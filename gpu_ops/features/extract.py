@@ -30,7 +30,9 @@ from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
 from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
+from gpu_ops.incremental import IncrementalStore
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
+from gpu_ops.store_lock import StoreLock, new_run_id
 
 if TYPE_CHECKING:
     import torch
@@ -128,18 +130,38 @@ def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor
     return batch, failed, [reasons[i] for i in failed]
 
 
-def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
-    """``<root>/<kind>-<name>-<fingerprint>``: everything derived from one dataset selection."""
+def _data_name(dataset: Dataset) -> str:
+    """``<kind>-<name>``: the readable start of a dataset's cache folder."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.name.split(":", 1)[-1]).name)[-40:] or "data"
-    kind = dataset.name.split(":", 1)[0]
-    return Path(store_root) / f"{kind}-{slug}-{dataset.fingerprint()}"
+    return f"{dataset.name.split(':', 1)[0]}-{slug}"
 
 
-def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
-    """``<dataset dir>/<extractor>-<key>``: one store per data x extractor x weights x preprocessing
-    (``timm:resnet18`` becomes ``timm-resnet18``)."""
+def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
+    """``<root>/<kind>-<name>-<fingerprint>``: everything derived from one dataset selection's content."""
+    return Path(store_root) / f"{_data_name(dataset)}-{dataset.fingerprint()}"
+
+
+def refreshed_in_place(dataset: Dataset) -> bool:
+    """Whether ``dataset``'s store is refreshed image by image (an image folder: :mod:`gpu_ops.incremental`)
+    rather than keyed by the dataset's whole content (IDX, arrays, Parquet embeddings, digits)."""
+    return dataset.collection_id() is not None
+
+
+def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor, incremental: bool | None = None,
+                    device: str | None = None) -> Path:
+    """``<collection dir>/<extractor>-<key>``: one store per data x extractor x weights x
+    preprocessing x precision (``timm:resnet18`` becomes ``timm-resnet18``).
+
+    An image folder's store (``incremental``, the default for one) is keyed by the folder, not its
+    content: ``<kind>-<name>-<collection id>``; any other dataset's (and a folder's sharded over
+    Dask workers) by its content, as :func:`dataset_directory`. ``device``: the device the
+    embeddings are computed on, when not the extractor's own (it decides the precision).
+    """
     slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", extractor.name)
-    return dataset_directory(store_root, dataset) / f"{slug}-{extractor.store_key()}"
+    if incremental is None:
+        incremental = refreshed_in_place(dataset)
+    key = dataset.collection_id() if incremental else dataset.fingerprint()
+    return Path(store_root) / f"{_data_name(dataset)}-{key}" / f"{slug}-{extractor.store_key(device)}"
 
 
 def worker_start_method() -> str:
@@ -235,10 +257,15 @@ def extract_options(params: dict[str, Any], device: str) -> dict[str, Any]:
             "decode_on_device": bool(params.get("decode_on_device")) and device == "cuda"}
 
 
-def store_metadata(dataset: Dataset, extractor: Extractor) -> dict[str, str]:
-    """The store's schema metadata: the extractor's identity, the dataset's and library versions."""
-    return {**extractor.metadata(), "store_key": extractor.store_key(), "dataset": dataset.name,
-            "dataset_fingerprint": dataset.fingerprint(), "versions": str(library_versions())}
+def store_metadata(dataset: Dataset, extractor: Extractor, incremental: bool | None = None,
+                   device: str | None = None) -> dict[str, str]:
+    """The store's schema metadata: the extractor's identity (precision included), the dataset's
+    (its content fingerprint, or for a store refreshed in place its collection id) and library versions."""
+    if incremental is None:
+        incremental = refreshed_in_place(dataset)
+    which = {"collection": str(dataset.collection_id())} if incremental else {"dataset_fingerprint": dataset.fingerprint()}
+    return {**extractor.identity(device), "store_key": extractor.store_key(device), "dataset": dataset.name, **which,
+            "versions": str(library_versions())}
 
 
 @dataclass(frozen=True)
@@ -258,14 +285,20 @@ class ExtractSummary(StoreSummary):
 def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, shards: list[int] | None = None,
                      batch_size: int = 256, num_workers: int | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
                      progress: bool = True, on_shard: ShardCallback | None = None,
-                     decode_on_device: bool = False) -> ExtractSummary:
+                     decode_on_device: bool = False, wait: bool = True, run_id: str | None = None) -> ExtractSummary:
     """Embed the items of ``dataset`` into its store under ``store_root``; resume if one exists.
 
-    ``shards=None``: this process is the store's only writer; it embeds every pending shard and
-    finishes the store. ``shards=[...]``: one of many writers (a Dask worker); it embeds those of
-    the given shards that are still pending into their part files and per-shard entries
-    (:class:`gpu_ops.distributed.ShardedStore`), never ``manifest.json``; the driver merges them
-    (:func:`gpu_ops.distributed.merge_shards`). ``shard_rows`` applies to a new store only.
+    ``shards=None``: this process is the store's only writer: it holds the store's lock
+    (:class:`~gpu_ops.store_lock.StoreLock`; another writer is waited for, or with ``wait=False``
+    an InputError), embeds every pending item and finishes the store. An image folder's store is
+    refreshed in place (:mod:`gpu_ops.incremental`): only new and changed images are embedded,
+    removed ones retired, and its rows record ``run_id`` (a new one when None). Any other
+    dataset's store is one per content, its shards fixed ranges of dataset indices.
+    ``shards=[...]``: one of many writers (a Dask worker) of a store of fixed ranges; it embeds
+    those of the given shards that are still pending into their part files and per-shard entries
+    (:class:`gpu_ops.distributed.ShardedStore`), never ``manifest.json``; the driver holds the lock
+    and merges them (:func:`gpu_ops.distributed.merge_shards`). ``shard_rows`` applies to a new
+    store (or a folder's new parts) only.
 
     Unreadable items are quarantined (source + reason) and the run goes on. Raises InputError
     when no item at all could be read (for a sharded store: when it is merged).
@@ -278,19 +311,42 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
         raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
                          f"(got {dataset.name} with {extractor.name})")
-    directory = store_directory(store_root, dataset, extractor)
-    metadata = store_metadata(dataset, extractor)
-    if shards is None:
-        store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
-    else:
+    options = {"batch_size": batch_size, "num_workers": num_workers, "decode_on_device": decode_on_device,
+               "progress": progress, "on_shard": on_shard}
+    if shards is not None:
+        incremental = False
+        directory = store_directory(store_root, dataset, extractor, incremental)
         from gpu_ops.distributed import ShardedStore  # the multi-writer protocol lives with its merge
 
-        store = ShardedStore(directory, metadata, len(dataset), shard_rows, shards=shards)
+        store = ShardedStore(directory, store_metadata(dataset, extractor, incremental), len(dataset), shard_rows,
+                             shards=shards)
         outside = [s for s in shards if not 0 <= s < store.n_shards]
         if outside:
             raise InputError(f"{directory}: shard(s) {outside} outside the store's {store.n_shards} shard(s)")
+        return _extract_pending(store, dataset, extractor, len(set(shards)), finish=False, **options)
+    incremental = refreshed_in_place(dataset)
+    directory = store_directory(store_root, dataset, extractor, incremental)
+    metadata = store_metadata(dataset, extractor, incremental)
+    run_id = run_id or new_run_id()
+    with StoreLock(directory, run_id, wait=wait):
+        if incremental:
+            refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
+            plan = refreshing.plan(dataset)
+            log.info("store %s: %s", directory, plan.describe())
+            refreshing.check_writable_for(plan)
+            refreshing.apply(plan, dataset)
+            store: EmbeddingStore = refreshing
+        else:
+            store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
+        return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+
+
+def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, covered: int, *, finish: bool,
+                     batch_size: int, num_workers: int | None, decode_on_device: bool, progress: bool,
+                     on_shard: ShardCallback | None) -> ExtractSummary:
+    """Embed ``store``'s pending shards; ``finish`` the store (the only writer) or summarise the
+    shards written (one of many writers). ``covered``: the shards ``on_shard`` counts."""
     pending = store.pending_shards()
-    covered = store.n_shards if shards is None else len(set(shards))
     if pending:
         store.check_writable()
     indices = [i for s in pending for i in store.shard_range(s)]
@@ -301,17 +357,17 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
                       decode_on_device=decode_on_device, progress=progress,
                       on_shard=(lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None)
     else:
-        log.info("store %s: nothing to extract in the shard(s) given", store.directory)
-    if shards is None:
+        log.info("store %s: nothing to extract", store.directory)
+    if finish:
         summary = store.finish()
     else:
         entries = [store.manifest["shards"][f"{s:05d}"] for s in pending]
         dims = [int(e["dim"]) for e in entries if e.get("dim")]
-        summary = StoreSummary(str(directory), sum(e["rows"] for e in entries), dims[0] if dims else 0, len(entries),
-                               sum(len(e["quarantined"]) for e in entries), False)
+        summary = StoreSummary(str(store.directory), sum(e["rows"] for e in entries), dims[0] if dims else 0,
+                               len(entries), sum(len(e["quarantined"]) for e in entries), False)
     if on_shard:
         on_shard(covered, covered)
-    if shards is None:
+    if finish:
         summary = checked_summary(summary, dataset.name, len(dataset))
     return ExtractSummary(**dataclasses.asdict(summary), written=tuple(pending), items=len(indices))
 
