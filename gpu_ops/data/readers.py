@@ -298,17 +298,20 @@ class IdColumn(Sequence[str]):
 
 #: Rows per record batch :class:`ParquetEmbeddings` decodes at a time.
 PARQUET_BATCH_ROWS = 16_384
+#: The content hash of the Parquet embeddings last verified in this process, by the files' (path,
+#: size, mtime): a run opens its dataset several times (checks, cache key, extraction).
+_VERIFIED: dict[tuple[tuple[str, int, int], ...], str] = {}
 
 
 class ParquetEmbeddings(Dataset):
     """Embeddings already in the store format (``embedding`` column, ``image_id``, optional ``label``),
-    read lazily: opening reads the footers and the id and label columns only; the vectors are
-    streamed batch by batch (:meth:`rows`, :meth:`fingerprint`), so a store of any size opens in
-    bounded memory.
+    read in bounded memory: opening reads the id and label columns and streams the vectors once,
+    batch by batch, to check every value and hash the content (once per process for unchanged
+    files); :meth:`rows` streams them again for the extract stage.
 
     Every part is checked as :func:`gpu_ops.store.read_embeddings` checks it: readable Parquet, the
-    same columns and embedding dimension as the first, unique ``image_id``s; finite values that
-    float32 distances can hold are checked as rows are read. Failures are InputErrors naming the file.
+    same columns and embedding dimension as the first, unique ``image_id``s, finite values that
+    float32 distances can hold. Failures are InputErrors naming the file.
     """
 
     item_kind = "vector"
@@ -356,7 +359,11 @@ class ParquetEmbeddings(Dataset):
         lab = np.concatenate(labels) if labels and null_labels < len(self.image_ids) else None
         self.labels = lab if lab is not None and (lab >= 0).all() else None
         self._cursor: tuple[int, Any, np.ndarray] | None = None  # (first row of buffer, batch iterator, buffer)
-        self._hash: str | None = None
+        key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
+        if key not in _VERIFIED:  # one streaming pass: every value checked, the content hashed
+            _VERIFIED.clear()
+            _VERIFIED[key] = self._content_hash()
+        self._hash = _VERIFIED[key]
 
     def _check_unique(self, ids: list[Any]) -> None:
         import pyarrow.compute as pc
@@ -375,12 +382,14 @@ class ParquetEmbeddings(Dataset):
         """The embeddings (b, d) float32 in row order, checked batch by batch."""
         from gpu_ops.store import check_embedding_values, embeddings_to_numpy, open_part
 
+        offset = 0
         for path in self.files:
             first_row = 0
             for batch in open_part(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["embedding"]):
                 X = np.ascontiguousarray(embeddings_to_numpy(batch.column(0)), dtype=np.float32)
-                check_embedding_values(X, path, first_row)
+                check_embedding_values(X, path, first_row, self.image_ids[offset:offset + len(X)])
                 first_row += len(X)
+                offset += len(X)
                 yield X
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -406,18 +415,19 @@ class ParquetEmbeddings(Dataset):
     def load(self, index: int) -> np.ndarray:
         return self.rows(index, index + 1)[0]
 
-    def fingerprint(self) -> str:
-        """The content hash :func:`~gpu_ops.data.base.hash_array` gives the whole (n, d) array, made
-        in one streaming pass (with the first id and the row count)."""
-        if self._hash is None:
-            import hashlib
+    def _content_hash(self) -> str:
+        """The content hash :func:`~gpu_ops.data.base.hash_array` gives the whole (n, d) array (with
+        the first id and the row count), made in one streaming pass that checks every value."""
+        import hashlib
 
-            n = len(self.image_ids)
-            h = hashlib.sha256()
-            h.update(f"{np.dtype(np.float32)}{(n, self.dim)}".encode())
-            for X in self._batches():
-                h.update(X.tobytes())
-            self._hash = hash_strings([h.hexdigest()[:16], self.image_ids[0], str(n)])
+        n = len(self.image_ids)
+        h = hashlib.sha256()
+        h.update(f"{np.dtype(np.float32)}{(n, self.dim)}".encode())
+        for X in self._batches():
+            h.update(X.tobytes())
+        return hash_strings([h.hexdigest()[:16], self.image_ids[0], str(n)])
+
+    def fingerprint(self) -> str:
         return self._hash
 
 

@@ -604,6 +604,9 @@ class ImageSource:
         if spec is None:
             inputs.note("dataset", f"neither config.yaml nor metrics.json names the dataset; {skipped}")
             return None
+        if spec.startswith("parquet:"):  # embeddings: nothing to draw, and no need to read them again
+            inputs.note("dataset", f"{spec} holds vectors, not images; {skipped}")
+            return None
         cfg = inputs.config or {}
         split, limit = (cfg.get("split") or "all", cfg.get("limit")) if inputs.config else ("all", None)
         try:
