@@ -76,7 +76,7 @@ def test_sampled_map_run_scores_exactly_as_in_memory_and_says_how_the_map_was_ma
         (expected["acc"], expected["nmi"], expected["ari"]), abs=1e-12)
     assert got["acc"] > 0.9
     assert metrics["n"] == N and metrics["memory_mb"] == 16
-    # the embeddings need more than half the budget: k-means keeps its model for assign (its novelty
+    # the embeddings need more than a quarter of the budget: k-means keeps its model for assign (its novelty
     # threshold measured on a sample), the similar-image index (every embedding) is left out
     assert json.loads((run / "model-kmeans.json").read_text())["kind"] == "centroids"
     assert not (run / "search.json").exists()

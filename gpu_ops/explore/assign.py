@@ -102,13 +102,14 @@ def save_for_reuse(staging: str, cfg: Any, store: str) -> dict[str, Any]:
 
 
 def _beyond_budget(store: str, cfg: Any) -> bool:
-    """True when the run has a ``memory_mb`` and the store's embeddings need more than half of it."""
+    """True when the run has a ``memory_mb`` and the store's embeddings need more than a quarter of it
+    (the whole-store path holds them about four times: read, made contiguous, copied into the index)."""
     if getattr(cfg, "memory_mb", None) is None or any(a in DEEP_ALGORITHMS for a in cfg.algorithms):
         return False
     from gpu_ops.cluster.sources import StoreSource
 
     source = StoreSource(store)
-    return 4 * source.count() * source.dim() > cfg.memory_mb * 2**20 // 2
+    return 4 * source.count() * source.dim() > cfg.memory_mb * 2**20 // 4
 
 
 def _save_within_budget(run: RunDir, cfg: Any, store: str, t0: float) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def _save_within_budget(run: RunDir, cfg: Any, store: str, t0: float) -> dict[st
             continue
         labels = pq.read_table(run.assignments, columns=[algorithm]).column(algorithm).to_numpy().astype(np.int64)
         models[algorithm] = finish_model(run, algorithm, X, labels[rows], seed=int(cfg.seed))["kind"]
-    log.warning("similar-image index not kept: %d embeddings of %d dimensions need more than half of "
+    log.warning("similar-image index not kept: %d embeddings of %d dimensions need more than a quarter of "
                 "memory_mb=%d (gpuclust similar needs a run without memory_mb)", source.count(), source.dim(),
                 cfg.memory_mb)
     return {"index": "none", "space": EMBEDDINGS, "models": models, "seconds": round(time.perf_counter() - t0, 3)}
