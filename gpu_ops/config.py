@@ -135,9 +135,13 @@ class RunConfig(BaseModel):
                                              "height instead of at k")
     min_cluster_size: int = Field(15, ge=2, description="hdbscan: the smallest group that counts as a cluster")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
-    memory_mb: int | None = Field(None, ge=16, description="kmeans: stream the store through out-of-core k-means "
-                                  "within this memory budget (None: load it); scan, temi: memory-map the "
-                                  "head's rows when they need more than half of it")
+    memory_mb: int | None = Field(None, ge=16, description="memory budget of the run: every stage streams the "
+                                  "store in batches sized from it, k-means runs out of core, the 2-D map is fitted "
+                                  "on a sample it holds (None: k-means and clustering load the store); scan, temi: "
+                                  "memory-map the head's rows when they need more than half of it")
+    map_sample_rows: int | None = Field(None, ge=2, description="fit the 2-D map on at most this many rows (a "
+                                        "uniform sample) and place the others by their nearest fitted rows "
+                                        "(unset: 20000, fewer when memory_mb is small)")
     tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also map these "
                                            "perplexities (tsne_sweep.npz; the report shows them side by side)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
@@ -312,8 +316,8 @@ APPLIES: tuple[Applies, ...] = (
     Applies("distance_threshold", lambda c: "agglomerative" in c.algorithms, _algorithms_context, "agglomerative"),
     Applies("min_cluster_size", lambda c: "hdbscan" in c.algorithms, _algorithms_context, "hdbscan"),
     Applies("covariance_type", lambda c: "gmm" in c.algorithms, _algorithms_context, "gmm"),
-    Applies("memory_mb", lambda c: any(a in ("kmeans", *HEAD_ALGORITHMS) for a in c.algorithms), _algorithms_context,
-            "kmeans (out-of-core) and the clustering heads (scan, temi)"),
+    Applies("map_sample_rows", lambda c: c.reducer != "none", lambda c: f"reducer {c.reducer}",
+            "runs with a 2-D map (reducer umap, tsne or pca)"),
     Applies("umap_dims", lambda c: any(a in UMAP_ALGORITHMS for a in c.algorithms), _algorithms_context,
             " and ".join(UMAP_ALGORITHMS)),
     Applies("k_range", lambda c: c.k == "auto", lambda c: f"k={c.k}", "k=auto (the range k is chosen from)"),

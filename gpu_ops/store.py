@@ -501,6 +501,19 @@ def iter_tables(directory: Path, columns: list[str] | None = None) -> Iterable[p
         yield read_part(path, columns=columns)
 
 
+def store_labels(directory: str | Path) -> np.ndarray | None:
+    """The store's ``label`` column (int64, -1 where missing), read alone, part by part; None when
+    it has none or some row lacks a label."""
+    parts = []
+    for path in part_files(Path(directory)):
+        pf = open_part(path)
+        if "label" not in pf.schema_arrow.names:
+            return None
+        parts.append(pf.read(columns=["label"]).column("label").fill_null(-1).to_numpy().astype(np.int64))
+    labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return labels if len(labels) and (labels >= 0).all() else None
+
+
 def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """fixed_size_list<float32>[d] column -> (n, d) float32 without a Python loop."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -353,9 +353,12 @@ def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extract
     if pending:
         log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending),
                  extractor.name, extractor.device, store.directory)
-        _embed_shards(store, dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
-                      decode_on_device=decode_on_device, progress=progress,
-                      on_shard=(lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None)
+        done = (lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None
+        if streams_vectors(dataset, extractor):
+            _copy_vector_shards(store, dataset, on_shard=done)
+        else:
+            _embed_shards(store, dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
+                          decode_on_device=decode_on_device, progress=progress, on_shard=done)
     else:
         log.info("store %s: nothing to extract", store.directory)
     if finish:
@@ -395,6 +398,24 @@ def _embed_shards(store: EmbeddingStore, dataset: Dataset, extractor: Extractor,
             log.debug("shard %d written", done_shard)
     bar.close()
     buffer.flush_all()
+
+
+def streams_vectors(dataset: Dataset, extractor: Extractor) -> bool:
+    """True when ``dataset`` reads its vectors in row ranges (``rows(start, stop)``: Parquet
+    embeddings) and ``extractor`` passes vectors through (raw): shards are then copied range by
+    range, with no per-item loader and one shard in memory at a time."""
+    return dataset.item_kind == "vector" and extractor.name == "raw" and callable(getattr(dataset, "rows", None))
+
+
+def _copy_vector_shards(store: EmbeddingStore, dataset: Any, on_shard: Callable[[], None] | None) -> None:
+    """Write each pending shard from ``dataset.rows`` (see :func:`streams_vectors`)."""
+    for shard in store.pending_shards():
+        r = store.shard_range(shard)
+        ids = [str(i) for i in dataset.image_ids[r.start:r.stop]]
+        labels = None if dataset.labels is None else np.asarray(dataset.labels[r.start:r.stop])
+        store.write_shard(shard, ids, [dataset.name] * len(ids), labels, dataset.rows(r.start, r.stop), [])
+        if on_shard:
+            on_shard()
 
 
 def checked_summary(summary: StoreSummary, dataset_name: str, n_items: int) -> StoreSummary:
