@@ -29,14 +29,12 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
-## On a GPU machine: what the GPU paths see, their tests, and short GPU benchmarks (figures in gpu-check/).
-gpu-check: $(STAMP)
-	mkdir -p gpu-check
-	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee gpu-check/device.csv
-	$(VENV)/bin/gpuclust backends | tee gpu-check/backends.txt
-	$(PY) -m pytest -q -m gpu -rs 2>&1 | tee gpu-check/pytest-gpu.txt
-	$(PY) -m bench.cluster --jsonl gpu-check/cluster.jsonl kmeans --n 100000,1000000 --d 64,512 --k 100 --backends all
-	$(PY) -m bench.extract --extractors resnet18,efficientnet_lite0 --sizes 128 --batch-sizes 256 --n 4096 --device cuda --gpu-decode | tee gpu-check/extract.txt
+## On a GPU machine, in the Python that has the GPU packages (not the CPU venv above): `pytest -m gpu`
+## and the GPU benchmarks, part by part (torch, then FAISS-GPU, then cuML: bench/gpu_check.py), figures
+## in gpu-check/figures.json. Fails, never skips, where CUDA, cuML or a FAISS GPU build is missing.
+## A bare machine's install sequence: BENCHMARKS.md, "GPU check". GPU_CHECK_ARGS="--parts torch" etc.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out gpu-check/figures.json $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -152,7 +152,7 @@ def cmd_kmeans(args: argparse.Namespace, env: dict[str, Any]) -> None:
                         print(f"# {row}", flush=True)
                         continue
                     est, res = create_estimator("kmeans", b, n_clusters=k, max_iter=args.iters, n_init=1, seed=0)
-                    _, secs = timed(lambda: est.fit(X))
+                    _, secs = timed(lambda est=est, data=X: est.fit(data))
                     row.update(seconds=round(secs, 3), objective=float(est.inertia_),
                                init=getattr(est, "init_", "k-means++" if b == "sklearn" else "k-means||"))
                     best = row["objective"] if best is None else min(best, row["objective"])
@@ -161,7 +161,6 @@ def cmd_kmeans(args: argparse.Namespace, env: dict[str, Any]) -> None:
                 for r in rows:
                     if (r["n"], r["d"], r["k"]) == (n, d, k) and "objective" in r and best:
                         r["obj_vs_best"] = round(r["objective"] / best, 4)
-            del X
     emit(rows, ["n", "d", "k", "backend", "init", "seconds", "objective", "obj_vs_best", "note"], args.jsonl, env)
 
 

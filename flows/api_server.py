@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from flows import stopping
+from gpu_ops.errors import InputError
 
 #: ``prctl`` option: the signal the kernel sends a process when its parent exits.
 _PR_SET_PDEATHSIG = 1
@@ -162,36 +163,74 @@ def _drain_prefect_queues() -> None:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[PrefectServer | None]:
-    """This run's Prefect API: the configured one (yields None), or a server started here
-    (yields it, already started: call ``wait_until_ready`` before the first flow)."""
+def _api_url(url: str) -> Iterator[None]:
+    """``PREFECT_API_URL`` set to ``url`` in this process (and the processes it starts) for the block."""
     from prefect.context import refresh_global_settings_context
-    from prefect.settings import get_current_settings
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        yield None  # a configured server, or Prefect's own error when there is none
-        return
-    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    server = PrefectServer(env)
-    stopping.add_cleanup(server.kill)
     previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
     try:
-        server.start()
-        os.environ["PREFECT_API_URL"] = server.api_url  # Dask workers inherit it too
-        refresh_global_settings_context()
-        yield server
+        yield
     finally:
-        if server.process is not None and stopping.requested() is None:
-            _drain_prefect_queues()
-        server.stop(grace=5.0 if stopping.requested() is None else 1.5)
-        stopping.remove_cleanup(server.kill)
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
         refresh_global_settings_context()
+
+
+def announce(line: str) -> None:
+    """The one line that says where this run's Prefect API is (stdout, before the run's output)."""
+    print(line, flush=True)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[PrefectServer | None]:
+    """This run's Prefect API (see :mod:`flows.server` for the order): the configured one, or the
+    one ``gpuclust server start`` started (yields None), or a server started here for this run
+    (yields it, already started: call ``wait_until_ready`` before the first flow). Says which."""
+    from prefect.settings import get_current_settings
+
+    from flows import server as servers
+
+    settings = get_current_settings()
+    if settings.api.url:
+        servers.check_configured(str(settings.api.url))
+        announce(f"Prefect: server at {settings.api.url}")
+        yield None
+        return
+    record, note = servers.recorded_server()
+    if note:
+        print(f"gpuclust: {note}", file=sys.stderr)
+    if record is not None:
+        why = servers.health(record.url)
+        if why is not None:
+            raise InputError(f"the Prefect server recorded in {servers.state_file()} (pid {record.pid}) does not "
+                             f"answer at {record.url} ({why}); see {record.log}, or `gpuclust server stop` it")
+        announce(f"Prefect: server at {record.url} (started by `gpuclust server start`)")
+        with _api_url(record.url):
+            yield None
+        return
+    if not settings.server.ephemeral.enabled:
+        yield None  # Prefect's own error: no server and no ephemeral mode
+        return
+    announce("Prefect: ephemeral mode (a temporary server for this run; `gpuclust server start` keeps one)")
+    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    server = PrefectServer(env)
+    stopping.add_cleanup(server.kill)
+    try:
+        server.start()
+        with _api_url(server.api_url):  # Dask workers inherit it too
+            try:
+                yield server
+            finally:
+                if server.process is not None and stopping.requested() is None:
+                    _drain_prefect_queues()
+    finally:
+        server.stop(grace=5.0 if stopping.requested() is None else 1.5)
+        stopping.remove_cleanup(server.kill)
 
 
 def startup_timeout() -> float:

@@ -1,4 +1,5 @@
-"""``gpuclust`` command line: ``run``, ``similar``, ``assign``, ``export``, ``report``, ``serve``, ``backends``.
+"""``gpuclust`` command line: ``run``, ``similar``, ``assign``, ``export``, ``report``, ``serve``, ``backends``,
+``server``.
 
 Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what and where);
 1 anything else.
@@ -7,6 +8,7 @@ Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming what
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -30,6 +32,7 @@ RUN_OPTIONS = {
     "latent_dim": "--latent-dim",
     "ae_epochs": "--ae-epochs", "deep_epochs": "--deep-epochs", "algorithms": "--algorithm",
     "linkage": "--linkage", "reducer": "--reducer", "seed": "--seed", "out": "--out", "explore": "--no-explore",
+    "wait_for_store": "--no-wait",
 }
 #: The task_runner fields the Dask options set.
 RUNNER_OPTIONS = {"kind": "--task-runner", "address": "--dask-address", "n_workers": "--dask-workers"}
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reducer", help="umap | tsne | pca | none")
     run.add_argument("--backend", type=_backend_arg, help="auto | gpu | cpu, and/or op=name overrides")
     run.add_argument("--seed", type=int)
+    run.add_argument("--no-wait", action="store_false", default=None, dest="wait_for_store",
+                     help="fail at once when another run is writing the same embedding store (default: wait for it)")
     run.add_argument("--no-explore", action="store_false", default=None, dest="explore",
                      help="skip duplicates, outliers and quality flags (one more pass over the images)")
     run.add_argument("--out", help="run directory: a new path, an empty directory or an earlier run "
@@ -116,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--extract-only", action="store_true", help="serve the extract-images flow instead")
 
     sub.add_parser("backends", help="list every op's backends, which are usable here, and what auto picks")
+
+    server = sub.add_parser(
+        "server", help="a Prefect server in the background that later commands use (start | stop | status)",
+        description="start: `prefect server start` on 127.0.0.1 in the background (its own session; pid and URL "
+                    "in $PREFECT_HOME/gpuclust-server.json, output in $PREFECT_HOME/gpuclust-server.log), waiting "
+                    "until /api/health answers. Later commands with the same PREFECT_HOME and no PREFECT_API_URL "
+                    "run against it instead of starting a temporary server each. stop: stop it. status: exit 0 "
+                    "when it runs, 1 when not.")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, default=4200, help="start: the port on 127.0.0.1 (default 4200)")
+    server.add_argument("--timeout", type=float, default=180.0,
+                        help="start: seconds to wait for the server to answer (default 180)")
 
     report = sub.add_parser("report", help="(re)build report.html and its figures for a finished run directory")
     report.add_argument("run_dir", type=Path)
@@ -363,6 +380,31 @@ def cmd_backends(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import server
+
+    if args.action == "start":
+        if not 0 < args.port < 65536:
+            raise InputError(f"--port must be between 1 and 65535; got {args.port}")
+        try:
+            record, started = server.start(port=args.port, timeout=args.timeout)
+        except RuntimeError as exc:
+            print(f"gpuclust: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{'started' if started else 'already running:'} Prefect server at {record.url} (pid {record.pid}); "
+              f"log: {record.log}")
+        if os.environ.get("PREFECT_API_URL"):
+            print(f"gpuclust: note: PREFECT_API_URL={os.environ['PREFECT_API_URL']} is set: runs use that server "
+                  "until it is unset", file=sys.stderr)
+        return 0
+    if args.action == "stop":
+        print(server.stop())
+        return 0
+    running, line = server.status()
+    print(line)
+    return 0 if running else 1
+
+
 class _HideInputErrorTracebacks(logging.Filter):
     """Bad input is reported by the CLI in one line; drop the engine's tracebacks for it."""
 
@@ -409,6 +451,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command == "assign":
             _filter_prefect_loggers()
             return cmd_assign(args)
+        if args.command == "server":
+            return cmd_server(args)
         return cmd_backends(args)
     except InputError as exc:
         print(f"gpuclust: error: {exc}", file=sys.stderr)
@@ -438,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stopping.requested() is not None:  # caught on the way, or swallowed by a library
         stopping.exit_stopped()
     stopping.ignore_from_now()  # the work is done: a late signal must not turn exit 0 into a kill
+    # The interpreter's last garbage collection walks every object Prefect, pydantic and the
+    # rest created: seconds of a small run's wall time. Frozen objects are left to the exit;
+    # atexit hooks (Prefect sending its last logs and events) still run.
+    gc.freeze()
     return code
 
 

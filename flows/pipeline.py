@@ -35,7 +35,9 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         reduced = configured(reduce_to_2d, config, "reduce", gpu=uses_gpu(config, config.reducer))(
             store.store, config, str(staging))
         timings["reduce"] = reduced.seconds
+        t_eval = time.perf_counter()
         metrics = configured(evaluate, config, "evaluate")(store.store, clusters)
+        timings["evaluate"] = round(time.perf_counter() - t_eval, 3)
         explored = configured(explore, config, "explore")(store.store, config, str(staging), clusters) \
             if config.explore else None
         if explored is not None:

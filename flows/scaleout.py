@@ -41,6 +41,7 @@ from gpu_ops.config import RunConfig
 from gpu_ops.placement import place
 from gpu_ops.stages import ClusterResult, StoreRef
 from gpu_ops.store import cached_store_ok
+from gpu_ops.store_lock import StoreLock, new_run_id
 
 
 def _worker_env() -> dict[str, str]:
@@ -51,7 +52,7 @@ def _worker_env() -> dict[str, str]:
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with get_client(sync_client=True) as client:
         env["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
-    for name in ("PREFECT_API_KEY", "GPUCLUST_CACHE"):
+    for name in ("PREFECT_API_KEY", "GPUCLUST_CACHE", "PYTHONPATH"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -76,11 +77,12 @@ def scale_out(config: RunConfig) -> Iterator[str | None]:
     env["PREFECT_LOGGING_LEVEL"] = str(PREFECT_LOGGING_LEVEL.value())
     host = urlparse(env["PREFECT_API_URL"]).hostname
     if tr.kind in ("slurm", "pbs") and host in ("127.0.0.1", "localhost"):
-        logger.warning("Prefect API %s is local to this machine: batch-job workers on other nodes cannot reach it; "
-                       "run against a `prefect server` they can reach (PREFECT_API_URL)", env["PREFECT_API_URL"])
+        logger.warning("Prefect API %s is local to this machine: batch jobs on other nodes cannot reach it (jobs on "
+                       "this node can); run against a `prefect server` they reach (PREFECT_API_URL)",
+                       env["PREFECT_API_URL"])
     with distributed.dask_cluster(tr.kind, address=tr.address, n_workers=tr.n_workers,
                                   threads_per_worker=tr.threads_per_worker, processes=tr.processes, env=env,
-                                  extra=tr.cluster_kwargs) as address:
+                                  extra=tr.cluster_kwargs, log_directory=config.cache_root() / "jobs") as address:
         logger.info("task runner %s: Dask scheduler %s", tr.kind, address)
         yield address
 
@@ -122,22 +124,25 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     stopping.reclaim_sigterm()
 
     t0 = time.perf_counter()
-    plan = plan_shards(params, config.task_runner.n_workers, address)
-    backend = config.backend_for("extract")
-    futures = [extract_shard.submit(params, plan["store"], [s], plan["shard_rows"], backend) for s in plan["pending"]]
-    _, not_done = wait(futures, timeout=config.timeouts.extract)
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} of {len(futures)} shard(s) unfinished after the extract stage's "
-                           f"{config.timeouts.extract} s")
-    results = [f.result() for f in futures]
-    merged = merge_shards(plan["store"])
-    devices = sorted({r["device"] for r in results}) or [params["device"]]
-    writers = sorted({r["writer"] for r in results})
-    get_run_logger().info("%d shard(s) written by %d worker process(es) on %s", len(results), len(writers),
-                          ", ".join(sorted({r["device_label"] for r in results})) or "-")
-    return StoreRef(store=str(plan["store"]), rows=merged["rows"], dim=merged["dim"],
-                    quarantined=merged["quarantined"], device="+".join(devices), extractor=params["extractor"],
-                    shard_rows=plan["shard_rows"], writers=writers, seconds=round(time.perf_counter() - t0, 3))
+    # the driver is the store's one writer for the whole sharded extraction (workers write parts only)
+    with StoreLock(distributed.sharded_store_directory(params), new_run_id(), wait=config.wait_for_store):
+        plan = plan_shards(params, config.task_runner.n_workers, address)
+        backend = config.backend_for("extract")
+        futures = [extract_shard.submit(params, plan["store"], [s], plan["shard_rows"], backend)
+                   for s in plan["pending"]]
+        _, not_done = wait(futures, timeout=config.timeouts.extract)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} of {len(futures)} shard(s) unfinished after the extract stage's "
+                               f"{config.timeouts.extract} s")
+        results = [f.result() for f in futures]
+        merged = merge_shards(plan["store"])
+        devices = sorted({r["device"] for r in results}) or [params["device"]]
+        writers = sorted({r["writer"] for r in results})
+        get_run_logger().info("%d shard(s) written by %d worker process(es) on %s", len(results), len(writers),
+                              ", ".join(sorted({r["device_label"] for r in results})) or "-")
+        return StoreRef(store=str(plan["store"]), rows=merged["rows"], dim=merged["dim"],
+                        quarantined=merged["quarantined"], device="+".join(devices), extractor=params["extractor"],
+                        shard_rows=plan["shard_rows"], writers=writers, seconds=round(time.perf_counter() - t0, 3))
 
 
 # ------------------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ def extract_store(config: RunConfig, address: str | None) -> StoreRef:
         # params["device"] is the extract placement's torch device
         extract = configured(extract_features, config, "extract", gpu=params["device"] == "cuda")
         result = extract(params)
-        if not cached_store_ok(result.store):
+        if not cached_store_ok(result.store, result.revision):
             # a cached result whose store was deleted or altered since: a cache miss (the stage
             # verifies the store and re-extracts what it must)
             result = extract.with_options(refresh_cache=True)(params)

@@ -34,7 +34,10 @@ GPU_TAG = "gpu"
 
 
 def _dataset_content_key(_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
-    """Cache key part that changes when the data on disk changes (same spec, new files)."""
+    """Cache key part that changes when the data on disk changes (same spec, new files): the stage
+    then runs again, and for an image folder that refresh embeds only the new and changed images
+    into the folder's one store. A cached result is reused only while its store is still at the
+    revision it saw (:func:`gpu_ops.store.cached_store_ok`)."""
     try:
         return pipeline.dataset_fingerprint(inputs["params"])
     except Exception:  # noqa: BLE001 - unreadable input: never reuse a cached result
@@ -64,7 +67,9 @@ def extract_features(params: dict[str, Any]) -> StoreRef:
 
     get_run_logger().info("extract: %s features of %s on %s", params["extractor"], params["dataset"],
                           device_label(params["device"]))
-    return pipeline.extract_stage(params, on_shard=on_shard)
+    ref = pipeline.extract_stage(params, on_shard=on_shard)
+    get_run_logger().info("extract: %d item(s) embedded now, %d row(s) in store %s", ref.extracted, ref.rows, ref.store)
+    return ref
 
 
 def _log_backends(stage: str, result: ClusterResult | MapResult) -> None:

@@ -122,6 +122,8 @@ class RunConfig(BaseModel):
     num_workers: int | None = Field(None, ge=0, description="loader worker processes (auto when unset)")
     shard_rows: int = Field(4096, ge=1, description="rows per Parquet part: the unit an interrupted extraction resumes from")
     decode_on_device: bool = Field(False, description="decode JPEG batches on the GPU (image folders, pretrained extractors)")
+    wait_for_store: bool = Field(True, description="another run writing the same embedding store: wait for it "
+                                 "(false: fail at once, naming it)")
     algorithms: list[str] = Field(default_factory=lambda: ["umap-graph"])
     k: int | Literal["auto"] = 10
     k_range: tuple[int, int] = Field((2, 20), description="k=auto: the smallest and largest k tried")
@@ -133,9 +135,13 @@ class RunConfig(BaseModel):
                                              "height instead of at k")
     min_cluster_size: int = Field(15, ge=2, description="hdbscan: the smallest group that counts as a cluster")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
-    memory_mb: int | None = Field(None, ge=16, description="kmeans: stream the store through out-of-core k-means "
-                                  "within this memory budget (None: load it); scan, temi: memory-map the "
-                                  "head's rows when they need more than half of it")
+    memory_mb: int | None = Field(None, ge=16, description="memory budget of the run: every stage streams the "
+                                  "store in batches sized from it, k-means runs out of core, the 2-D map is fitted "
+                                  "on a sample it holds (None: k-means and clustering load the store); scan, temi: "
+                                  "memory-map the head's rows when they need more than half of it")
+    map_sample_rows: int | None = Field(None, ge=2, description="fit the 2-D map on at most this many rows (a "
+                                        "uniform sample) and place the others by their nearest fitted rows "
+                                        "(unset: 20000, fewer when memory_mb is small)")
     tsne_perplexities: list[float] = Field(default_factory=list, description="tsne map: also map these "
                                            "perplexities (tsne_sweep.npz; the report shows them side by side)")
     reducer: Literal["umap", "tsne", "pca", "none"] = "umap"
@@ -310,8 +316,8 @@ APPLIES: tuple[Applies, ...] = (
     Applies("distance_threshold", lambda c: "agglomerative" in c.algorithms, _algorithms_context, "agglomerative"),
     Applies("min_cluster_size", lambda c: "hdbscan" in c.algorithms, _algorithms_context, "hdbscan"),
     Applies("covariance_type", lambda c: "gmm" in c.algorithms, _algorithms_context, "gmm"),
-    Applies("memory_mb", lambda c: any(a in ("kmeans", *HEAD_ALGORITHMS) for a in c.algorithms), _algorithms_context,
-            "kmeans (out-of-core) and the clustering heads (scan, temi)"),
+    Applies("map_sample_rows", lambda c: c.reducer != "none", lambda c: f"reducer {c.reducer}",
+            "runs with a 2-D map (reducer umap, tsne or pca)"),
     Applies("umap_dims", lambda c: any(a in UMAP_ALGORITHMS for a in c.algorithms), _algorithms_context,
             " and ".join(UMAP_ALGORITHMS)),
     Applies("k_range", lambda c: c.k == "auto", lambda c: f"k={c.k}", "k=auto (the range k is chosen from)"),

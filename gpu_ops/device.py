@@ -6,18 +6,41 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata as md
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import numpy as np
 
 #: The backend settings every stage accepts (ops also accept a backend's own name).
 BACKEND_CHOICES = ("auto", "gpu", "cpu")
 
+Precision = Literal["bf16", "fp16", "fp32"]
+#: The first compute capability with bfloat16 tensor cores (Ampere, sm_80).
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_driver_present() -> bool:
+    """False when this Linux machine has no CUDA driver library (``libcuda.so.1``), so no CUDA
+    device can be usable; True otherwise (other systems: unknown, assume present). Loading the
+    library initialises nothing; it spares a CPU machine importing torch just to learn that."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
 
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
-    """True when torch sees at least one usable CUDA device."""
+    """True when torch sees at least one usable CUDA device (torch is not imported on a machine
+    without a CUDA driver)."""
+    if not cuda_driver_present():
+        return False
     try:
         import torch
     except ImportError:
@@ -98,3 +121,43 @@ def to_host(a: Any) -> np.ndarray:
     if hasattr(a, "to_numpy"):  # cuDF / pandas, should output_type ever be ignored
         return np.asarray(a.to_numpy())
     return np.asarray(a)
+
+
+def precision_for(capability: tuple[int, int] | None) -> Precision:
+    """The mixed precision torch work runs in on a device of compute capability ``capability``
+    ((major, minor); None for the CPU): ``"bf16"`` from sm_80 (Ampere) on, ``"fp16"`` on older
+    GPUs, ``"fp32"`` on the CPU.
+
+    ``torch.cuda.is_bf16_supported()`` also answers True on pre-Ampere cards, where bfloat16 is
+    emulated (slowly), so it is not asked. Training in ``"fp16"`` needs loss scaling
+    (:class:`torch.amp.GradScaler`); bf16 has fp32's range and needs none.
+    """
+    if capability is None:
+        return "fp32"
+    major, minor = (int(v) for v in capability)
+    return "bf16" if (major, minor) >= BF16_MIN_CAPABILITY else "fp16"
+
+
+def device_capability(device: Any) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA ``device`` (``"cuda"``, ``"cuda:1"``, a
+    ``torch.device``); None for any other device."""
+    if str(getattr(device, "type", device)).split(":")[0] != "cuda":
+        return None
+    import torch
+
+    index = getattr(device, "index", None) if not isinstance(device, str) else (
+        int(device.split(":")[1]) if ":" in device else None)
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
+
+
+def precision_for_device(device: Any) -> Precision:
+    """:func:`precision_for` the capability of ``device`` (fp32 on the CPU)."""
+    return precision_for(device_capability(device))
+
+
+def autocast_dtype(precision: str) -> Any:
+    """The ``torch.autocast`` dtype of a precision name; None for ``"fp32"`` (no autocast)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]

@@ -32,7 +32,10 @@ import functools
 import json
 import logging
 import os
+import shlex
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -80,13 +83,27 @@ def device_label(device: str = "cpu") -> str:
             return f"cuda:{index} ({name}{extra}) on {host}"
         except Exception as exc:  # noqa: BLE001 - a label must never fail the run
             return f"{device} (unknown: {exc}) on {host}"
+    torch = sys.modules.get("torch")  # its thread count when loaded; a label never imports it
     try:
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS", ""))
     except Exception:  # noqa: BLE001
-        threads = os.cpu_count() or 1
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return f"cpu ({threads} threads) on {host}"
+
+
+def batch_job() -> str | None:
+    """``slurm job 123`` / ``pbs job 45.server`` when this process runs inside a batch job, else None."""
+    for kind, name in (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID")):
+        if os.environ.get(name):
+            return f"{kind} job {os.environ[name]}"
+    return None
+
+
+def process_label() -> str:
+    """``host:pid``, plus ``(slurm job 123)`` inside a batch job: who wrote a shard."""
+    job = batch_job()
+    label = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{label} ({job})" if job else label
 
 
 def _import_cluster_class(kind: str) -> Any:
@@ -115,11 +132,16 @@ def _import_cluster_class(kind: str) -> Any:
 
 
 def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True,
-                   env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                   log_directory: str | Path | None = None) -> dict[str, Any]:
     """Keyword arguments for the cluster class of ``kind`` (``extra`` wins over the defaults).
 
-    ``env`` reaches worker processes: a LocalCluster / LocalCUDACluster gets it as ``env``, a
-    jobqueue cluster as ``export`` lines in the job script (``job_script_prologue``).
+    ``env`` reaches worker processes: a LocalCluster gets it as ``env``, a jobqueue cluster as
+    ``export`` lines in the job script (``job_script_prologue``). A LocalCUDACluster replaces
+    each worker's ``env`` with its own ``CUDA_VISIBLE_DEVICES``, so it gets none here: its
+    workers get ``env`` through the Nanny's ``distributed.nanny.environ`` setting
+    (:func:`worker_env_config`), which the Nanny merges under its ``env``.
+    ``log_directory``: where a jobqueue cluster's batch jobs write their output.
     """
     extra = dict(extra or {})
     kw: dict[str, Any] = {}
@@ -131,41 +153,143 @@ def cluster_kwargs(kind: str, *, n_workers: int | None = None, threads_per_worke
         kw = {"threads_per_worker": threads_per_worker}  # one worker process per visible GPU
         if n_workers:
             kw["n_workers"] = n_workers
-        if env:
-            kw["env"] = dict(env)
     elif kind in ("slurm", "pbs"):
         kw = {"processes": 1, "cores": extra.pop("cores", threads_per_worker)}
-        prologue = [f"export {k}={v}" for k, v in (env or {}).items()]
+        prologue = [f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()]
         kw["job_script_prologue"] = prologue + list(extra.pop("job_script_prologue", []))
+        if log_directory is not None:
+            kw["log_directory"] = str(log_directory)  # else each job's output lands in the submitting directory
     kw.update(extra)
+    if kind in ("slurm", "pbs"):
+        _check_job_resources(kind, kw)
     return kw
+
+
+def _check_job_resources(kind: str, kw: dict[str, Any]) -> None:
+    """dask-jobqueue needs cores and memory per job (from the settings or Dask's jobqueue config)."""
+    import dask
+
+    for name, example in (("memory", "16GB"), ("cores", "8")):
+        if kw.get(name) is None and dask.config.get(f"jobqueue.{kind}.{name}", None) is None:
+            raise InputError(f"task runner {kind!r} needs task_runner.cluster_kwargs.{name} (per batch job, "
+                             f"e.g. {example}) in the config file, or jobqueue.{kind}.{name} in Dask's config")
+
+
+def worker_env_config(kind: str, env: dict[str, str] | None) -> dict[str, Any]:
+    """Dask settings that carry ``env`` into the worker processes of a ``kind`` cluster.
+
+    dask-cuda's ``LocalCUDACluster.new_worker_spec`` sets each worker's Nanny option ``env`` to
+    ``{"CUDA_VISIBLE_DEVICES": ...}``, dropping any ``env`` given to the cluster. The Nanny
+    builds its worker's environment from ``distributed.nanny.environ`` (read when the Nanny is
+    created) merged under that ``env``, so values set there survive (a variable also set in this
+    process's environment keeps that value: Dask lets the OS environment win). Other kinds take
+    ``env`` through :func:`cluster_kwargs` and need nothing here.
+    """
+    if kind == "dask-cuda" and env:
+        return {"distributed.nanny.environ": {k: str(v) for k, v in env.items()}}
+    return {}
 
 
 @contextlib.contextmanager
 def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,
-                 processes: bool = True, env: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> Iterator[str]:
+                 processes: bool = True, env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 log_directory: str | Path | None = None) -> Iterator[str]:
     """Yield the scheduler address of a running Dask cluster; one created here is closed on exit.
 
     ``address`` connects to an existing cluster (nothing is started or stopped). Otherwise
     ``kind`` picks LocalCluster (``dask``), LocalCUDACluster (``dask-cuda``) or a dask-jobqueue
-    SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted).
+    SLURMCluster / PBSCluster (``slurm`` / ``pbs``; ``n_workers`` batch jobs are submitted, their
+    output in ``log_directory``). When the body finishes, the batch jobs' workers are retired
+    first, so the jobs end by themselves (COMPLETED in ``sacct``); on an exception they are
+    cancelled at once.
     """
     if address:
         log.info("using the Dask cluster at %s", address)
         yield address
         return
     cls = _import_cluster_class(kind)
+    import dask
+
     kwargs = cluster_kwargs(kind, n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-                            env=env, extra=extra)
+                            env=env, extra=extra, log_directory=log_directory)
     t0 = time.perf_counter()
-    with cls(**kwargs) as cluster:
-        if kind in ("slurm", "pbs"):
-            cluster.scale(jobs=n_workers or 1)
-            log.info("submitted %d %s job(s); job script:\n%s", n_workers or 1, kind, cluster.job_script())
-        log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
-                 time.perf_counter() - t0, cluster.scheduler_address)
+    # the settings stay while the cluster lives: a worker restarted later gets them too
+    with dask.config.set(worker_env_config(kind, env)), _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
+        if kind not in ("slurm", "pbs"):
+            log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
+                     time.perf_counter() - t0, cluster.scheduler_address)
+            yield cluster.scheduler_address
+            return
+        cluster.scale(jobs=n_workers or 1)
+        log.info("submitting %d %s job(s) (output in %s); job script:\n%s", n_workers or 1, kind,
+                 kwargs.get("log_directory") or "the submitting directory", cluster.job_script())
         yield cluster.scheduler_address
+        end_batch_jobs(cluster, kind)  # a run that fails or is stopped cancels its jobs at once
+
+
+#: Seconds the batch jobs get to end by themselves once their workers are retired.
+JOB_END_WAIT_S = 60.0
+
+
+@contextlib.contextmanager
+def _jobs_outlive_their_workers(kind: str) -> Iterator[None]:
+    """A jobqueue cluster cancels a job once its worker has left the scheduler for
+    ``distributed.deploy.lost-worker-timeout`` (15 s); a retired worker's job (its interpreter
+    exiting, the nanny after it) may need longer to end by itself."""
+    if kind not in ("slurm", "pbs"):
+        yield
+        return
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": f"{JOB_END_WAIT_S + 10:.0f}s"}):
+        yield
+
+
+def _jobs_in_queue(kind: str, job_ids: list[str]) -> list[str]:
+    """Those of ``job_ids`` the batch system still lists (pending, running or completing)."""
+    if kind == "slurm":
+        cmd = ["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return sorted(set(out.stdout.split()) & set(job_ids)) if out.returncode == 0 else []
+    left = []
+    for job in job_ids:  # PBS: qstat fails for a job that has finished
+        try:
+            if subprocess.run(["qstat", job], capture_output=True, timeout=30).returncode == 0:
+                left.append(job)
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return left
+
+
+def end_batch_jobs(cluster: Any, kind: str, timeout: float = JOB_END_WAIT_S) -> None:
+    """Retire a jobqueue cluster's workers and wait (up to ``timeout`` s) for their batch jobs to
+    leave the queue: jobs whose worker exits by itself end COMPLETED. Whatever is left is
+    cancelled when the cluster closes."""
+    from distributed import Client
+
+    job_ids = sorted({str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)})
+    if not job_ids:
+        return
+    t0 = time.monotonic()
+    try:
+        with Client(cluster.scheduler_address, set_as_default=False, timeout=10) as client:
+            client.retire_workers(close_workers=True)
+    except Exception as exc:  # noqa: BLE001 - closing the cluster cancels the jobs anyway
+        log.warning("could not retire the workers of %s job(s) %s: %s", kind, ", ".join(job_ids), exc)
+        return
+    left = _jobs_in_queue(kind, job_ids)
+    while left and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        left = _jobs_in_queue(kind, left)
+    if left:
+        log.warning("%s job(s) %s still queued %.0f s after their workers were retired: cancelling them", kind,
+                    ", ".join(left), time.monotonic() - t0)
+    else:
+        log.info("%s job(s) %s ended %.1f s after their workers were retired", kind, ", ".join(job_ids),
+                 time.monotonic() - t0)
 
 
 def worker_count(address: str) -> int:
@@ -221,24 +345,36 @@ class ShardedStore(EmbeddingStore):
         """Part file first, then its entry: an entry always stands for a whole part."""
         entry = write_shard_part(self.directory, shard, image_ids, sources, labels, embeddings, quarantined,
                                  self.metadata)
-        entry["writer"] = f"{socket.gethostname()}:{os.getpid()}"
+        entry["writer"] = process_label()
         self.entry_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.entry_path(shard), entry)
         self.manifest["shards"][f"{shard:05d}"] = entry  # in memory only: pending_shards() skips it
+
+
+def sharded_store_directory(params: dict[str, Any]) -> Path:
+    """The store a sharded extraction with ``params`` writes: fixed index ranges, keyed by the
+    data's content (image folders too: a folder is refreshed in place only by a single process)
+    and by the precision of the device the run's extraction is placed on."""
+    from gpu_ops.features.extract import store_directory
+
+    dataset, extractor = dataset_and_extractor(params, "cpu")
+    return store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=False,
+                           device=params["device"])
 
 
 def plan_shards(params: dict[str, Any], *, n_workers: int = 1) -> dict[str, Any]:
     """Fix the store's layout and list its pending shards (driver side; builds the extractor on
     the CPU only to learn its identity). A new store gets ``params["shard_rows"]`` rows per
     shard (the same layout as a single-process extraction); one that exists keeps its own."""
-    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_directory, store_metadata
+    from gpu_ops.features.extract import DEFAULT_SHARD_ROWS, store_metadata
 
     dataset, extractor = dataset_and_extractor(params, "cpu")
-    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor)
+    directory = sharded_store_directory(params)
     n = len(dataset)
     manifest, _ = read_manifest(directory)  # a damaged one is restarted (with a warning) just below
     rows = int(manifest["shard_rows"]) if manifest else int(params.get("shard_rows") or DEFAULT_SHARD_ROWS)
-    store = ShardedStore(directory, store_metadata(dataset, extractor), n, rows)
+    store = ShardedStore(directory, store_metadata(dataset, extractor, incremental=False, device=params["device"]), n,
+                         rows)
     if not (directory / MANIFEST).is_file():
         atomic_write_json(directory / MANIFEST, store.manifest)  # every writer now agrees on the layout
     merge_shards(directory, finish=False)  # fold in entries an interrupted run left behind
@@ -264,10 +400,10 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     t0 = time.perf_counter()
     dataset, extractor = dataset_and_extractor(params, device)
     store_root = Path(params["cache_root"]) / "stores"
-    expected = store_directory(store_root, dataset, extractor)
+    expected = store_directory(store_root, dataset, extractor, incremental=False)
     if expected.resolve() != Path(store).resolve():
         raise InputError(f"{store}: this worker's data/extractor belong in {expected} (different dataset "
-                         "files or library versions on the workers?)")
+                         "files, library versions or precision on the workers?)")
     options = {**extract_options(params, extractor.device), "shard_rows": shard_rows}
     done = extract_to_store(dataset, extractor, store_root, shards=shards, progress=False, on_shard=on_shard,
                             **options)
@@ -275,7 +411,7 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     log.info("shards %s: %d items with %s on %s", list(done.written), done.items, extractor.name, label)
     return {"shards": list(done.written), "skipped": sorted(set(shards) - set(done.written)), "items": done.items,
             "rows": done.rows, "quarantined": done.quarantined, "device": extractor.device, "device_label": label,
-            "writer": f"{socket.gethostname()}:{os.getpid()}", "seconds": round(time.perf_counter() - t0, 3)}
+            "writer": process_label(), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | None:
@@ -329,15 +465,73 @@ def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | N
 # k-means over a store whose parts live on the workers
 
 
-def _worker_has_cuml() -> bool:
-    try:
-        import cuml.dask.cluster  # noqa: F401
-        import cudf  # noqa: F401
-        import cupy
+#: The packages the cuML-on-Dask route imports on every worker, in the order they are checked.
+#: ``raft_dask`` (NCCL comms) comes with conda's ``raft-dask`` or pip's ``cuml-cu1X[dask]`` only.
+CUML_DASK_MODULES = ("cupy", "cudf", "raft_dask", "cuml.dask.cluster")
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - any failure means: not this route
-        return False
+
+def cuml_dask_worker_status() -> dict[str, Any]:
+    """What this Dask worker offers the cuML-on-Dask route (run on each worker by ``client.run``).
+
+    Returns ``usable`` (bool), ``reason`` (why not, naming the module and its import error, or
+    what it has), ``host`` and ``device`` (``host/PCI bus id`` of the worker's current CUDA device,
+    None without one). Every import is checked one by one so the reason names what is missing.
+    """
+    import importlib
+
+    host = socket.gethostname()
+    status: dict[str, Any] = {"usable": False, "host": host, "device": None,
+                              "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    for module in CUML_DASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - GPU packages fail at import for many reasons; each is reported
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hint = " (pip install 'cuml-cu13[dask]' or conda install raft-dask)" if module == "raft_dask" else ""
+            status["reason"] = f"{module} not importable on {host} ({type(exc).__name__}: {first}){hint}"
+            return status
+        if module == "cupy":
+            import cupy
+
+            try:
+                count = cupy.cuda.runtime.getDeviceCount()
+                current = cupy.cuda.runtime.getDevice() if count else None
+                bus = cupy.cuda.runtime.deviceGetPCIBusId(current) if count else None
+            except Exception as exc:  # noqa: BLE001 - no driver / no device
+                status["reason"] = f"no CUDA device on {host} ({type(exc).__name__}: {exc})"
+                return status
+            if not count:
+                status["reason"] = f"no CUDA device on {host}"
+                return status
+            status["device"] = f"{host}/{bus}"
+    status.update(usable=True, reason=f"cuML, cuDF and raft-dask on {status['device']}")
+    return status
+
+
+def cuml_dask_route(statuses: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+    """Whether k-means may run as ``cuml.dask.cluster.KMeans`` on workers with these
+    :func:`cuml_dask_worker_status` answers (worker address -> status), and why.
+
+    Every worker must have cuML, cuDF, raft-dask and a CUDA device, and no two workers may share a
+    device: NCCL refuses two ranks on one GPU, so a plain LocalCluster whose workers all see GPU 0
+    must not take this route (LocalCUDACluster gives each worker its own device).
+    """
+    if not statuses:
+        return False, "no workers answered"
+    missing = {addr: s for addr, s in statuses.items() if not s.get("usable")}
+    if missing:
+        addr, first = next(iter(sorted(missing.items())))
+        more = f" (and {len(missing) - 1} more worker(s))" if len(missing) > 1 else ""
+        return False, f"worker {addr}: {first.get('reason', 'not usable')}{more}"
+    by_device: dict[str, list[str]] = {}
+    for addr, s in statuses.items():
+        by_device.setdefault(str(s["device"]), []).append(addr)
+    shared = {dev: sorted(addrs) for dev, addrs in by_device.items() if len(addrs) > 1}
+    if shared:
+        dev, addrs = next(iter(sorted(shared.items())))
+        return False, (f"{len(addrs)} workers share the GPU {dev} ({', '.join(addrs)}): cuML's NCCL communicator "
+                       "needs one device per worker (start the cluster with dask-cuda's LocalCUDACluster)")
+    return True, f"{len(statuses)} worker(s), each with its own GPU"
 
 
 def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
@@ -346,7 +540,10 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
     """k-means of every row of ``store`` on the Dask cluster at ``address``.
 
     Returns ``labels`` (n,) int64 in store order, ``centers`` (k, d), ``inertia``, ``n_iter``,
-    ``backend`` (``cuml-dask`` or ``dask-lloyd+<init backend>``), ``kind`` and ``reason``.
+    ``backend`` (``cuml-dask`` or ``dask-lloyd+<init backend>``), ``kind``, ``reason`` and
+    ``fallback`` (why the cuML route was not taken when a GPU backend was allowed, else None).
+    The cuML route needs every worker to pass :func:`cuml_dask_worker_status` with a device of
+    its own (:func:`cuml_dask_route`); otherwise the CPU route runs and the reason is logged.
     """
     from distributed import Client
 
@@ -357,10 +554,16 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
     parts = [str(p) for p in part_files(Path(store))]
     with Client(address, set_as_default=False) as client:
         client.wait_for_workers(1)
-        on_workers = client.run(_worker_has_cuml) if backend in ("auto", "gpu", "cuml") else {}
-        if on_workers and all(on_workers.values()):
-            return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
-        why = "workers have no CUDA/cuML" if backend in ("auto", "gpu", "cuml") else f"backend {backend!r}"
+        if backend in ("auto", "gpu", "cuml"):
+            usable, why = cuml_dask_route(client.run(cuml_dask_worker_status))
+            if usable:
+                return _cuml_dask_kmeans(client, store, parts, n_clusters, max_iter=max_iter, seed=seed, tol=tol)
+            log.log(logging.WARNING if backend != "auto" else logging.INFO,
+                    "k-means on Dask: not on cuML (%s): CPU Lloyd passes on the workers", why)
+            fallback: str | None = why
+            why = f"cuml-dask not used: {why}"
+        else:
+            fallback, why = None, f"backend {backend!r}"
         init_backend = "cpu" if backend in ("auto", "gpu", "cuml") else backend
         source = DaskSource.from_parts(client, parts)
         n = source.count()
@@ -374,13 +577,15 @@ def dask_kmeans(address: str, store: str | Path, n_clusters: int, *, n_init: int
         # 2. exact Lloyd passes over every partition, then the assignment, on the workers
         result = lloyd(source, n_clusters, init_centroids=centers, max_iter=max_iter, tol=tol)
         workers = len(client.scheduler_info()["workers"])
-    log.info("dask k-means: %d rows over %d partition(s) on %d worker(s): init %s on %d rows, %d Lloyd pass(es), "
-             "inertia %.6g", n, len(parts), workers, res.backend, len(sample), result.n_iter, result.inertia)
+        jobs = sorted({job for job in client.run(batch_job).values() if job})
+    where = f"{workers} worker(s)" + (f" in {', '.join(jobs)}" if jobs else "")
+    log.info("dask k-means: %d rows over %d partition(s) on %s: init %s on %d rows, %d Lloyd pass(es), "
+             "inertia %.6g", n, len(parts), where, res.backend, len(sample), result.n_iter, result.inertia)
     return {"labels": result.labels, "centers": result.centroids, "inertia": result.inertia,
             "n_iter": result.n_iter, "backend": f"dask-lloyd+{res.backend}", "kind": "cpu",
             "reason": f"{why}: initial fit with {res.backend} on {len(sample)} of {n} rows, then exact Lloyd passes "
-                      f"over {len(parts)} partition(s) on {workers} worker(s)",
-            "init_resolution": res.as_dict()}
+                      f"over {len(parts)} partition(s) on {where}",
+            "init_resolution": res.as_dict(), "fallback": fallback}
 
 
 def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_clusters: int, *, max_iter: int,
@@ -418,7 +623,7 @@ def _cuml_dask_kmeans(client: Any, store: str | Path, parts: list[str], n_cluste
     return {"labels": labels.astype(np.int64), "centers": centers.astype(np.float32), "inertia": None,
             "n_iter": None, "backend": "cuml-dask", "kind": "gpu",
             "reason": f"cuml.dask.cluster.KMeans over {len(parts)} partition(s) on {workers} GPU worker(s)",
-            "init_resolution": None}
+            "init_resolution": None, "fallback": None}
 
 
 def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, address: str) -> ClusterResult:
@@ -436,7 +641,7 @@ def cluster_stage_dask(store: str, cfg: Any, algorithm: str, staging: str, addre
     requested = cfg.backend_for("kmeans")
     result = dask_kmeans(address, store, k, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed,
                          backend=requested, init_sample_rows=cfg.task_runner.init_sample_rows)
-    fallbacks = [f"cuml-dask: {result['reason'].split(':')[0]}"] if requested == "gpu" and result["kind"] == "cpu" else []
+    fallbacks = [f"cuml-dask: {result['fallback']}"] if requested == "gpu" and result.get("fallback") else []
     ran = Resolution("kmeans", requested, result["backend"], result["kind"], result["reason"], fallbacks)
     return write_cluster_result(run, algorithm, k=k, resolutions=[ResolutionRecord.of(ran, algorithm)], started=t0,
                                 labels=result["labels"], inertia=result["inertia"], n_iter=result["n_iter"])

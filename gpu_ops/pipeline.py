@@ -19,7 +19,6 @@ from gpu_ops.data import load_dataset
 from gpu_ops.errors import InputError
 from gpu_ops.explore.stage import ExploreResult
 from gpu_ops.explore.models import save_deep_model, save_model
-from gpu_ops.features.autoencoder import RECONSTRUCTIONS
 from gpu_ops.features.extract import (
     build_extractor,
     dataset_directory,
@@ -27,6 +26,7 @@ from gpu_ops.features.extract import (
     extract_to_store,
     open_dataset,
 )
+from gpu_ops.incremental import store_revision
 from gpu_ops.metrics import evaluate
 from gpu_ops.placement import placement_for
 from gpu_ops.registry import Resolution, create_estimator
@@ -38,11 +38,12 @@ from gpu_ops.stages import (
     ResolutionRecord,
     StoreRef,
     StreamingStats,
+    batch_rows_for,
     k_for,
     k_selection_summary,
     write_cluster_result,
 )
-from gpu_ops.store import atomic_write_json, atomic_write_table, read_embeddings
+from gpu_ops.store import atomic_write_json, read_embeddings, store_labels
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 def extract_params(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a store's content: the extract stage's (cacheable) inputs."""
     keys = ("dataset", "split", "limit", "extractor", "weights", "image_size", "batch_size", "num_workers", "seed",
-            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs", "flip_average")
+            "shard_rows", "decode_on_device", "latent_dim", "ae_epochs", "flip_average", "wait_for_store")
     params = {k: getattr(cfg, k) for k in keys}
     params["device"] = placement_for(cfg, "extract").torch_device
     params["cache_root"] = str(cfg.cache_root())
@@ -69,10 +70,12 @@ def extract_stage(params: dict[str, Any], on_shard: Callable[[int, int], None] |
     dataset = open_dataset(params)
     extractor = build_extractor(params, dataset, progress=progress)
     summary = extract_to_store(dataset, extractor, Path(params["cache_root"]) / "stores", on_shard=on_shard,
-                               progress=progress, **extract_options(params, params["device"]))
+                               progress=progress, wait=params.get("wait_for_store", True),
+                               **extract_options(params, params["device"]))
     return StoreRef(store=str(summary.directory), rows=summary.rows, dim=summary.dim,
                     quarantined=summary.quarantined, device=params["device"], extractor=params["extractor"],
-                    seconds=round(time.perf_counter() - t0, 3))
+                    seconds=round(time.perf_counter() - t0, 3), revision=store_revision(Path(summary.directory)),
+                    extracted=summary.items)
 
 
 def images_for_ids(dataset: Any, image_ids: list[str], size: int) -> np.ndarray:
@@ -142,7 +145,6 @@ def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     store; the kept head goes to ``model-<algorithm>.pt``, the per-epoch history beside it."""
     from gpu_ops.cluster.sources import StoreSource
     from gpu_ops.heads import fit_head
-    from gpu_ops.heads.common import store_labels
 
     source = StoreSource(store)
     k = k_for(cfg, source, run)
@@ -242,37 +244,71 @@ def _graph_merge(X: np.ndarray, space: np.ndarray, cfg: RunConfig, k: int, run: 
 
 
 def reduce_stage(store: str, cfg: RunConfig, staging: str) -> MapResult:
-    """2-D map of the store's embeddings with ``cfg.reducer``, saved in the run directory ``staging``."""
+    """2-D map of the store's embeddings with ``cfg.reducer``, saved in the run directory ``staging``.
+
+    The reducer is fitted on at most :func:`~gpu_ops.reduce.sampled.map_fit_rows` rows (a uniform
+    sample of a larger store, bounded by ``cfg.map_sample_rows`` and ``cfg.memory_mb``); the other
+    rows stream from the store and are placed (:func:`~gpu_ops.reduce.sampled.place_rows`).
+    """
+    from gpu_ops.cluster.sources import StoreSource, subset_rows
+    from gpu_ops.reduce.sampled import MapPlan, map_fit_rows, place_rows, placement_text
+
     t0 = time.perf_counter()
     run = RunDir(staging)
     if cfg.reducer == "none":
         return MapResult(path=None, backend=None, resolutions=[], seconds=0.0)
-    X = read_embeddings(Path(store)).embeddings
+    source = StoreSource(store, batch_rows=batch_rows_for(cfg.memory_mb, StoreSource(store).dim()))
+    n, d = source.count(), source.dim()
+    rows = subset_rows(n, map_fit_rows(n, d, cfg.memory_mb, cfg.map_sample_rows), int(cfg.seed))
+    X = source.take(rows)
+    m = len(rows)
     params: dict[str, Any] = {"n_components": 2, "seed": cfg.seed}
     if cfg.reducer == "umap":
-        params.update(n_neighbors=min(15, X.shape[0] - 1), min_dist=0.1)
+        params.update(n_neighbors=min(15, m - 1), min_dist=0.1)
     elif cfg.reducer == "tsne":
-        params.update(perplexity=min(30.0, max(2.0, (X.shape[0] - 1) / 3.5)))
+        params.update(perplexity=min(30.0, max(2.0, (m - 1) / 3.5)))
     est, res = create_estimator(cfg.reducer, cfg.backend_for(cfg.reducer), **params)
-    xy = est.fit(X).embedding_
+    xy = np.asarray(est.fit(X).embedding_, dtype=np.float32)
+    plan = MapPlan(n, m, None)
+    if m < n:
+        plan = MapPlan(n, m, placement_text(cfg.reducer))
+        log.info("2-D map: %s fitted on %d of %d rows; the other rows %s", cfg.reducer, m, n, plan.placement)
+        transform = est.transform if cfg.reducer == "pca" else None
+        xy = place_rows(source.batches(), n, rows, X, xy, seed=int(cfg.seed), transform=transform)
     path = run.map2d_scratch
     np.save(path, xy.astype(np.float32))
     if cfg.reducer == "tsne" and cfg.tsne_perplexities:  # several perplexities: the report draws them
         from gpu_ops.reduce.tsne import perplexity_sweep
 
         sweep = perplexity_sweep(X, cfg.tsne_perplexities, backend=cfg.backend_for("tsne"), seed=cfg.seed)
-        sweep.save(run.tsne_sweep, read_embeddings(Path(store)).image_ids)
+        sweep.save(run.tsne_sweep, _ids_of_rows(source, rows))
     return MapResult(path=str(path), backend=res.backend, resolutions=[ResolutionRecord.of(res, "map")],
-                     seconds=round(time.perf_counter() - t0, 3))
+                     seconds=round(time.perf_counter() - t0, 3), plan=plan.as_dict())
+
+
+def _ids_of_rows(source: Any, rows: np.ndarray) -> list[str]:
+    """The image ids of the sorted row numbers ``rows``, in one streaming pass over the id column."""
+    out: list[str] = []
+    start = 0
+    for ids in source.iter_ids():
+        stop = start + len(ids)
+        lo, hi = np.searchsorted(rows, [start, stop])
+        out += [str(ids[int(r) - start]) for r in rows[lo:hi]]
+        start = stop
+    return out
 
 
 def evaluate_stage(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMetrics]:
-    """ACC / NMI / ARI per algorithm when the store has labels; k, backend and cluster sizes always."""
-    labels_true = read_embeddings(Path(store)).labels
+    """ACC / NMI / ARI per algorithm when the store has labels; k, backend and cluster sizes always.
+
+    Only the store's ``label`` column is read (never the embeddings); the scores need no more than
+    it and the predicted labels.
+    """
+    labels_true = store_labels(store)
     out: dict[str, AlgorithmMetrics] = {}
     for c in clusters:
         pred = c.load_labels()
-        scores = evaluate(labels_true, pred) if labels_true is not None and (labels_true >= 0).all() else {}
+        scores = evaluate(labels_true, pred) if labels_true is not None else {}
         noise = int((pred < 0).sum())  # -1: HDBSCAN noise
         out[c.algorithm] = AlgorithmMetrics(**scores, k=c.k, backend=c.backend,
                                             cluster_sizes=np.bincount(pred[pred >= 0]).tolist(), noise=noise or None,
@@ -280,40 +316,91 @@ def evaluate_stage(store: str, clusters: list[ClusterResult]) -> dict[str, Algor
     return out
 
 
+def _write_streamed(path: Path, schema: pa.Schema, batches: Any) -> None:
+    """Write record batches to the Parquet file ``path`` atomically (page checksums, as
+    :func:`~gpu_ops.store.atomic_write_table`), one batch in memory at a time."""
+    import pyarrow.parquet as pq
+
+    from gpu_ops.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, write_page_checksum=True) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+
+
+def _run_tables(source: Any, clusters: list[ClusterResult], xy: np.ndarray | None) -> tuple[Any, Any]:
+    """Record batches of ``assignments.parquet`` and ``map2d.parquet``, aligned with the store's
+    id batches (labels and map read from memory-mapped arrays)."""
+    labels = {c.algorithm: np.load(c.labels, mmap_mode="r") for c in clusters}
+
+    def assignments() -> Any:
+        start = 0
+        for ids in source.iter_ids():
+            stop = start + len(ids)
+            cols = [ids.cast(pa.string())] + [pa.array(np.asarray(lab[start:stop]).astype(np.int32))
+                                              for lab in labels.values()]
+            yield pa.record_batch(cols, names=["image_id", *labels])
+            start = stop
+
+    def map2d() -> Any:
+        start = 0
+        for ids in source.iter_ids():
+            stop = start + len(ids)
+            part = np.zeros((stop - start, 2), np.float32) if xy is None else np.asarray(xy[start:stop])
+            yield pa.record_batch([ids.cast(pa.string()), pa.array(part[:, 0]), pa.array(part[:, 1])],
+                                  names=["image_id", "x", "y"])
+            start = stop
+
+    return assignments(), map2d()
+
+
 def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
                  metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float],
                  explored: ExploreResult | None = None) -> dict[str, Any]:
     """Write the run directory's files into ``staging``; return metrics.json's content
-    (``explored``: the explore stage's result, when it ran)."""
+    (``explored``: the explore stage's result, when it ran).
+
+    ``assignments.parquet`` and ``map2d.parquet`` are written batch by batch as the store's ids
+    stream past (batches sized by ``cfg.memory_mb``): no stage file holds the whole store.
+    """
+    from gpu_ops.cluster.sources import StoreSource
+
     run = RunDir(staging)
-    table = read_embeddings(Path(store.store))
-    columns: dict[str, Any] = {"image_id": pa.array(table.image_ids, pa.string())}
-    for c in clusters:
-        columns[c.algorithm] = pa.array(c.load_labels().astype(np.int32))
-    atomic_write_table(run.assignments, pa.table(columns))
-    xy = np.load(reduced.path) if reduced.path else np.zeros((len(table.image_ids), 2), np.float32)
-    atomic_write_table(run.map2d, pa.table({"image_id": pa.array(table.image_ids, pa.string()),
-                                            "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1])}))
+    source = StoreSource(store.store)
+    source.batch_rows = batch_rows_for(cfg.memory_mb, source.dim())
+    n = source.count()
+    xy = np.load(reduced.path, mmap_mode="r") if reduced.path else None
+    assignments, map2d = _run_tables(source, clusters, xy)
+    schema = pa.schema([("image_id", pa.string()), *[(c.algorithm, pa.int32()) for c in clusters]])
+    _write_streamed(run.assignments, schema, assignments)
+    _write_streamed(run.map2d, pa.schema([("image_id", pa.string()), ("x", pa.float32()), ("y", pa.float32())]), map2d)
+    del xy
     run.config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     resolutions = [r.model_dump() for c in clusters for r in c.resolutions] + [r.model_dump() for r in reduced.resolutions]
+    reducer: dict[str, Any] = {"name": cfg.reducer, "backend": reduced.backend}
+    if reduced.plan is not None:
+        reducer.update(fitted_rows=reduced.plan["fitted_rows"], placement=reduced.plan["placement"])
     doc = {
         "dataset": cfg.dataset,
-        "n": len(table.image_ids),
+        "n": n,
         "quarantined": store.quarantined,
         "store": store.store,
         "extract": {"extractor": cfg.extractor, "device": store.device, "dim": store.dim},
         "algorithms": {name: m.as_json() for name, m in metrics.items()},
-        "reducer": {"name": cfg.reducer, "backend": reduced.backend},
+        "reducer": reducer,
         "backends": resolutions,
         "fallbacks": [f"{r['op']}: {f}" for r in resolutions for f in r["fallbacks"]],
         "explore": explored.as_json() if explored is not None else {"ran": False},
         "timings_s": timings,
     }
+    if cfg.memory_mb is not None:
+        doc["memory_mb"] = cfg.memory_mb
     chosen = k_selection_summary(run)
     if chosen is not None:
         doc["k_selection"] = chosen
     atomic_write_json(run.metrics, doc, sort_keys=False)
-    recon = Path(store.store).parent / "autoencoder" / RECONSTRUCTIONS
+    recon = Path(store.store).parent / "autoencoder" / RunDir.RECONSTRUCTIONS
     if cfg.extractor == "autoencoder" and recon.is_file():
         shutil.copyfile(recon, run.reconstructions)
     for tmp in run.scratch_files():

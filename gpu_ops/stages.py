@@ -46,6 +46,8 @@ class StoreRef(StageModel):
     seconds: float
     shard_rows: int | None = None  #: sharded (Dask) extraction: rows per shard
     writers: list[str] | None = None  #: sharded extraction: the worker processes that wrote shards
+    revision: str | None = None  #: a store refreshed in place: the run that last changed it
+    extracted: int | None = None  #: items this run read (embedded or quarantined); the rest were stored already
 
 
 class ResolutionRecord(StageModel):
@@ -104,6 +106,8 @@ class MapResult(StageModel):
     backend: str | None
     resolutions: list[ResolutionRecord]
     seconds: float
+    #: :class:`gpu_ops.reduce.sampled.MapPlan` as a dict: rows, rows fitted, how the rest were placed
+    plan: dict[str, Any] | None = None
 
 
 class AlgorithmMetrics(StageModel):
@@ -122,6 +126,21 @@ class AlgorithmMetrics(StageModel):
     def as_json(self) -> dict[str, Any]:
         """The entry as metrics.json holds it (absent scores and noise left out)."""
         return self.model_dump(exclude_none=True)
+
+
+#: Share of ``memory_mb`` one streamed batch of rows may take (its Arrow and float32 copies).
+BATCH_FRACTION = 0.10
+#: Rows per streamed batch when the run sets no ``memory_mb``.
+DEFAULT_BATCH_ROWS = 65_536
+
+
+def batch_rows_for(memory_mb: int | None, d: int) -> int:
+    """Rows per batch a stage streams from the store: :data:`BATCH_FRACTION` of ``memory_mb``
+    (each row: its Arrow and float32 copies, ``8 d`` bytes, plus ids and per-row results), between
+    1 024 and 1 048 576; :data:`DEFAULT_BATCH_ROWS` without a budget."""
+    if memory_mb is None:
+        return DEFAULT_BATCH_ROWS
+    return max(1024, min(1 << 20, int(BATCH_FRACTION * memory_mb * 2**20 // (8 * d + 96))))
 
 
 def write_cluster_result(run: RunDir, algorithm: str, *, k: int, resolutions: list[ResolutionRecord],

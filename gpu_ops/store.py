@@ -86,11 +86,19 @@ def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    import torch
+    """Versions of the libraries behind a store's embeddings. torch's is read from its
+    distribution when torch is not loaded: a raw-pixel run never imports it."""
+    import importlib.metadata
+    import sys
 
     import gpu_ops
 
-    return {"gpuclust": gpu_ops.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch.__version__}
+    torch = sys.modules.get("torch")
+    try:
+        torch_version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return {"gpuclust": gpu_ops.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch_version}
 
 
 def embedding_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
@@ -204,8 +212,9 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK | os.X_OK)
 
 
-def cached_store_ok(directory: str | Path) -> bool:
-    """Cheap check (a stat per part, no hashing) that a finished store is as its manifest says.
+def cached_store_ok(directory: str | Path, revision: str | None = None) -> bool:
+    """Cheap check (a stat per part, no hashing) that a finished store is as its manifest says
+    (and, for a store refreshed in place, still at the ``revision`` the cached result saw).
 
     For a store named by a cached result of an earlier run: False means "run the extract stage
     again". It logs why: a warning when the store (or its manifest) is gone or unfinished, since
@@ -225,6 +234,10 @@ def cached_store_ok(directory: str | Path) -> bool:
         return False
     if not manifest["complete"]:
         log.warning("store %s is unfinished: re-extracting its missing shards", directory)
+        return False
+    if manifest.get("revision") != revision:
+        log.info("store %s was refreshed since (revision %s, the cached result saw %s): running the extract "
+                 "stage again", directory, manifest.get("revision"), revision)
         return False
     problems = [p for entry in manifest["shards"].values() if entry["file"]
                 for p in [part_problem(directory, entry, full=False)] if p]
@@ -486,6 +499,19 @@ def iter_tables(directory: Path, columns: list[str] | None = None) -> Iterable[p
     """Yield each finished shard as an Arrow table (streaming: one shard in memory at a time)."""
     for path in part_files(directory):
         yield read_part(path, columns=columns)
+
+
+def store_labels(directory: str | Path) -> np.ndarray | None:
+    """The store's ``label`` column (int64, -1 where missing), read alone, part by part; None when
+    it has none or some row lacks a label."""
+    parts = []
+    for path in part_files(Path(directory)):
+        pf = open_part(path)
+        if "label" not in pf.schema_arrow.names:
+            return None
+        parts.append(pf.read(columns=["label"]).column("label").fill_null(-1).to_numpy().astype(np.int64))
+    labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return labels if len(labels) and (labels >= 0).all() else None
 
 
 def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -121,6 +121,14 @@ def test_cluster_settings_for_every_kind(monkeypatch):
     for line in ("#SBATCH -p gpu", "#SBATCH -A vision", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
                  "export PREFECT_API_URL=http://10.0.0.2:4200/api"):
         assert line in script
+    # values are quoted for the job script; job output goes where the run says, not the submitting directory
+    quoted = gd.cluster_kwargs("slurm", env={"PYTHONPATH": "/src/my code"}, extra={"memory": "1GB"},
+                               log_directory="/cache/jobs")
+    assert quoted["job_script_prologue"] == ["export PYTHONPATH='/src/my code'"]
+    assert quoted["log_directory"] == "/cache/jobs"
+    with pytest.raises(InputError, match=r"task runner 'slurm' needs task_runner.cluster_kwargs.memory \(per batch "
+                                         r"job, e.g. 16GB\)"):
+        gd.cluster_kwargs("slurm", env=env, extra={"cores": 8})
     pbs = gd.cluster_kwargs("pbs", env=env, extra={"queue": "gpuq", "cores": 4, "memory": "32GB",
                                                    "resource_spec": "select=1:ncpus=4:ngpus=1:mem=32GB"})
     with PBSCluster(**pbs, scheduler_options={"dashboard_address": None}) as cluster:

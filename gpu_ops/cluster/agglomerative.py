@@ -45,6 +45,36 @@ def linkage_matrix(children: np.ndarray, distances: np.ndarray, n_samples: int) 
 EXACT_MAX_N = 10_000
 
 
+def cut_merge_tree(children: np.ndarray, n_samples: int, n_clusters: int) -> np.ndarray:
+    """Flat labels (n_samples,) int64 after the first ``n_samples - n_clusters`` merges of a merge
+    tree given as ``children`` (n-1, 2) in scikit-learn's convention (row i makes node n + i),
+    rows in merge order. Needs no merge heights: cuts a GPU tree that came without them.
+    Labels are numbered by first appearance."""
+    children = np.asarray(children, dtype=np.int64)
+    if children.shape != (n_samples - 1, 2):
+        raise InputError(f"children must have shape ({n_samples - 1}, 2) for {n_samples} samples; got {children.shape}")
+    check_n_clusters(n_clusters, n_samples)
+    parent = np.arange(2 * n_samples - 1)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for row in range(n_samples - n_clusters):
+        a, b = children[row]
+        node = n_samples + row
+        parent[root(int(a))] = node
+        parent[root(int(b))] = node
+    roots = np.array([root(i) for i in range(n_samples)])
+    _, labels = np.unique(roots, return_inverse=True)
+    first = {}
+    for lab in labels:
+        first.setdefault(int(lab), len(first))
+    return np.array([first[int(lab)] for lab in labels], dtype=np.int64)
+
+
 class SklearnAgglomerative:
     """scikit-learn ``AgglomerativeClustering`` keeping the whole tree for dendrograms.
 
@@ -169,6 +199,9 @@ class CumlAgglomerative:
         (the same single-linkage tree, up to the order of tied merges), else None.
     connectivity_ : str
         The graph actually used ("pairwise" or "knn").
+    linkage_source_ : {"cuml", "scipy-cpu"} or None
+        Where ``linkage_matrix_`` came from: cuML's own merge heights, or the CPU recomputation.
+        The GPU tree itself is ``children_`` (:func:`cut_merge_tree` cuts it without heights).
     """
 
     def __init__(self, n_clusters: int = 8, linkage: str = "single", connectivity: str = "auto",
@@ -213,13 +246,16 @@ class CumlAgglomerative:
         distances = getattr(model, "distances_", None) if wants_distances else None
         self.distances_ = None
         self.linkage_matrix_ = None
+        self.linkage_source_ = None
         if distances is not None and to_host(distances).shape == (n - 1,):
             self.distances_ = to_host(distances).astype(np.float64)
             self.linkage_matrix_ = linkage_matrix(self.children_, self.distances_, n)
+            self.linkage_source_ = "cuml"
         elif n <= int(self.linkage_matrix_max_n):
             from scipy.cluster.hierarchy import linkage as scipy_linkage
 
             self.linkage_matrix_ = scipy_linkage(X, method="single", metric="euclidean")
+            self.linkage_source_ = "scipy-cpu"
         return self
 
 

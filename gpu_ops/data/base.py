@@ -61,6 +61,13 @@ class Dataset(ABC):
     def fingerprint(self) -> str:
         """A short hash that changes when the content (or the selection of items) changes."""
 
+    def collection_id(self) -> str | None:
+        """A short hash of *which* collection this is (not of its content), for datasets whose
+        items are files that can be added, changed and removed one by one: their embedding store
+        is refreshed in place (:mod:`gpu_ops.incremental`). None (the default): the dataset is
+        one immutable whole, and its store is keyed by :meth:`fingerprint`."""
+        return None
+
     def subset(self, limit: int | None) -> "Dataset":
         """The first ``limit`` items (all when None)."""
         if limit is None or limit >= len(self):
@@ -109,6 +116,10 @@ class _Head(Dataset):
 
     def fingerprint(self) -> str:
         return hash_strings([self.parent.fingerprint(), f"head={self._limit}"])
+
+    def collection_id(self) -> str | None:
+        parent = self.parent.collection_id()
+        return None if parent is None else hash_strings([parent, f"head={self._limit}"])
 
     def __getattr__(self, attr: str):  # expose reader-specific extras (e.g. paths)
         if attr.startswith("__") or attr in ("parent", "_limit"):  # unpickling looks these up first

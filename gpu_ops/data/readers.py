@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -35,14 +36,30 @@ def _concat_splits(name: str, parts: list[tuple[str, np.ndarray, np.ndarray | No
     return ArrayDataset(name, items, labels, ids, content, class_names)
 
 
-def digits(split: str) -> ArrayDataset:
-    """scikit-learn's bundled digits: 1,797 images of 8x8, 10 classes; no train/test split."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits.
+
+    Read from the CSV file scikit-learn ships (what ``load_digits`` reads), found without importing
+    scikit-learn: that import takes seconds, and a run with nothing else for it to do should not
+    pay them. ``load_digits`` where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        with gzip.open(csv, "rt") as fh:
+            data = np.loadtxt(fh, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = to_uint8_images(bunch.images / 16.0, "digits")  # 17 grey levels 0..16
-    return _concat_splits("digits", [("digits", images, bunch.target.astype(np.int32))],
-                          [str(c) for c in bunch.target_names])
+    return bunch.images, bunch.target
+
+
+def digits(split: str) -> ArrayDataset:
+    """scikit-learn's bundled digits: 1,797 images of 8x8, 10 classes; no train/test split."""
+    pixels, target = _digits_arrays()
+    images = to_uint8_images(pixels / 16.0, "digits")  # 17 grey levels 0..16
+    return _concat_splits("digits", [("digits", images, target.astype(np.int32))],
+                          [str(c) for c in range(10)])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -213,6 +230,11 @@ class FolderDataset(Dataset):
             parts.append(f"{p.relative_to(self.root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
         return hash_strings(parts)
 
+    def collection_id(self) -> str:
+        """The folder itself (its resolved path), whatever it holds today: one store per folder,
+        refreshed image by image."""
+        return hash_strings(["folder", str(self.root.resolve())])
+
 
 #: Pillow modes holding one channel of 16-bit (``I;16*``) or 32-bit integer (``I``) values. A
 #: 16-bit PNG opens as one of them; its values are scaled 0..65535 -> 0..255 by the pixel rule.
@@ -271,17 +293,171 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def parquet_embeddings(directory: Path) -> ArrayDataset:
-    """Embeddings already in the store format (``embedding`` column, ``image_id``, optional ``label``)."""
-    from gpu_ops.store import read_embeddings
+class IdColumn(Sequence[str]):
+    """A read-only sequence of strings over an Arrow string array: the ``image_ids`` of a large
+    dataset without a Python string per row (2,000,000 ids: ~30 MB instead of ~130 MB)."""
 
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self.array))
+            if step == 1:
+                return IdColumn(self.array.slice(start, max(0, stop - start)))
+            return [self[i] for i in range(start, stop, step)]
+        if index < 0:
+            index += len(self.array)
+        return self.array[index].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in range(0, len(self.array), 65_536):
+            yield from self.array.slice(chunk, 65_536).to_pylist()
+
+
+#: Rows per record batch :class:`ParquetEmbeddings` decodes at a time.
+PARQUET_BATCH_ROWS = 16_384
+#: The content hash of the Parquet embeddings last verified in this process, by the files' (path,
+#: size, mtime): a run opens its dataset several times (checks, cache key, extraction).
+_VERIFIED: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+class ParquetEmbeddings(Dataset):
+    """Embeddings already in the store format (``embedding`` column, ``image_id``, optional ``label``),
+    read in bounded memory: opening reads the id and label columns and streams the vectors once,
+    batch by batch, to check every value and hash the content (once per process for unchanged
+    files); :meth:`rows` streams them again for the extract stage.
+
+    Every part is checked as :func:`gpu_ops.store.read_embeddings` checks it: readable Parquet, the
+    same columns and embedding dimension as the first, unique ``image_id``s, finite values that
+    float32 distances can hold. Failures are InputErrors naming the file.
+    """
+
+    item_kind = "vector"
+
+    def __init__(self, directory: Path) -> None:
+        import pyarrow as pa
+
+        from gpu_ops.store import open_part, part_files, read_part
+
+        self.directory = Path(directory)
+        self.name = f"parquet:{directory}"
+        self.files = part_files(self.directory)
+        ids, labels, counts = [], [], []
+        first: tuple[Path, list[str], int] | None = None
+        null_labels = 0
+        for path in self.files:
+            schema = open_part(path).schema_arrow
+            for col in ("image_id", "embedding"):
+                if col not in schema.names:
+                    raise InputError(f"{path}: Parquet file lacks the {col!r} column (found: {', '.join(schema.names)})")
+            etype = schema.field("embedding").type
+            if not pa.types.is_fixed_size_list(etype):
+                raise InputError(f"{path}: the embedding column must be fixed_size_list<float32>; got {etype}")
+            columns, dim = list(schema.names), int(etype.list_size)
+            if first is None:
+                first = (path, columns, dim)
+            elif columns != first[1]:
+                raise InputError(f"{path}: columns ({', '.join(columns)}) differ from those of {first[0].name} "
+                                 f"({', '.join(first[1])})")
+            elif dim != first[2]:
+                raise InputError(f"{path}: embedding dimension {dim} differs from {first[0].name}'s {first[2]}")
+            table = read_part(path, columns=["image_id", "label"] if "label" in columns else ["image_id"])
+            ids.append(table.column("image_id").cast(pa.string()).combine_chunks())
+            counts.append(table.num_rows)
+            if "label" in columns:
+                null_labels += table.column("label").null_count
+                labels.append(table.column("label").fill_null(-1).to_numpy().astype(np.int32))
+        if not sum(counts):
+            raise InputError(f"{directory}: the store holds no rows")
+        assert first is not None
+        self.dim = first[2]
+        self.counts = counts
+        self.image_ids = IdColumn(pa.concat_arrays(ids))  # type: ignore[assignment]
+        self._check_unique(ids)
+        lab = np.concatenate(labels) if labels and null_labels < len(self.image_ids) else None
+        self.labels = lab if lab is not None and (lab >= 0).all() else None
+        self._cursor: tuple[int, Any, np.ndarray] | None = None  # (first row of buffer, batch iterator, buffer)
+        key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
+        if key not in _VERIFIED:  # one streaming pass: every value checked, the content hashed
+            _VERIFIED.clear()
+            _VERIFIED[key] = self._content_hash()
+        self._hash = _VERIFIED[key]
+
+    def _check_unique(self, ids: list[Any]) -> None:
+        import pyarrow.compute as pc
+
+        if len(pc.unique(self.image_ids.array)) == len(self.image_ids):  # type: ignore[attr-defined]
+            return
+        seen: dict[str, Path] = {}
+        for path, part in zip(self.files, ids):
+            for image_id in part.to_pylist():
+                if image_id in seen:
+                    also = "" if seen[image_id] == path else f" (also in {seen[image_id].name})"
+                    raise InputError(f"{path}: duplicate image_id {image_id!r}{also}")
+                seen[image_id] = path
+
+    def _batches(self) -> Iterator[np.ndarray]:
+        """The embeddings (b, d) float32 in row order, checked batch by batch."""
+        from gpu_ops.store import check_embedding_values, embeddings_to_numpy, open_part
+
+        offset = 0
+        for path in self.files:
+            first_row = 0
+            for batch in open_part(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["embedding"]):
+                X = np.ascontiguousarray(embeddings_to_numpy(batch.column(0)), dtype=np.float32)
+                check_embedding_values(X, path, first_row, self.image_ids[offset:offset + len(X)])
+                first_row += len(X)
+                offset += len(X)
+                yield X
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (float32 (stop - start, d)). Reading forward (the extract stage's
+        order) continues one stream; reading backwards restarts it."""
+        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
+        if self._cursor is None or self._cursor[0] > start:
+            self._cursor = (0, self._batches(), np.zeros((0, self.dim), np.float32))
+        pos, it, buf = self._cursor
+        filled = 0
+        while filled < len(out):
+            end = pos + len(buf)
+            if end <= start + filled:  # the buffer lies before what is wanted: read on
+                pos, buf = end, next(it)
+                continue
+            lo = start + filled - pos
+            take = min(len(buf) - lo, len(out) - filled)
+            out[filled:filled + take] = buf[lo:lo + take]
+            filled += take
+        self._cursor = (pos, it, buf)
+        return out
+
+    def load(self, index: int) -> np.ndarray:
+        return self.rows(index, index + 1)[0]
+
+    def _content_hash(self) -> str:
+        """The content hash :func:`~gpu_ops.data.base.hash_array` gives the whole (n, d) array (with
+        the first id and the row count), made in one streaming pass that checks every value."""
+        import hashlib
+
+        n = len(self.image_ids)
+        h = hashlib.sha256()
+        h.update(f"{np.dtype(np.float32)}{(n, self.dim)}".encode())
+        for X in self._batches():
+            h.update(X.tobytes())
+        return hash_strings([h.hexdigest()[:16], self.image_ids[0], str(n)])
+
+    def fingerprint(self) -> str:
+        return self._hash
+
+
+def parquet_embeddings(directory: Path) -> ParquetEmbeddings:
+    """Embeddings already in the store format, opened lazily (:class:`ParquetEmbeddings`)."""
     if not directory.exists():
         raise InputError(f"{directory}: Parquet embeddings path does not exist")
-    table = read_embeddings(directory)
-    labels = table.labels if table.labels is not None and (table.labels >= 0).all() else None
-    embeddings = table.embeddings  # read_embeddings refused non-finite and overflowing values
-    content = hash_strings([hash_array(embeddings), *table.image_ids[:1], str(len(table.image_ids))])
-    return ArrayDataset(f"parquet:{directory}", embeddings, labels, table.image_ids, content)
+    return ParquetEmbeddings(directory)
 
 
 def env_path(raw: str) -> Path:

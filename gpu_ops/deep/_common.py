@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gpu_ops.data.base import to_unit_scale
-from gpu_ops.device import BACKEND_CHOICES
+from gpu_ops.device import BACKEND_CHOICES, autocast_dtype, precision_for_device
 from gpu_ops.errors import InputError
 from gpu_ops.fsutil import atomic_path
 
@@ -48,15 +48,47 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA devices that support it (fp16 otherwise); a no-op on CPU.
+    """Autocast in the device's precision (:func:`gpu_ops.device.precision_for_device`: bf16
+    from compute capability 8.0 on, fp16 on older GPUs); a no-op on CPU.
 
     Only wrap the network's forward pass: losses, soft assignments and distances are computed
-    in float32 outside of it.
+    in float32 outside of it. Training in fp16 also needs :class:`Amp`'s loss scaling.
     """
     if not enabled or device.type != "cuda":
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=autocast_dtype(precision_for_device(device)))
+
+
+class Amp:
+    """Mixed precision for a training loop: the forward pass's autocast and the optimiser step.
+
+    In ``"fp16"`` the loss is scaled (:class:`torch.amp.GradScaler`) so that small gradients do
+    not underflow to zero, and a step whose gradients overflowed is skipped (the scale backs
+    off); ``"bf16"`` and ``"fp32"`` step plainly. ``precision`` defaults to the device's
+    (:func:`gpu_ops.device.precision_for_device`).
+    """
+
+    def __init__(self, device: torch.device, precision: str | None = None) -> None:
+        self.device = device
+        self.precision = precision or precision_for_device(device)
+        self.dtype = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+    def autocast(self):
+        """The context for the network's forward pass."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        """Backward pass of ``loss`` and the optimiser step (loss-scaled in fp16)."""
+        if self.scaler is None:
+            loss.backward()
+            optimiser.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimiser)
+        self.scaler.update()
 
 
 def images_to_tensor(images: np.ndarray, image_size: int | None = None, max_side: int = 64) -> torch.Tensor:

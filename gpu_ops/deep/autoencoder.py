@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gpu_ops.deep._common import (
+    Amp,
     atomic_torch_save,
     autocast,
     evaluate_labels,
@@ -426,6 +427,7 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
         return opt, sched
 
     opt, sched = fresh_optimiser()
+    amp = Amp(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     restart_records: list[dict[str, Any]] = []
@@ -456,12 +458,11 @@ def fit_autoencoder_tensor(model: nn.Module, X: torch.Tensor, cfg: AutoencoderCo
             xb = xb.to(device, non_blocking=True)
             if cfg.augment and xb.ndim == 4:
                 xb = random_affine(xb, gen)
-            with autocast(device):
+            with amp.autocast():
                 _, rec = model(xb)
             loss = F.mse_loss(rec.float(), xb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)  # loss-scaled in fp16
             sched.step()
             total += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gpu_ops.deep._common import autocast, evaluate_labels, format_metrics, log
+from gpu_ops.deep._common import Amp, evaluate_labels, format_metrics, log
 from gpu_ops.deep.dkm import squared_distances
 
 
@@ -67,6 +67,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr or 1e-3)
     else:
         opt = torch.optim.SGD(params, lr=lr or 0.01, momentum=0.9)
+    amp = Amp(device)
     Xd = move_data(X, device)
     n = X.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -113,7 +114,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         pb = p_all[idx.to(p_all.device)]  # type: ignore[index]
         if augment and xb.ndim == 4:
             xb = random_affine(xb, gen)
-        with autocast(device):
+        with amp.autocast():
             if improved:
                 z, rec = model(xb)
             else:
@@ -127,8 +128,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
         else:
             loss = kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        amp.step(loss, opt)  # loss-scaled in fp16
         s_kl += float(kl.detach()) * len(idx)
         s_n += len(idx)
         it += 1

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gpu_ops.cluster.sources import NearestCentre
-from gpu_ops.deep._common import autocast, evaluate_labels, format_metrics, log
+from gpu_ops.deep._common import Amp, evaluate_labels, format_metrics, log
 
 
 def squared_distances(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,7 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     model.to(device).train()
     C = nn.Parameter(torch.as_tensor(centroids, dtype=torch.float32, device=device).clone())
     opt = torch.optim.Adam([*model.parameters(), C], lr=lr)
+    amp = Amp(device)
     Xd = move_data(X, device)
     n = X.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -100,14 +101,13 @@ def train_dkm(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
             xb = (Xd[idx.to(Xd.device)] if Xd.device.type == "cuda" else Xd[idx]).to(device, non_blocking=True)
             if augment and xb.ndim == 4:
                 xb = random_affine(xb, gen)
-            with autocast(device):
+            with amp.autocast():
                 z, rec = model(xb)
             rec_loss = (rec.float() - xb).pow(2).flatten(1).sum(1).mean()
             clu_loss = dkm_cluster_loss(z.float(), C, alpha, fixed_all[idx].to(device) if warm else None)
             loss = rec_loss + lam * clu_loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)  # loss-scaled in fp16
             s_rec += float(rec_loss.detach()) * len(idx)
             s_clu += float(clu_loss.detach()) * len(idx)
         z_all = torch.from_numpy(encode_tensor(model, X, device=device))

@@ -25,6 +25,7 @@ from gpu_ops.config import DEEP_ALGORITHMS
 from gpu_ops.errors import InputError
 from gpu_ops.explore.embed import RunEmbedder, images_of, save_embedder
 from gpu_ops.explore.models import (
+    THRESHOLD_SAMPLE_ROWS,
     encoder_codes,
     finish_model,
     learned_space,
@@ -71,6 +72,8 @@ def save_for_reuse(staging: str, cfg: Any, store: str) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     run = RunDir(staging)
+    if _beyond_budget(store, cfg):
+        return _save_within_budget(run, cfg, store, t0)
     table = read_embeddings(Path(store))
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     embedder = save_embedder(run, cfg, table.metadata, dataset, store)
@@ -96,6 +99,46 @@ def save_for_reuse(staging: str, cfg: Any, store: str) -> dict[str, Any]:
         X: Any = images if algorithm in deep else table.embeddings
         models[algorithm] = finish_model(run, algorithm, X, labels, index, seed=int(cfg.seed))["kind"]
     return {"index": info.kind, "space": info.space, "models": models, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _beyond_budget(store: str, cfg: Any) -> bool:
+    """True when the run has a ``memory_mb`` and the store's embeddings need more than a quarter of it
+    (the whole-store path holds them about four times: read, made contiguous, copied into the index)."""
+    if getattr(cfg, "memory_mb", None) is None or any(a in DEEP_ALGORITHMS for a in cfg.algorithms):
+        return False
+    from gpu_ops.cluster.sources import StoreSource
+
+    source = StoreSource(store)
+    return 4 * source.count() * source.dim() > cfg.memory_mb * 2**20 // 4
+
+
+def _save_within_budget(run: RunDir, cfg: Any, store: str, t0: float) -> dict[str, Any]:
+    """:func:`save_for_reuse` for a store larger than the run's ``memory_mb``: ``embedder.json`` and
+    the novelty thresholds of the models that predict from parameters (k-means centres, a Gaussian
+    mixture), measured on a uniform sample of :data:`THRESHOLD_SAMPLE_ROWS` rows. The similar-image
+    index, which holds every embedding, and the models that predict from it are not kept."""
+    from gpu_ops.cluster.sources import StoreSource, subset_rows
+    from gpu_ops.data import load_dataset
+    from gpu_ops.store import open_part
+
+    source = StoreSource(store)
+    raw = open_part(source.files[0]).schema_arrow.metadata or {}
+    save_embedder(run, cfg, {k.decode(): v.decode() for k, v in raw.items()},
+                  load_dataset(cfg.dataset, cfg.split, cfg.limit), store)
+    rows = subset_rows(source.count(), THRESHOLD_SAMPLE_ROWS, int(cfg.seed))
+    X = source.take(rows)
+    models = {}
+    for algorithm in cfg.algorithms:
+        if not run.model(algorithm).is_file():
+            log.warning("%s: no model for assign kept: it predicts from the similar-image index, which the "
+                        "memory budget leaves out", algorithm)
+            continue
+        labels = pq.read_table(run.assignments, columns=[algorithm]).column(algorithm).to_numpy().astype(np.int64)
+        models[algorithm] = finish_model(run, algorithm, X, labels[rows], seed=int(cfg.seed))["kind"]
+    log.warning("similar-image index not kept: %d embeddings of %d dimensions need more than a quarter of "
+                "memory_mb=%d (gpuclust similar needs a run without memory_mb)", source.count(), source.dim(),
+                cfg.memory_mb)
+    return {"index": "none", "space": EMBEDDINGS, "models": models, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @dataclass

@@ -1,18 +1,21 @@
-"""The extractor interface: per-item preprocessing (runs in loader workers) + batched embedding."""
+"""The extractor interface: per-item preprocessing (runs in loader workers) + batched embedding.
+
+torch is imported where it is used, not here: raw-pixel runs never load it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from gpu_ops.device import autocast_dtype, precision_for_device
 from gpu_ops.errors import InputError
-from gpu_ops.features.jpeg import resize_normalise
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Extractor(ABC):
@@ -28,11 +31,11 @@ class Extractor(ABC):
     device_decoding: bool = False
 
     @abstractmethod
-    def preprocess(self, item: np.ndarray) -> torch.Tensor:
-        """One item, uint8 image (h, w[, c]) or float vector (d,), to a tensor ready to batch."""
+    def preprocess(self, item: np.ndarray) -> torch.Tensor | np.ndarray:
+        """One item, uint8 image (h, w[, c]) or float vector (d,), to a tensor (or array) ready to batch."""
 
     @abstractmethod
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
+    def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         """(b, ...) batch from :meth:`preprocess` -> (b, d) float32 numpy."""
 
     def preprocess_decoded(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -44,9 +47,21 @@ class Extractor(ABC):
         """Identity written into the store's schema: ``extractor``, ``weights``, ``weights_sha256``
         and ``preprocessing`` (JSON)."""
 
-    def store_key(self) -> str:
-        """Short hash of :meth:`metadata`: stores of different extractors/weights never mix."""
-        blob = json.dumps(self.metadata(), sort_keys=True).encode()
+    def precision(self, device: str | None = None) -> str:
+        """The arithmetic the embeddings are computed in on ``device`` (this extractor's when
+        None): ``fp32``, or ``bf16`` / ``fp16`` under autocast on a GPU. Embeddings of different
+        precisions never share a store."""
+        return "fp32"
+
+    def identity(self, device: str | None = None) -> dict[str, str]:
+        """What decides an embedding: :meth:`metadata` (extractor, weights, preprocessing) plus
+        :meth:`precision` (on ``device``). A store is keyed by it and carries it in its metadata."""
+        return {**self.metadata(), "precision": self.precision(device)}
+
+    def store_key(self, device: str | None = None) -> str:
+        """Short hash of :meth:`identity`: stores of different extractors, weights, preprocessing
+        or precision never mix."""
+        blob = json.dumps(self.identity(device), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -66,6 +81,9 @@ def describe(**fields: Any) -> str:
 
 def image_tensor(item: np.ndarray, size: int, extractor: str) -> torch.Tensor:
     """(h, w[, c]) uint8 image -> (3, size, size) float32 in [0, 1], resized with antialiasing."""
+    import torch
+    import torch.nn.functional as F
+
     if item.dtype != np.uint8 or item.ndim not in (2, 3):
         raise InputError(f"{extractor} needs images; got an item of shape {item.shape} and dtype {item.dtype}")
     x = torch.from_numpy(np.array(to_rgb(item), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
@@ -79,7 +97,7 @@ class PretrainedImageExtractor(Extractor):
 
     Subclasses build ``self.model`` (a module mapping (b, 3, s, s) to (b, d)) and call
     :meth:`_place`; ``mean`` / ``std`` are per-channel on the [0, 1] scale. On CUDA the model runs
-    in channels_last under autocast (bf16 when supported, else fp16) with non-blocking copies.
+    in channels_last under autocast in :meth:`precision` with non-blocking copies.
     """
 
     image_size: int
@@ -89,6 +107,8 @@ class PretrainedImageExtractor(Extractor):
     model: torch.nn.Module | None
 
     def _place(self, model: torch.nn.Module) -> None:
+        import torch
+
         model.eval().to(self.device)
         if self.device == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -108,21 +128,30 @@ class PretrainedImageExtractor(Extractor):
 
     def preprocess_decoded(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(3, h, w) uint8 images on the device -> (b, 3, size, size) normalised, as :meth:`preprocess`."""
+        from gpu_ops.features.jpeg import resize_normalise
+
         return resize_normalise(images, self.image_size, self._mean, self._std)
+
+    def precision(self, device: str | None = None) -> str:
+        """``bf16`` / ``fp16`` / ``fp32``: the precision the model runs in on ``device`` (this
+        extractor's when None; :func:`gpu_ops.device.precision_for_device`: bf16 from compute
+        capability 8.0)."""
+        return precision_for_device(device or self.device)
 
     def output_dim(self) -> int:
         """Length of this extractor's embeddings (one forward pass of a blank image)."""
         blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         return int(self.embed(self.preprocess(blank)[None]).shape[1])
 
-    @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """(b, 3, s, s) -> (b, d) float32."""
+        import torch
+
         assert self.model is not None
-        if self.device == "cuda":
-            batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                out = self.model(batch)
-            return out.float().cpu().numpy()
-        return self.model(batch).numpy().astype(np.float32, copy=False)
+        with torch.inference_mode():
+            if self.device == "cuda":
+                batch = batch.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=autocast_dtype(self.precision())):
+                    out = self.model(batch)
+                return out.float().cpu().numpy()
+            return self.model(batch).numpy().astype(np.float32, copy=False)

@@ -47,6 +47,9 @@ class FlipAveraged(Extractor):
     def metadata(self) -> dict[str, str]:
         return {**self.inner.metadata(), "flip_average": "true"}
 
+    def precision(self, device: str | None = None) -> str:
+        return self.inner.precision(device)
+
 
 def l2_normalised(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
@@ -95,6 +98,9 @@ class Concatenated(Extractor):
 
     def output_dim(self) -> int:
         return sum(self.dims)
+
+    def precision(self, device: str | None = None) -> str:
+        return "+".join(sorted({p.precision(device) for p in self.parts}))
 
     def slices(self) -> list[tuple[int, int]]:
         """Each backbone's [start, stop) columns of a row."""

@@ -3,7 +3,10 @@
 :func:`extract_to_store` is the one extraction routine: a single process calls it for the whole
 store, each Dask worker for its shards (:mod:`gpu_ops.distributed`). :func:`open_dataset` and
 :func:`build_extractor` decide, from an extract run's parameters, what both of them read and
-with which extractor."""
+with which extractor.
+
+torch is imported only where a batch needs it: raw pixels of in-memory arrays (and Parquet
+embeddings) are batched with numpy, without torch's DataLoader."""
 
 from __future__ import annotations
 
@@ -17,20 +20,22 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpu_ops.data import load_dataset
 from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
-from gpu_ops.features import create_extractor, jpeg
-from gpu_ops.features.autoencoder import trained_autoencoder
+from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
+from gpu_ops.incremental import IncrementalStore
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
+from gpu_ops.store_lock import StoreLock, new_run_id
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +47,9 @@ RAW_SIZE = 32
 ShardCallback = Callable[[int, int], None]
 
 
-class _Items(torch.utils.data.Dataset):
-    """Map-style view that preprocesses item ``i`` (or, when decoding on the device, only reads
-    its bytes) and turns read errors into a reason string."""
+class _Items:
+    """Map-style view (a dataset for torch's DataLoader) that preprocesses item ``i`` (or, when
+    decoding on the device, only reads its bytes) and turns read errors into a reason string."""
 
     def __init__(self, dataset: Dataset, extractor: Extractor, indices: list[int], raw_bytes: bool = False) -> None:
         self.dataset, self.extractor, self.indices, self.raw_bytes = dataset, extractor, indices, raw_bytes
@@ -56,6 +61,8 @@ class _Items(torch.utils.data.Dataset):
         index = self.indices[pos]
         try:
             if self.raw_bytes:
+                from gpu_ops.features import jpeg
+
                 return index, jpeg.read_item(self.dataset, index), ""
             return index, self.extractor.preprocess(self.dataset.load(index)), ""
         except BadImageError as exc:
@@ -65,13 +72,25 @@ class _Items(torch.utils.data.Dataset):
 
 
 def _collate(batch: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    """Stack preprocessed tensors (or keep raw (kind, bytes) pairs as a list); set bad items aside."""
+    """Stack preprocessed tensors or numpy arrays (or keep raw (kind, bytes) pairs as a list); set bad
+    items aside."""
     good = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, why) for i, t, why in batch if t is None]
     if good and isinstance(good[0][1], tuple):
         return [i for i, _ in good], [t for _, t in good], bad
-    tensor = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], tensor, bad
+    if not good:
+        return [], None, bad
+    if isinstance(good[0][1], np.ndarray):
+        return [i for i, _ in good], np.stack([t for _, t in good]), bad
+    import torch
+
+    return [i for i, _ in good], torch.stack([t for _, t in good]), bad
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """CUDA's out-of-memory error when torch is loaded (only torch extractors raise it), else none."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
 
 
 class AdaptiveEmbedder:
@@ -82,24 +101,26 @@ class AdaptiveEmbedder:
         self.extractor = extractor
         self.max_batch = max_batch
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         parts, start = [], 0
         while start < len(batch):
             chunk = batch[start:start + self.max_batch]
             try:
                 parts.append(self.extractor.embed(chunk))
                 start += len(chunk)
-            except torch.cuda.OutOfMemoryError:
+            except _out_of_memory_errors():
                 if self.max_batch == 1:
                     raise
                 self.max_batch = max(1, self.max_batch // 2)
                 log.warning("CUDA out of memory at batch size %d: halving to %d", len(chunk), self.max_batch)
-                torch.cuda.empty_cache()
+                sys.modules["torch"].cuda.empty_cache()
         return np.concatenate(parts)
 
 
 def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor | None, list[int], list[str]]:
     """Decode + resize + normalise raw items on the extractor's device; positions that failed and why."""
+    from gpu_ops.features import jpeg
+
     decoded, reasons = jpeg.decode_batch([k for k, _ in payloads], [p for _, p in payloads], extractor.device)
     ok = [i for i, img in enumerate(decoded) if img is not None]
     failed = [i for i in range(len(decoded)) if decoded[i] is None]
@@ -109,18 +130,38 @@ def _device_decoded(extractor: Extractor, payloads: list[tuple[str, torch.Tensor
     return batch, failed, [reasons[i] for i in failed]
 
 
-def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
-    """``<root>/<kind>-<name>-<fingerprint>``: everything derived from one dataset selection."""
+def _data_name(dataset: Dataset) -> str:
+    """``<kind>-<name>``: the readable start of a dataset's cache folder."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.name.split(":", 1)[-1]).name)[-40:] or "data"
-    kind = dataset.name.split(":", 1)[0]
-    return Path(store_root) / f"{kind}-{slug}-{dataset.fingerprint()}"
+    return f"{dataset.name.split(':', 1)[0]}-{slug}"
 
 
-def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor) -> Path:
-    """``<dataset dir>/<extractor>-<key>``: one store per data x extractor x weights x preprocessing
-    (``timm:resnet18`` becomes ``timm-resnet18``)."""
+def dataset_directory(store_root: Path, dataset: Dataset) -> Path:
+    """``<root>/<kind>-<name>-<fingerprint>``: everything derived from one dataset selection's content."""
+    return Path(store_root) / f"{_data_name(dataset)}-{dataset.fingerprint()}"
+
+
+def refreshed_in_place(dataset: Dataset) -> bool:
+    """Whether ``dataset``'s store is refreshed image by image (an image folder: :mod:`gpu_ops.incremental`)
+    rather than keyed by the dataset's whole content (IDX, arrays, Parquet embeddings, digits)."""
+    return dataset.collection_id() is not None
+
+
+def store_directory(store_root: Path, dataset: Dataset, extractor: Extractor, incremental: bool | None = None,
+                    device: str | None = None) -> Path:
+    """``<collection dir>/<extractor>-<key>``: one store per data x extractor x weights x
+    preprocessing x precision (``timm:resnet18`` becomes ``timm-resnet18``).
+
+    An image folder's store (``incremental``, the default for one) is keyed by the folder, not its
+    content: ``<kind>-<name>-<collection id>``; any other dataset's (and a folder's sharded over
+    Dask workers) by its content, as :func:`dataset_directory`. ``device``: the device the
+    embeddings are computed on, when not the extractor's own (it decides the precision).
+    """
     slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", extractor.name)
-    return dataset_directory(store_root, dataset) / f"{slug}-{extractor.store_key()}"
+    if incremental is None:
+        incremental = refreshed_in_place(dataset)
+    key = dataset.collection_id() if incremental else dataset.fingerprint()
+    return Path(store_root) / f"{_data_name(dataset)}-{key}" / f"{slug}-{extractor.store_key(device)}"
 
 
 def worker_start_method() -> str:
@@ -156,13 +197,27 @@ def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
     return workers
 
 
+def _in_process_batches(items: _Items, batch_size: int) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """What a DataLoader without workers yields, without importing torch for extractors that
+    prepare numpy arrays (raw pixels)."""
+    for start in range(0, len(items), batch_size):
+        yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+
+
 def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int,
-                 num_workers: int | None = None, decode_on_device: bool = False) -> DataLoader:
+                 num_workers: int | None = None,
+                 decode_on_device: bool = False) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
     """Batches ``(indices, tensor or raw payloads, [(index, reason), ...])`` of the items at ``indices``,
     in order. Items are preprocessed for ``extractor`` (only read when ``decode_on_device``);
-    unreadable ones come back with their reason instead."""
+    unreadable ones come back with their reason instead. Without loader workers, and on the CPU,
+    the batches are made in this process (no DataLoader)."""
     workers = loader_workers(dataset, num_workers)
-    return DataLoader(_Items(dataset, extractor, indices, raw_bytes=decode_on_device), batch_size=batch_size,
+    items = _Items(dataset, extractor, indices, raw_bytes=decode_on_device)
+    if not workers and extractor.device == "cpu" and not decode_on_device:
+        return _in_process_batches(items, batch_size)
+    from torch.utils.data import DataLoader
+
+    return DataLoader(items, batch_size=batch_size,  # type: ignore[arg-type]
                       shuffle=False, num_workers=workers, collate_fn=_collate,
                       multiprocessing_context=worker_start_method() if workers else None,
                       pin_memory=extractor.device == "cuda" and not decode_on_device)
@@ -184,6 +239,8 @@ def build_extractor(params: dict[str, Any], dataset: Dataset, *, device: str | N
         image_size = RAW_SIZE
     device = device or params["device"]
     if params["extractor"] == "autoencoder":
+        from gpu_ops.features.autoencoder import trained_autoencoder
+
         store_root = Path(params["cache_root"]) / "stores"
         return trained_autoencoder(dataset, dataset_directory(store_root, dataset) / "autoencoder",
                                    latent_dim=params["latent_dim"], epochs=params["ae_epochs"],
@@ -200,10 +257,15 @@ def extract_options(params: dict[str, Any], device: str) -> dict[str, Any]:
             "decode_on_device": bool(params.get("decode_on_device")) and device == "cuda"}
 
 
-def store_metadata(dataset: Dataset, extractor: Extractor) -> dict[str, str]:
-    """The store's schema metadata: the extractor's identity, the dataset's and library versions."""
-    return {**extractor.metadata(), "store_key": extractor.store_key(), "dataset": dataset.name,
-            "dataset_fingerprint": dataset.fingerprint(), "versions": str(library_versions())}
+def store_metadata(dataset: Dataset, extractor: Extractor, incremental: bool | None = None,
+                   device: str | None = None) -> dict[str, str]:
+    """The store's schema metadata: the extractor's identity (precision included), the dataset's
+    (its content fingerprint, or for a store refreshed in place its collection id) and library versions."""
+    if incremental is None:
+        incremental = refreshed_in_place(dataset)
+    which = {"collection": str(dataset.collection_id())} if incremental else {"dataset_fingerprint": dataset.fingerprint()}
+    return {**extractor.identity(device), "store_key": extractor.store_key(device), "dataset": dataset.name, **which,
+            "versions": str(library_versions())}
 
 
 @dataclass(frozen=True)
@@ -223,14 +285,20 @@ class ExtractSummary(StoreSummary):
 def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *, shards: list[int] | None = None,
                      batch_size: int = 256, num_workers: int | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
                      progress: bool = True, on_shard: ShardCallback | None = None,
-                     decode_on_device: bool = False) -> ExtractSummary:
+                     decode_on_device: bool = False, wait: bool = True, run_id: str | None = None) -> ExtractSummary:
     """Embed the items of ``dataset`` into its store under ``store_root``; resume if one exists.
 
-    ``shards=None``: this process is the store's only writer; it embeds every pending shard and
-    finishes the store. ``shards=[...]``: one of many writers (a Dask worker); it embeds those of
-    the given shards that are still pending into their part files and per-shard entries
-    (:class:`gpu_ops.distributed.ShardedStore`), never ``manifest.json``; the driver merges them
-    (:func:`gpu_ops.distributed.merge_shards`). ``shard_rows`` applies to a new store only.
+    ``shards=None``: this process is the store's only writer: it holds the store's lock
+    (:class:`~gpu_ops.store_lock.StoreLock`; another writer is waited for, or with ``wait=False``
+    an InputError), embeds every pending item and finishes the store. An image folder's store is
+    refreshed in place (:mod:`gpu_ops.incremental`): only new and changed images are embedded,
+    removed ones retired, and its rows record ``run_id`` (a new one when None). Any other
+    dataset's store is one per content, its shards fixed ranges of dataset indices.
+    ``shards=[...]``: one of many writers (a Dask worker) of a store of fixed ranges; it embeds
+    those of the given shards that are still pending into their part files and per-shard entries
+    (:class:`gpu_ops.distributed.ShardedStore`), never ``manifest.json``; the driver holds the lock
+    and merges them (:func:`gpu_ops.distributed.merge_shards`). ``shard_rows`` applies to a new
+    store (or a folder's new parts) only.
 
     Unreadable items are quarantined (source + reason) and the run goes on. Raises InputError
     when no item at all could be read (for a sharded store: when it is merged).
@@ -243,40 +311,66 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
         raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
                          f"(got {dataset.name} with {extractor.name})")
-    directory = store_directory(store_root, dataset, extractor)
-    metadata = store_metadata(dataset, extractor)
-    if shards is None:
-        store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
-    else:
+    options = {"batch_size": batch_size, "num_workers": num_workers, "decode_on_device": decode_on_device,
+               "progress": progress, "on_shard": on_shard}
+    if shards is not None:
+        incremental = False
+        directory = store_directory(store_root, dataset, extractor, incremental)
         from gpu_ops.distributed import ShardedStore  # the multi-writer protocol lives with its merge
 
-        store = ShardedStore(directory, metadata, len(dataset), shard_rows, shards=shards)
+        store = ShardedStore(directory, store_metadata(dataset, extractor, incremental), len(dataset), shard_rows,
+                             shards=shards)
         outside = [s for s in shards if not 0 <= s < store.n_shards]
         if outside:
             raise InputError(f"{directory}: shard(s) {outside} outside the store's {store.n_shards} shard(s)")
+        return _extract_pending(store, dataset, extractor, len(set(shards)), finish=False, **options)
+    incremental = refreshed_in_place(dataset)
+    directory = store_directory(store_root, dataset, extractor, incremental)
+    metadata = store_metadata(dataset, extractor, incremental)
+    run_id = run_id or new_run_id()
+    with StoreLock(directory, run_id, wait=wait):
+        if incremental:
+            refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
+            plan = refreshing.plan(dataset)
+            log.info("store %s: %s", directory, plan.describe())
+            refreshing.check_writable_for(plan)
+            refreshing.apply(plan, dataset)
+            store: EmbeddingStore = refreshing
+        else:
+            store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
+        return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+
+
+def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, covered: int, *, finish: bool,
+                     batch_size: int, num_workers: int | None, decode_on_device: bool, progress: bool,
+                     on_shard: ShardCallback | None) -> ExtractSummary:
+    """Embed ``store``'s pending shards; ``finish`` the store (the only writer) or summarise the
+    shards written (one of many writers). ``covered``: the shards ``on_shard`` counts."""
     pending = store.pending_shards()
-    covered = store.n_shards if shards is None else len(set(shards))
     if pending:
         store.check_writable()
     indices = [i for s in pending for i in store.shard_range(s)]
     if pending:
         log.info("extracting %d items (%d shards) with %s on %s into %s", len(indices), len(pending),
                  extractor.name, extractor.device, store.directory)
-        _embed_shards(store, dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
-                      decode_on_device=decode_on_device, progress=progress,
-                      on_shard=(lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None)
+        done = (lambda: on_shard(covered - len(store.pending_shards()), covered)) if on_shard else None
+        if streams_vectors(dataset, extractor):
+            _copy_vector_shards(store, dataset, on_shard=done)
+        else:
+            _embed_shards(store, dataset, extractor, indices, batch_size=batch_size, num_workers=num_workers,
+                          decode_on_device=decode_on_device, progress=progress, on_shard=done)
     else:
-        log.info("store %s: nothing to extract in the shard(s) given", store.directory)
-    if shards is None:
+        log.info("store %s: nothing to extract", store.directory)
+    if finish:
         summary = store.finish()
     else:
         entries = [store.manifest["shards"][f"{s:05d}"] for s in pending]
         dims = [int(e["dim"]) for e in entries if e.get("dim")]
-        summary = StoreSummary(str(directory), sum(e["rows"] for e in entries), dims[0] if dims else 0, len(entries),
-                               sum(len(e["quarantined"]) for e in entries), False)
+        summary = StoreSummary(str(store.directory), sum(e["rows"] for e in entries), dims[0] if dims else 0,
+                               len(entries), sum(len(e["quarantined"]) for e in entries), False)
     if on_shard:
         on_shard(covered, covered)
-    if shards is None:
+    if finish:
         summary = checked_summary(summary, dataset.name, len(dataset))
     return ExtractSummary(**dataclasses.asdict(summary), written=tuple(pending), items=len(indices))
 
@@ -304,6 +398,24 @@ def _embed_shards(store: EmbeddingStore, dataset: Dataset, extractor: Extractor,
             log.debug("shard %d written", done_shard)
     bar.close()
     buffer.flush_all()
+
+
+def streams_vectors(dataset: Dataset, extractor: Extractor) -> bool:
+    """True when ``dataset`` reads its vectors in row ranges (``rows(start, stop)``: Parquet
+    embeddings) and ``extractor`` passes vectors through (raw): shards are then copied range by
+    range, with no per-item loader and one shard in memory at a time."""
+    return dataset.item_kind == "vector" and extractor.name == "raw" and callable(getattr(dataset, "rows", None))
+
+
+def _copy_vector_shards(store: EmbeddingStore, dataset: Any, on_shard: Callable[[], None] | None) -> None:
+    """Write each pending shard from ``dataset.rows`` (see :func:`streams_vectors`)."""
+    for shard in store.pending_shards():
+        r = store.shard_range(shard)
+        ids = [str(i) for i in dataset.image_ids[r.start:r.stop]]
+        labels = None if dataset.labels is None else np.asarray(dataset.labels[r.start:r.stop])
+        store.write_shard(shard, ids, [dataset.name] * len(ids), labels, dataset.rows(r.start, r.stop), [])
+        if on_shard:
+            on_shard()
 
 
 def checked_summary(summary: StoreSummary, dataset_name: str, n_items: int) -> StoreSummary:

@@ -1,9 +1,10 @@
-"""Raw pixels: uint8 images flattened and scaled to [0, 1] by the pixel rule; float vectors pass through."""
+"""Raw pixels: uint8 images flattened and scaled to [0, 1] by the pixel rule; float vectors pass through.
+
+Plain numpy, no torch: a raw-pixel run never loads it."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from gpu_ops.data.base import to_unit_scale
@@ -28,17 +29,17 @@ class RawPixels(Extractor):
         self.image_size = image_size
         self.grayscale = grayscale
 
-    def preprocess(self, item: np.ndarray) -> torch.Tensor:
+    def preprocess(self, item: np.ndarray) -> np.ndarray:
         if item.dtype != np.uint8:  # already a feature vector
-            return torch.from_numpy(np.asarray(item, dtype=np.float32).reshape(-1))
+            return np.asarray(item, dtype=np.float32).reshape(-1)
         if self.image_size is not None and item.shape[:2] != (self.image_size, self.image_size):
             item = np.asarray(Image.fromarray(item).resize((self.image_size, self.image_size), Image.BILINEAR))
         if self.grayscale and item.ndim == 3:
             item = np.asarray(Image.fromarray(item[:, :, :3]).convert("L"))
-        return torch.from_numpy(to_unit_scale(item, "image").reshape(-1))
+        return to_unit_scale(item, "image").reshape(-1)
 
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
-        return batch.numpy().astype(np.float32, copy=False)
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(batch, dtype=np.float32)
 
     def metadata(self) -> dict[str, str]:
         return {

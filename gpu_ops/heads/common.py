@@ -266,20 +266,6 @@ def transformed_rows(source: Any, transform: InputTransform, memory_mb: int | No
     return out
 
 
-def store_labels(directory: str | Path) -> np.ndarray | None:
-    """The store's ``label`` column (int64, -1 where missing), read alone; None when it has none."""
-    from gpu_ops.store import open_part, part_files
-
-    parts = []
-    for path in part_files(Path(directory)):
-        pf = open_part(path)
-        if "label" not in pf.schema_arrow.names:
-            return None
-        parts.append(pf.read(columns=["label"]).column("label").fill_null(-1).to_numpy().astype(np.int64))
-    labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
-    return labels if len(labels) and (labels >= 0).all() else None
-
-
 def mine_neighbors(Z: np.ndarray, n_neighbors: int, backend: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Each row's ``n_neighbors`` nearest other rows by cosine similarity, through the ``knn`` op:
     (indices int64 (n, n_neighbors), the backend resolution)."""

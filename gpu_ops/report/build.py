@@ -194,7 +194,7 @@ class FigureWriter:
 def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10, montage_rows: int = 5,
                  max_clusters: int = 50, thumbnails: int = 300, tile_px: int = 48, seed: int = 0,
                  shown_as: Path | None = None, map_thumbnails: int = 2000, map_tile_px: int = 48,
-                 map_webgl: bool = True) -> ReportResult:
+                 map_webgl: bool = True, max_rows: int | None = D.REPORT_MAX_ROWS) -> ReportResult:
     """Write the figures and ``report.html`` for the run directory ``run_dir``.
 
     Parameters
@@ -225,6 +225,10 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
         Thumbnail size on the interactive map, in pixels.
     map_webgl : bool
         Draw the interactive map with WebGL (``Scattergl``); False draws SVG (for comparison).
+    max_rows : int or None
+        Read at most this many rows of the run (a uniform sample seeded by ``seed``, streamed from
+        its files): every figure, confusion matrix and the interactive map show the sample, the
+        page says so, and the metrics still cover every row. None reads every row.
 
     Returns
     -------
@@ -243,7 +247,7 @@ def build_report(run_dir: Path, *, embed_images: bool = False, per_row: int = 10
     if not (run_dir / "assignments.parquet").exists() and not (run_dir / "metrics.json").exists():
         raise InputError(f"{run_dir}: not a run directory (neither assignments.parquet nor metrics.json)")
     t0 = time.perf_counter()
-    inputs = D.load_run(run_dir)
+    inputs = D.load_run(run_dir, max_rows=max_rows, seed=seed)
     tmp = run_dir / f".{FIGURES_DIR}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -770,9 +774,16 @@ def header_facts(inputs: D.RunInputs) -> list[str]:
         facts.append(f"features: {cfg.get('extractor') or metrics['extract']['extractor']}")
     if inputs.algorithms:
         facts.append("algorithms: " + ", ".join(inputs.algorithms))
-    red = (metrics.get("reducer") or {}).get("name") or cfg.get("reducer")
+    reducer = metrics.get("reducer") or {}
+    red = reducer.get("name") or cfg.get("reducer")
     if red:
         facts.append(f"map: {red}")
+    if reducer.get("placement") and reducer.get("fitted_rows") is not None and metrics.get("n") is not None:
+        facts.append(f"the map was fitted on {reducer['fitted_rows']:,} of {metrics['n']:,} points; the others "
+                     f"were {reducer['placement']}")
+    if inputs.sample is not None and inputs.n_rows is not None:
+        facts.append(f"figures and the interactive map show a uniform sample of {len(inputs.sample):,} of "
+                     f"{inputs.n_rows:,} points (the metrics cover every point)")
     if metrics.get("quarantined"):
         facts.append(f"{metrics['quarantined']} unreadable item(s) skipped at extraction")
     return facts

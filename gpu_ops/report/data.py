@@ -60,6 +60,10 @@ class RunInputs:
     class_names: list[str] | None = None
     outliers: pd.Series | None = None
     missing: list[Missing] = field(default_factory=list)
+    #: rows of assignments.parquet (and map2d.parquet); more than ``assignments`` holds when sampled
+    n_rows: int | None = None
+    #: the sorted row numbers the report reads when the run has more than its row limit (None: all)
+    sample: np.ndarray | None = None
 
     @property
     def algorithms(self) -> list[str]:
@@ -100,16 +104,39 @@ def _read_json(path: Path, inputs: RunInputs, skipped: str) -> dict[str, Any] | 
     return doc
 
 
+#: The report reads at most this many rows of a run (a seeded uniform sample of larger runs): its
+#: figures, confusion matrices and interactive map then cost the same at any n.
+REPORT_MAX_ROWS = 50_000
+
+
+def read_rows(path: Path, rows: np.ndarray, columns: list[str] | None = None, batch_rows: int = 65_536) -> Any:
+    """The sorted row numbers ``rows`` of the Parquet file ``path`` as an Arrow table, read batch by
+    batch (one batch in memory at a time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    parts, start = [], 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        stop = start + batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            parts.append(batch.take(pa.array(rows[lo:hi] - start)))
+        start = stop
+    return pa.Table.from_batches(parts, schema=pf.schema_arrow if columns is None else None) if parts else \
+        pf.schema_arrow.empty_table()
+
+
 def _read_parquet(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipped: str,
-                  optional: bool = False) -> pd.DataFrame | None:
-    """The table at ``path`` with at least ``columns``, or None and a note saying why not (no note
-    for an ``optional`` file that is absent)."""
+                  optional: bool = False, rows: np.ndarray | None = None) -> pd.DataFrame | None:
+    """The table at ``path`` with at least ``columns`` (only the row numbers ``rows`` when given), or
+    None and a note saying why not (no note for an ``optional`` file that is absent)."""
     if not path.is_file():
         if not optional:
             inputs.note(path.name, f"not found; {skipped}")
         return None
     try:
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(path) if rows is None else read_rows(path, rows).to_pandas()
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not raised
         inputs.note(path.name, f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {skipped}")
         return None
@@ -122,8 +149,30 @@ def _read_parquet(path: Path, columns: tuple[str, ...], inputs: RunInputs, skipp
     return df
 
 
-def load_run(run_dir: Path) -> RunInputs:
-    """Read every input of the report from ``run_dir``; absent or broken files become notes."""
+def _plan_sample(inputs: RunInputs, max_rows: int | None, seed: int) -> None:
+    """Count the run's rows (assignments.parquet's footer) and, beyond ``max_rows``, draw the
+    seeded uniform sample of row numbers the report reads (the same rows of every per-row file:
+    they are all in store order)."""
+    import pyarrow.parquet as pq
+
+    from gpu_ops.cluster.sources import subset_rows
+
+    for name in ("assignments.parquet", "map2d.parquet"):
+        try:
+            inputs.n_rows = int(pq.ParquetFile(inputs.run_dir / name).metadata.num_rows)
+            break
+        except Exception:  # noqa: BLE001 - an absent or broken file is noted when it is read
+            continue
+    if max_rows is not None and inputs.n_rows is not None and inputs.n_rows > max_rows:
+        inputs.sample = subset_rows(inputs.n_rows, max_rows, seed)
+
+
+def load_run(run_dir: Path, max_rows: int | None = REPORT_MAX_ROWS, seed: int = 0) -> RunInputs:
+    """Read every input of the report from ``run_dir``; absent or broken files become notes.
+
+    A run of more than ``max_rows`` rows is read as a seeded uniform sample of ``max_rows`` rows
+    (``inputs.sample``), streamed from its files; metrics.json's scores and sizes still cover every row.
+    """
     import yaml
 
     run_dir = Path(run_dir)
@@ -144,15 +193,17 @@ def load_run(run_dir: Path) -> RunInputs:
         inputs.metrics = read_metrics(run_dir / "metrics.json")  # InputError naming the bad field
     else:
         inputs.note("metrics.json", "not found; metrics table, timings and backends skipped")
+    _plan_sample(inputs, max_rows, seed)
     inputs.assignments = _read_parquet(run_dir / "assignments.parquet", ("image_id",), inputs,
-                                       "cluster maps, montages, confusion matrices and dendrogram skipped")
+                                       "cluster maps, montages, confusion matrices and dendrogram skipped",
+                                       rows=inputs.sample)
     if inputs.assignments is not None:
         for col in [c for c in inputs.assignments.columns if c != "image_id"]:
             if not pd.api.types.is_integer_dtype(inputs.assignments[col]):
                 inputs.note(f"assignments.parquet:{col}", f"column is {inputs.assignments[col].dtype}, not integer cluster ids; skipped")
                 inputs.assignments = inputs.assignments.drop(columns=[col])
     inputs.map2d = _read_parquet(run_dir / "map2d.parquet", ("image_id", "x", "y"), inputs,
-                                 "2-D maps and thumbnails skipped")
+                                 "2-D maps and thumbnails skipped", rows=inputs.sample)
     if inputs.map2d is not None and _flat_map(inputs):
         inputs.note("map2d.parquet", "the run had no 2-D map (reducer none: every point at 0, 0); maps and thumbnails skipped")
         inputs.map2d = None
@@ -173,7 +224,7 @@ def load_run(run_dir: Path) -> RunInputs:
         except (OSError, ValueError) as exc:
             inputs.note(path.name, f"unreadable ({exc}); dendrogram skipped")
             continue
-        n = len(inputs.assignments) if inputs.assignments is not None else None
+        n = inputs.n_rows if inputs.assignments is not None else None
         if Z.ndim != 2 or Z.shape[1] != 4 or (n is not None and Z.shape[0] != n - 1):
             want = f"({n - 1}, 4)" if n is not None else "(n-1, 4)"
             inputs.note(path.name, f"shape {Z.shape} is not a linkage matrix {want}; dendrogram skipped")
@@ -215,7 +266,8 @@ def _load_labels(inputs: RunInputs) -> None:
     try:
         from gpu_ops.store import iter_tables
 
-        tables = list(iter_tables(Path(store), columns=["image_id", "label"]))
+        tables = list(iter_tables(Path(store), columns=["image_id", "label"])) if inputs.sample is None \
+            else _sampled_store_rows(Path(store), inputs.sample)
     except Exception as exc:  # noqa: BLE001 - a moved/deleted store only costs the label figures
         inputs.note("store", f"{store}: cannot read true labels ({str(exc).splitlines()[0]}); "
                              "label map and confusion matrices rely on the dataset's labels")
@@ -232,6 +284,22 @@ def _load_labels(inputs: RunInputs) -> None:
     values = lab.fill_null(-1).to_numpy().astype(np.int64)
     s = pd.Series(values, index=pd.Index(ids, name="image_id"), name="label")
     inputs.labels = s[s >= 0]
+
+
+def _sampled_store_rows(store: Path, rows: np.ndarray) -> list[Any]:
+    """The ``image_id`` and ``label`` of the store's rows ``rows`` (sorted row numbers), part by part."""
+    from gpu_ops.store import part_files
+
+    out, start = [], 0
+    for path in part_files(store):
+        import pyarrow.parquet as pq
+
+        count = pq.ParquetFile(path).metadata.num_rows
+        lo, hi = np.searchsorted(rows, [start, start + count])
+        if hi > lo:
+            out.append(read_rows(path, rows[lo:hi] - start, columns=["image_id", "label"]))
+        start += count
+    return out
 
 
 # ---------------------------------------------------------------- pure figure data
@@ -535,6 +603,9 @@ class ImageSource:
         skipped = "montages, thumbnails and the sample images are skipped"
         if spec is None:
             inputs.note("dataset", f"neither config.yaml nor metrics.json names the dataset; {skipped}")
+            return None
+        if spec.startswith("parquet:"):  # embeddings: nothing to draw, and no need to read them again
+            inputs.note("dataset", f"{spec} holds vectors, not images; {skipped}")
             return None
         cfg = inputs.config or {}
         split, limit = (cfg.get("split") or "all", cfg.get("limit")) if inputs.config else ("all", None)

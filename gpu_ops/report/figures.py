@@ -196,17 +196,26 @@ def perplexity_sweep_figure(maps: np.ndarray, titles: Sequence[str], labels: np.
     return Path(path)
 
 
+#: Rows or columns of a confusion matrix beyond which its figure stops growing and drops its tick labels.
+CONFUSION_TICKS = 60
+
+
 def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarray, path: Path, title: str,
                      class_names: Sequence[str] | None = None) -> Path:
     """Heatmap of a (n_classes, n_clusters) confusion matrix after Hungarian mapping, counts written in."""
     n_cls, n_clu = matrix.shape
-    fig = _figure((max(5.0, 0.45 * n_clu + 2.5), max(4.0, 0.4 * n_cls + 1.8)))
+    # one tick per row and column up to CONFUSION_TICKS; beyond, a fixed 10 x 9 in heatmap without
+    # labels (a 1000 x 1000 matrix drawn at 0.45 in per column took 20 GB of pixels)
+    large = max(n_cls, n_clu) > CONFUSION_TICKS
+    fig = _figure((10.0, 9.0) if large else (max(5.0, 0.45 * n_clu + 2.5), max(4.0, 0.4 * n_cls + 1.8)))
     ax = fig.subplots()
-    im = ax.imshow(matrix, cmap="Blues", aspect="auto")
+    im = ax.imshow(matrix, cmap="Blues", aspect="auto", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.04)
     names = [class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
-    ax.set_yticks(range(n_cls), names, fontsize=8)
-    ax.set_xticks(range(n_clu), [str(c) for c in clusters], fontsize=8)
+    if n_cls <= CONFUSION_TICKS:
+        ax.set_yticks(range(n_cls), names, fontsize=8)
+    if n_clu <= CONFUSION_TICKS:
+        ax.set_xticks(range(n_clu), [str(c) for c in clusters], fontsize=8)
     ax.set_xlabel("cluster (ordered by matched class)")
     ax.set_ylabel("true class")
     if n_cls * n_clu <= 900:

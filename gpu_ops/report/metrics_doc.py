@@ -46,6 +46,8 @@ class ExtractInfo(_Part):
 class ReducerInfo(_Part):
     name: str | None = None
     backend: str | None = None
+    fitted_rows: int | None = None  #: the map was fitted on this many rows (a sample when fewer than n)
+    placement: str | None = None  #: how the other rows were placed (None: every row was fitted)
 
 
 class BackendRow(_Part):

@@ -129,7 +129,7 @@ def test_cuml_single_linkage_agrees_with_sklearn_on_digits(cuml_gpu, digits):
     from scipy.cluster.hierarchy import fcluster
     from sklearn.metrics import adjusted_rand_score
 
-    from gpu_ops.cluster.agglomerative import CumlAgglomerative, SklearnAgglomerative
+    from gpu_ops.cluster.agglomerative import CumlAgglomerative, SklearnAgglomerative, cut_merge_tree
 
     X, _ = digits
     n = X.shape[0]
@@ -147,10 +147,22 @@ def test_cuml_single_linkage_agrees_with_sklearn_on_digits(cuml_gpu, digits):
     assert merged.min() >= 0 and merged.max() < 2 * n - 2
     assert len(np.unique(merged)) == 2 * (n - 1)
 
-    # the dendrogram cut at 10 clusters gives the same partition
+    # the GPU's own merge tree, cut at 10 clusters without heights, is the CPU's partition (and
+    # cuML's labels): a check of the tree cuML built, not of a CPU recomputation
+    gpu_cut = cut_merge_tree(gpu.children_, n, 10)
+    assert adjusted_rand_score(cpu.labels_, gpu_cut) >= 0.99
+    assert adjusted_rand_score(gpu.labels_, gpu_cut) >= 0.99
+
+    # the dendrogram: from cuML's merge heights when it gives them, else recomputed on the CPU
     assert gpu.linkage_matrix_ is not None and gpu.linkage_matrix_.shape == (n - 1, 4)
-    cut = fcluster(gpu.linkage_matrix_, t=10, criterion="maxclust")
-    assert adjusted_rand_score(cpu.labels_, cut) >= 0.99
+    assert gpu.linkage_source_ == ("cuml" if gpu.distances_ is not None else "scipy-cpu")
+    if gpu.linkage_source_ == "cuml":
+        cut = fcluster(gpu.linkage_matrix_, t=10, criterion="maxclust")
+        assert adjusted_rand_score(cpu.labels_, cut) >= 0.99
+        # the GPU's merge heights are the CPU's (single linkage: the sorted MST edge lengths)
+        from scipy.cluster.hierarchy import linkage as scipy_linkage
+
+        np.testing.assert_allclose(np.sort(gpu.distances_), scipy_linkage(X, "single")[:, 2], rtol=1e-4, atol=1e-4)
 
 
 def test_cuml_single_linkage_skips_the_cpu_dendrogram_above_the_limit(cuml_gpu, digits):

@@ -29,10 +29,45 @@ def test_resnet50_cuda_autocast_matches_cpu_features(cifar_folder, tmp_path):
     assert _cosine(a, b).min() > 0.99  # bf16/fp16 autocast: same features up to rounding
 
 
-def test_nvjpeg_batched_decoding_matches_cpu_decoding(cifar_folder, tmp_path):
+def test_nvjpeg_decodes_the_batch_on_the_device(cifar_folder):
+    """The batched call really runs on the GPU (no silent CPU fallback), and its pixels are
+    libjpeg's up to IDCT rounding."""
+    from gpu_ops.features.jpeg import DecodeCounts, decode_batch
+
+    paths = sorted(Path(cifar_folder).rglob("*.jpg"))[:64]
+    raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    counts = DecodeCounts()
+    images, reasons = decode_batch(["jpeg"] * len(raw), raw, "cuda", counts)
+    assert counts == DecodeCounts(batched=len(raw)), counts
+    assert reasons == [""] * len(raw)
+    assert all(img.is_cuda and img.dtype == torch.uint8 for img in images)
+    cpu, _ = decode_batch(["jpeg"] * len(raw), raw, "cpu")
+    for g, c in zip(images, cpu):
+        assert g.shape == c.shape
+        assert (g.cpu().float() - c.float()).abs().mean() < 2.0
+
+
+def test_nvjpeg_batched_decoding_matches_cpu_decoding(cifar_folder, tmp_path, caplog):
+    import logging
+
     ds = load_dataset(f"folder:{cifar_folder}", limit=64)
     ex = create_extractor("efficientnet_lite0", image_size=128, device="cuda")
     host = extract_to_store(ds, ex, tmp_path / "h", progress=False)
-    dev = extract_to_store(ds, ex, tmp_path / "d", progress=False, decode_on_device=True)
+    with caplog.at_level(logging.WARNING, logger="gpu_ops.features.jpeg"):
+        dev = extract_to_store(ds, ex, tmp_path / "d", progress=False, decode_on_device=True)
+    assert "batched JPEG decoding on cuda failed" not in caplog.text  # every batch decoded on the GPU
     a, b = read_embeddings(Path(host.directory)).embeddings, read_embeddings(Path(dev.directory)).embeddings
     assert _cosine(a, b).min() > 0.98  # nvJPEG and libjpeg differ slightly in IDCT rounding
+
+
+def test_extraction_runs_in_the_precision_of_the_device():
+    from gpu_ops.device import precision_for
+
+    ex = create_extractor("resnet50", weights="none", image_size=64, device="cuda")
+    expected = precision_for(torch.cuda.get_device_capability())
+    assert ex.precision() == expected
+    captured = {}
+    handle = ex.model.register_forward_hook(lambda m, i, o: captured.setdefault("dtype", o.dtype))
+    ex.embed(ex.preprocess(np.zeros((64, 64, 3), np.uint8))[None])
+    handle.remove()
+    assert captured["dtype"] == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]

@@ -10,7 +10,8 @@ Tolerances are quality, never bits:
 - k-means at scale: the objective of cuML and FAISS-GPU within 2% of each other on unstructured
   data (1M standard-normal rows: no basin is much better than another), and each equal to the
   objective recomputed from its labels and centres (1e-3: cuML sums in float32);
-- the same k-means with cuML / FAISS-GPU against FAISS-CPU on 100k x 64 blobs, k=1000: within 1%;
+- the same k-means with cuML / FAISS-GPU on 100k x 64 blobs, k=1000: objective within
+  ``BLOBS_OBJECTIVE_BAR`` of the objective at the generating centres, ARI >= 0.95 against the blobs;
 - cuML HDBSCAN vs scikit-learn on separated blobs: ARI >= 0.95 on the points both call clustered.
 """
 
@@ -87,29 +88,48 @@ def test_cuml_and_faiss_gpu_agree_at_scale():
 
 
 @pytest.fixture(scope="module")
-def blobs_100k():
+def blobs_100k_labelled() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """100 000 x 64 points around 1000 blob centres (unit variance): X, the blob of each point,
+    the centres."""
     from gpu_ops.cluster.synthetic import blob_centers
 
     rng = np.random.default_rng(0)
     C = blob_centers(1000, 64, seed=0)
-    X = C[rng.integers(1000, size=100_000)] + rng.normal(size=(100_000, 64)).astype(np.float32)
-    return X.astype(np.float32)
+    y = rng.integers(1000, size=100_000)
+    X = C[y] + rng.normal(size=(100_000, 64)).astype(np.float32)
+    return X.astype(np.float32), y, C
+
+
+@pytest.fixture(scope="module")
+def blobs_100k(blobs_100k_labelled) -> np.ndarray:
+    return blobs_100k_labelled[0]
+
+
+#: Bar for k = 1000 on the 1000 blobs, as a multiple of the objective at the generating centres.
+#: A k-means that leaves a blob without a centre (one centre on two blobs, two on another) pays
+#: ~2-3 % per such blob here; faiss-cpu with k-means++ seeding (25 iterations) measured 1.071
+#: and 1.108 for seeds 0 and 1 on the CPU. One CPU run is no stable reference (the old bar,
+#: 1.01 x one faiss-cpu run, failed whenever the CPU run happened to place its seeds well).
+BLOBS_OBJECTIVE_BAR = 1.15
 
 
 @pytest.mark.parametrize("backend", ["cuml", "faiss-gpu"])
-def test_gpu_kmeans_k1000_matches_faiss_cpu(backend, request):
+def test_gpu_kmeans_k1000_recovers_the_blobs(backend, request):
+    from sklearn.metrics import adjusted_rand_score
+
     from gpu_ops.registry import create_estimator, list_backends
 
     names = {s.name for s in list_backends("kmeans") if s.usable()[0]}
     if backend not in names:
         pytest.skip(f"{backend} is not usable here")
-    blobs_100k = request.getfixturevalue("blobs_100k")
-    cpu, _ = create_estimator("kmeans", "faiss-cpu", n_clusters=1000, max_iter=25, n_init=1, seed=0)
+    X, y, C = request.getfixturevalue("blobs_100k_labelled")
+    reference = _objective(X, C, y)  # stable: no seeding involved
     gpu, res = create_estimator("kmeans", backend, n_clusters=1000, max_iter=25, n_init=1, seed=0)
     assert res.kind == "gpu"
-    cpu.fit(blobs_100k)
-    gpu.fit(blobs_100k)
-    assert gpu.inertia_ <= 1.01 * cpu.inertia_, (gpu.inertia_, cpu.inertia_)
+    gpu.fit(X)
+    print({"backend": backend, "objective_vs_generating_centres": round(gpu.inertia_ / reference, 4)})
+    assert gpu.inertia_ <= BLOBS_OBJECTIVE_BAR * reference, (gpu.inertia_, reference)
+    assert adjusted_rand_score(y, gpu.labels_) >= 0.95
 
 
 def test_streaming_kmeans_fits_its_sample_on_the_gpu(cuml_gpu, tmp_path):

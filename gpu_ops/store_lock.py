@@ -1,0 +1,157 @@
+"""One writer per embedding store: an OS file lock (``filelock``) plus a sidecar naming its holder.
+
+A run that extracts into a store holds ``<store>/.writer.lock`` for as long as it writes. A
+second run on the same store does not extract the same images beside it: it logs one line
+naming the holder (pid, host, run id, since when, read from ``<store>/.writer.json``) and waits
+for the lock; then it finds the images embedded and extracts only what is still missing. Asked
+not to wait (``wait=False``, ``gpuclust run --no-wait``), it fails at once with an
+:class:`~gpu_ops.errors.InputError` naming the holder.
+
+**Stale locks.** The lock is an OS lock (``flock``): the kernel releases it when its process dies,
+SIGKILL included, so a killed run never blocks the next one. Its sidecar stays behind, though;
+the next holder finds it, checks the pid it names (not running on this host, or another
+process) and says in the log that the previous writer ended without releasing the store. A
+sidecar whose pid is not running while the lock is held is reported as stale, not as the holder.
+Locks on network filesystems are only as reliable as the filesystem's ``flock``. A store directory
+this process cannot write (a read-only cache) is read without the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from gpu_ops.errors import InputError
+from gpu_ops.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".writer.lock"
+HOLDER_FILE = ".writer.json"
+#: Seconds between attempts while waiting for another writer.
+POLL_S = 0.5
+
+
+def new_run_id() -> str:
+    """A run id for the store's records: UTC time, then 8 random hex digits."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or held) a store's lock."""
+
+    pid: int
+    host: str
+    run: str
+    since: str
+
+    def describe(self) -> str:
+        return f"run {self.run} (pid {self.pid} on {self.host}, since {self.since})"
+
+    def running(self) -> bool | None:
+        """Whether the process still runs: True / False on this host, None on another host."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process
+            return True
+        return True
+
+
+def read_holder(directory: Path) -> Holder | None:
+    """The holder a store's sidecar names (None when there is none or it is unreadable)."""
+    try:
+        doc: Any = json.loads((Path(directory) / HOLDER_FILE).read_text())
+        return Holder(int(doc["pid"]), str(doc["host"]), str(doc["run"]), str(doc["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _holder_text(holder: Holder | None) -> str:
+    """The holder for a log line, saying when its record cannot be trusted."""
+    if holder is None:
+        return "another process (it has not named itself yet)"
+    if holder.running() is False:
+        return (f"another process (the record names {holder.describe()}, which is no longer running: "
+                "a stale record)")
+    return holder.describe()
+
+
+class StoreLock:
+    """Exclusive writer lock of the store at ``directory`` (a context manager).
+
+    ``wait``: when another process holds it, log one line naming that process and wait (True), or
+    raise InputError naming it (False). ``run`` is recorded in the sidecar for the others to see.
+    """
+
+    def __init__(self, directory: Path, run: str, wait: bool = True) -> None:
+        self.directory = Path(directory)
+        self.run = run
+        self.wait = wait
+        self.waited_s = 0.0
+        self.waited_for: str | None = None
+        self._lock: FileLock | None = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
+
+    def __enter__(self) -> "StoreLock":
+        if self.directory.is_dir() and (not self.directory.stat().st_mode & 0o222
+                                        or not os.access(self.directory, os.W_OK | os.X_OK)):
+            # made read-only (or not ours to write): this run cannot write into it, and reusing it must
+            # not write either (the store refuses in one line if it would have to)
+            log.info("store %s is read-only: reading it without taking its lock", self.directory)
+            self._lock = None
+            return self
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create store directory {self.directory} ({exc.strerror})") from None
+        try:
+            self._lock.acquire(timeout=0)  # type: ignore[union-attr]
+        except Timeout:
+            self._wait_for_holder()
+        self._take_over()
+        return self
+
+    def _wait_for_holder(self) -> None:
+        who = _holder_text(read_holder(self.directory))
+        if not self.wait:
+            raise InputError(f"store {self.directory} is being written by {who}; run without --no-wait to wait "
+                             "for it") from None
+        log.warning("store %s is being written by %s: waiting for it to finish", self.directory, who)
+        t0 = time.monotonic()
+        self._lock.acquire(poll_interval=POLL_S)  # type: ignore[union-attr]
+        self.waited_s, self.waited_for = time.monotonic() - t0, who
+        log.warning("store %s: waited %.1f s for %s", self.directory, self.waited_s, who)
+
+    def _take_over(self) -> None:
+        """Record this process as the holder; report a record left by a writer that was killed
+        (a writer removes its record when it releases the store)."""
+        previous = read_holder(self.directory)
+        if previous is not None:
+            state = {False: "is no longer running", None: "ran on another host"}.get(previous.running(),
+                                                                                    "no longer holds the lock")
+            log.warning("store %s: stale lock record: %s %s and ended without releasing the store (killed?); "
+                        "the OS lock is free: taking the store over", self.directory, previous.describe(), state)
+        me = Holder(os.getpid(), socket.gethostname(), self.run, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        atomic_write_json(self.directory / HOLDER_FILE, asdict(me))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is None:
+            return
+        try:
+            (self.directory / HOLDER_FILE).unlink(missing_ok=True)
+        finally:
+            self._lock.release()
