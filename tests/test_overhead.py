@@ -105,7 +105,7 @@ def test_server_start_is_used_by_later_runs_and_stop_leaves_no_process(tmp_path)
         status = run_cli(["server", "status"], env=env)
         assert status.returncode == 0 and status.stdout.startswith(f"running at {url} (pid {pid}, answering)")
 
-        run = run_cli(["run", *FAST_RUN, "--limit", "300", "--out", str(tmp_path / "run")], env=env)
+        run = run_cli(["run", *FAST_RUN, "--limit", "300", "--out", str(tmp_path / "run")], env=env, shared_server=False)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.splitlines()[0] == f"Prefect: server at {url} (started by `gpuclust server start`)"
         runs = _flow_runs(url)
@@ -134,7 +134,7 @@ def test_stale_server_record_is_removed_and_the_run_says_ephemeral_mode(tmp_path
     # this test's own pid with another start time: a pid reused by another process
     state.write_text(json.dumps({"pid": os.getpid(), "url": "http://127.0.0.1:9/api", "log": "x", "started": 1.0}))
     run = run_cli(["run", *FAST_RUN, "--limit", "300", "--out", str(tmp_path / "run")],
-                  env={"PREFECT_HOME": str(home)})
+                  env={"PREFECT_HOME": str(home)}, shared_server=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"gpuclust: removed stale {state}: its server (pid {os.getpid()}) is not running" in run.stderr
     assert run.stdout.splitlines()[0] == ("Prefect: ephemeral mode (a temporary server for this run; "
