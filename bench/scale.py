@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -158,8 +157,7 @@ def run_size(root: Path, n: int, memory_mb: int, iters: int, reducer: str, keep:
     if result["rc"] == 0 and metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         html = (work / "out" / "report.html").read_text()
-        found = re.search(r"by gpuclust report in ([0-9.]+) s", html)
-        row.update(timings_s={**m["timings_s"], "report": float(found.group(1)) if found else None},
+        row.update(timings_s=m["timings_s"],
                    kmeans=m["algorithms"]["kmeans"] | {"cluster_sizes": None}, reducer_plan=m["reducer"],
                    report_bytes=len(html.encode()))
         row["kmeans"].pop("cluster_sizes")

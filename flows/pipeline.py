@@ -14,6 +14,7 @@ from flows.assign import save_for_reuse
 from flows.scaleout import cluster_store, extract_store, scale_out
 from flows.tasks import build_report, configured, evaluate, explore, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
+from gpu_ops.pipeline import record_stage_time
 from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, start_run
 
 
@@ -35,17 +36,17 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
         reduced = configured(reduce_to_2d, config, "reduce", gpu=uses_gpu(config, config.reducer))(
             store.store, config, str(staging))
         timings["reduce"] = reduced.seconds
-        t_eval = time.perf_counter()
-        metrics = configured(evaluate, config, "evaluate")(store.store, clusters)
-        timings["evaluate"] = round(time.perf_counter() - t_eval, 3)
+        evaluation = configured(evaluate, config, "evaluate")(store.store, clusters)
+        timings["evaluate"] = evaluation.seconds
         explored = configured(explore, config, "explore")(store.store, config, str(staging), clusters) \
             if config.explore else None
         if explored is not None:
             timings["explore"] = explored.seconds
-        doc = configured(write_run, config, "write")(config, store, clusters, reduced, metrics, str(staging), timings,
-                                                     explored)
+        doc = configured(write_run, config, "write")(config, store, clusters, reduced, evaluation.metrics,
+                                                     str(staging), timings, explored)
         configured(save_for_reuse, config, "write")(str(staging), config, store.store)
         report = configured(build_report, config, "report")(str(staging), str(out))
+        doc = record_stage_time(str(staging), "report", report["seconds"])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

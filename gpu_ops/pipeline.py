@@ -355,6 +355,16 @@ def _run_tables(source: Any, clusters: list[ClusterResult], xy: np.ndarray | Non
     return assignments(), map2d()
 
 
+def record_stage_time(staging: str, stage: str, seconds: float) -> dict[str, Any]:
+    """Add a stage that ran after metrics.json was written (the report) to its ``timings_s``;
+    return the updated content."""
+    run = RunDir(staging)
+    doc = json.loads(run.metrics.read_text())
+    doc["timings_s"][stage] = round(seconds, 3)
+    atomic_write_json(run.metrics, doc, sort_keys=False)
+    return doc
+
+
 def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,
                  metrics: dict[str, AlgorithmMetrics], staging: str, timings: dict[str, float],
                  explored: ExploreResult | None = None) -> dict[str, Any]:
