@@ -53,13 +53,15 @@ def _digits_parquet(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("dataset", ["digits", "parquet"])
-def test_raw_and_parquet_runs_import_no_torch_and_matplotlib_only_in_the_report(prefect_server, tmp_path, dataset):
-    spec = "digits" if dataset == "digits" else f"parquet:{_digits_parquet(tmp_path / 'emb')}"
-    result, imports = _probed_run(["run", "--dataset", spec, *FAST_RUN, "--out", str(tmp_path / "run")],
+@pytest.mark.parametrize("dataset", ["digits", "parquet", "folder"])
+def test_raw_and_parquet_runs_import_no_torch_and_matplotlib_only_in_the_report(prefect_server, tmp_path, dataset,
+                                                                                 request):
+    specs = {"digits": lambda: "digits", "parquet": lambda: f"parquet:{_digits_parquet(tmp_path / 'emb')}",
+             "folder": lambda: f"folder:{request.getfixturevalue('cifar_folder')}"}
+    result, imports = _probed_run(["run", "--dataset", specs[dataset](), *FAST_RUN, "--out", str(tmp_path / "run")],
                                   tmp_path / "probe", prefect_server["url"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 1797
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == (200 if dataset == "folder" else 1797)
     assert result.stdout.splitlines()[0] == f"Prefect: server at {prefect_server['url']}"
     assert [name for name in NOT_NEEDED if name in imports] == [], {n: imports[n] for n in NOT_NEEDED if n in imports}
     # matplotlib is first imported inside the report task, and only there

@@ -197,11 +197,20 @@ def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
     return workers
 
 
-def _in_process_batches(items: _Items, batch_size: int) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
-    """What a DataLoader without workers yields, without importing torch for extractors that
-    prepare numpy arrays (raw pixels)."""
-    for start in range(0, len(items), batch_size):
-        yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+def _in_process_batches(items: _Items, batch_size: int,
+                        threads: int = 0) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """What a DataLoader yields, made in this process without importing torch: for extractors
+    that prepare numpy arrays (raw pixels). ``threads`` > 0 reads and decodes that many items at
+    a time (image decoders release the GIL), in order."""
+    if not threads:
+        for start in range(0, len(items), batch_size):
+            yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        for start in range(0, len(items), batch_size):
+            yield _collate(list(pool.map(items.__getitem__, range(start, min(start + batch_size, len(items))))))
 
 
 def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int,
@@ -209,10 +218,14 @@ def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, 
                  decode_on_device: bool = False) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
     """Batches ``(indices, tensor or raw payloads, [(index, reason), ...])`` of the items at ``indices``,
     in order. Items are preprocessed for ``extractor`` (only read when ``decode_on_device``);
-    unreadable ones come back with their reason instead. Without loader workers, and on the CPU,
-    the batches are made in this process (no DataLoader)."""
-    workers = loader_workers(dataset, num_workers)
+    unreadable ones come back with their reason instead. For numpy extractors (raw pixels), and
+    without loader workers on the CPU, the batches are made in this process (no DataLoader; the
+    files of a numpy extractor decoded by ``num_workers`` threads instead of processes)."""
     items = _Items(dataset, extractor, indices, raw_bytes=decode_on_device)
+    if extractor.numpy_batches and not decode_on_device:
+        threads = default_workers(dataset) if num_workers is None else num_workers
+        return _in_process_batches(items, batch_size, threads)
+    workers = loader_workers(dataset, num_workers)
     if not workers and extractor.device == "cpu" and not decode_on_device:
         return _in_process_batches(items, batch_size)
     from torch.utils.data import DataLoader
