@@ -4,6 +4,7 @@ UMAP and t-SNE, the estimators' keywords, and a report's metrics.json."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -227,6 +228,7 @@ def test_cli_flags_are_named_in_messages(capsys, tmp_path):
     assert main(["run", "--backend", "cpu,kmean=sklearn", "--out", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == ("gpuclust: error: unknown op 'kmean' in --backend; expected one of: agglomerative, "
                                    "dec, dkm, extract, gmm, hdbscan, idec, kmeans, knn, n2d, pca, scan, temi, tsne, umap")
+    assert gc.isenabled()  # a run that stops during its start-up collects garbage again afterwards
 
 
 # ---------------------------------------------------------------- size floors of UMAP and t-SNE
