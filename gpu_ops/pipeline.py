@@ -99,7 +99,8 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> C
 
     Deep algorithms cluster the dataset's images in torch; clustering heads (``scan``, ``temi``)
     train in torch on the store's embeddings; ``kmeans`` with ``cfg.memory_mb`` streams the
-    store; every other algorithm clusters the embeddings in memory.
+    store; every other algorithm clusters the embeddings in memory (refused when they do not fit
+    ``cfg.memory_mb``: :func:`check_fits_in_memory`).
     """
     t0 = time.perf_counter()
     run = RunDir(staging)
@@ -112,6 +113,25 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> C
     return _in_memory_cluster(store, cfg, algorithm, run, t0)
 
 
+#: Share of ``memory_mb`` the embeddings of an algorithm that holds them all in memory may take.
+IN_MEMORY_SHARE = 0.5
+
+
+def check_fits_in_memory(store: str, cfg: RunConfig, algorithm: str) -> None:
+    """Refuse, before loading anything, an algorithm that holds every embedding in memory when
+    they take more than :data:`IN_MEMORY_SHARE` of ``cfg.memory_mb`` (k-means streams instead)."""
+    if cfg.memory_mb is None:
+        return
+    from gpu_ops.cluster.sources import StoreSource
+
+    source = StoreSource(store)
+    n, d = source.count(), source.dim()
+    needed_mb = n * d * 4 / 2**20
+    if needed_mb > IN_MEMORY_SHARE * cfg.memory_mb:
+        raise InputError(f"{algorithm} holds all {n:,} x {d} embeddings in memory ({needed_mb:,.0f} MB), more than "
+                         f"half of memory_mb={cfg.memory_mb}; kmeans streams within it, or raise memory_mb")
+
+
 def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
     """Deep clustering (``dkm``, ``dec``, ``idec``, ``n2d``) of the dataset's images, in store order.
 
@@ -119,6 +139,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     """
     from gpu_ops.deep import fit_deep
 
+    check_fits_in_memory(store, cfg, algorithm)
     table = read_embeddings(Path(store))
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     if dataset.item_kind != "image":
@@ -185,6 +206,7 @@ def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> Clu
 def _in_memory_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
     """A registry algorithm (``kmeans``, ``umap-kmeans``, ``umap-graph``, ``hdbscan``, ``gmm``,
     ``agglomerative``) over the embeddings in memory."""
+    check_fits_in_memory(store, cfg, algorithm)
     X = read_embeddings(Path(store)).embeddings
     k = k_for(cfg, X, run) if algorithm != "hdbscan" else 0  # HDBSCAN finds k itself
     if k > X.shape[0]:

@@ -161,3 +161,26 @@ def test_stages_of_a_300k_row_parquet_run_stay_within_the_memory_budget(tmp_path
     print(result)
     assert result["rows"] == 300_000 and result["acc"] > 0.9
     assert result["peak_kb"] - result["base_kb"] < 450 * 1024, result
+
+
+@pytest.mark.parametrize("algorithm", ["agglomerative", "hdbscan"])
+def test_an_algorithm_that_needs_every_embedding_in_memory_is_refused_beyond_the_budget(tmp_path, algorithm):
+    """20 000 x 256 float32 (20 MB) is more than half of memory_mb=16: the in-memory algorithms
+    are refused before anything is loaded, in one line; k-means streams the same store."""
+    from gpu_ops import pipeline
+    from gpu_ops.config import make_config
+    from gpu_ops.errors import InputError
+    from gpu_ops.rundir import start_run
+
+    write_blob_parquet(tmp_path / "emb", 20_000, 256, 5, files=2)
+    cfg = make_config(dataset=f"parquet:{tmp_path / 'emb'}", extractor="raw", algorithms=[algorithm, "kmeans"], k=5,
+                      reducer="none", memory_mb=16, explore=False, cache_dir=str(tmp_path / "cache"))
+    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)
+    staging = start_run(tmp_path / "run")
+    with pytest.raises(InputError) as refused:
+        pipeline.cluster_stage(store.store, cfg, algorithm, str(staging))
+    assert str(refused.value) == (f"{algorithm} holds all 20,000 x 256 embeddings in memory (20 MB), more than half of "
+                                  "memory_mb=16; kmeans streams within it, or raise memory_mb")
+    assert not (staging / f"labels-{algorithm}.npy").exists()
+    streamed = pipeline.cluster_stage(store.store, cfg, "kmeans", str(staging))
+    assert streamed.streaming is not None and streamed.k == 5
