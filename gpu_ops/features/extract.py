@@ -10,6 +10,7 @@ embeddings) are batched with numpy, without torch's DataLoader."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -32,7 +33,7 @@ from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
 from gpu_ops.incremental import IncrementalStore
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
-from gpu_ops.store_lock import StoreLock, new_run_id
+from gpu_ops.store_lock import StoreLock, changing_store, new_run_id
 
 if TYPE_CHECKING:
     import torch
@@ -342,16 +343,16 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     metadata = store_metadata(dataset, extractor, incremental)
     run_id = run_id or new_run_id()
     with StoreLock(directory, run_id, wait=wait):
-        if incremental:
-            refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
-            plan = refreshing.plan(dataset)
-            log.info("store %s: %s", directory, plan.describe())
-            refreshing.check_writable_for(plan)
-            refreshing.apply(plan, dataset)
-            store: EmbeddingStore = refreshing
-        else:
+        if not incremental:
             store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
-        return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+            return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+        refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
+        plan = refreshing.plan(dataset)
+        log.info("store %s: %s", directory, plan.describe())
+        refreshing.check_writable_for(plan)
+        with changing_store(directory) if plan.changes else contextlib.nullcontext():
+            refreshing.apply(plan, dataset)
+            return _extract_pending(refreshing, dataset, extractor, refreshing.n_shards, finish=True, **options)
 
 
 def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, covered: int, *, finish: bool,
