@@ -313,6 +313,8 @@ class IncrementalStore(EmbeddingStore):
                 new = write_part(self.directory / f"part-{number:05d}.parquet", table)
                 new["dim"] = entry.get("dim")
             new.update(quarantined=quarantined, run=entry.get("run"), rewritten_by=self.run_id)
+            if "writer" in entry:
+                new["writer"] = entry["writer"]
             self.manifest["shards"][f"{number:05d}"] = new
         self._save()
         if entry["file"]:
@@ -329,8 +331,10 @@ class IncrementalStore(EmbeddingStore):
         return [s for s in self.groups if f"{s:05d}" not in self.manifest["shards"]]
 
     def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
-                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
-        """Write a new part (rows with their file records and this run's id), then the manifest."""
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]], writer: str | None = None) -> None:
+        """Write a new part (rows with their file records and this run's id), then the manifest.
+        ``writer``: the process that embedded the rows when it is not this one (a Dask worker's
+        ``host:pid``), recorded in the part's manifest entry."""
         entry: dict[str, Any] = {"file": None, "rows": 0}
         if image_ids:
             table = build_table(image_ids, sources, labels, embeddings, self.metadata)
@@ -345,6 +349,8 @@ class IncrementalStore(EmbeddingStore):
         entry["quarantined"] = [{"source": s, "reason": r, "image_id": self._ids_by_source[s],
                                  **vars(self.states[self._ids_by_source[s]])} for s, r in quarantined]
         entry["run"] = self.run_id
+        if writer is not None:
+            entry["writer"] = writer
         self.manifest["shards"][f"{shard:05d}"] = entry
         if self._started:
             self.manifest["runs"][-1]["embedded"] += len(image_ids)
@@ -361,6 +367,21 @@ class IncrementalStore(EmbeddingStore):
         if not any(e["file"] for e in entries):
             self.manifest.pop("dim", None)
         return super().finish()
+
+
+def start_refresh(directory: Path, metadata: dict[str, str], dataset: Dataset, shard_rows: int,
+                  run_id: str) -> IncrementalStore:
+    """Open the store of image folder ``dataset`` for a refresh by run ``run_id`` (the caller holds
+    the store's lock): compare it with the folder (the plan is logged), refuse an unwritable store
+    that needs work, retire what is gone and lay out the parts of the images still to embed
+    (:meth:`IncrementalStore.pending_shards`). The caller embeds those, writes each part
+    (:meth:`IncrementalStore.write_shard`) and finishes the store."""
+    store = IncrementalStore(directory, metadata, shard_rows, run_id)
+    plan = store.plan(dataset)
+    log.info("store %s: %s", directory, plan.describe())
+    store.check_writable_for(plan)
+    store.apply(plan, dataset)
+    return store
 
 
 def _now() -> str:
