@@ -373,3 +373,63 @@ def test_a_worker_that_sees_other_files_than_the_driver_refuses_its_images(cifar
         gd.embed_group(params, store, "t", [20], ["x/9.jpg"], "cpu")
     with pytest.raises(InputError, match="this worker's data/extractor belong in"):
         gd.embed_group(params, str(tmp_path / "other"), "t", [3], ids[:1], "cpu")
+
+
+_KILLABLE_REFRESH = """
+import json, sys, time
+from distributed import LocalCluster
+from gpu_ops import distributed as gd
+
+def hold_after_the_first_part(done, total):
+    print("part written", flush=True)
+    time.sleep(600)  # killed here
+
+with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    gd.refresh_on_dask(json.loads(sys.argv[1]), cluster.scheduler_address, backend="cpu",
+                       on_shard=hold_after_the_first_part)
+"""
+
+
+def test_a_killed_dask_refresh_and_its_rerun_give_the_store_of_an_uninterrupted_refresh(cifar_folder, tmp_path):
+    """SIGKILL of the driver once it has written the first new part; the rerun embeds only the
+    rest, and the store holds what a run that was never interrupted gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    folder, spare = _small_folder(cifar_folder, tmp_path / "photos", per_class=5)  # 50 images
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=2, num_workers=0)
+    store = Path(pipeline.extract_stage(params, progress=False).store)
+    before = _rows_by_id(store)
+    added, removed, rewritten = _change_folder(folder, spare)  # 7 images to embed: 4 new parts of 2, 2, 2, 1
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", _KILLABLE_REFRESH, json.dumps(params, default=str)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert driver.stdout.readline().strip() == "part written", "the refresh ended before writing a part"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    killed = json.loads((store / "manifest.json").read_text())
+    assert not killed["complete"] and killed["runs"][-1]["finished"] is None
+    assert killed["runs"][-1]["embedded"] == 2  # one part of the 4 was written
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        rerun = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert rerun["items"] == 5 and manifest["runs"][-1]["embedded"] == 5 and manifest["complete"]
+    after = _rows_by_id(store)
+    for image_id in set(before) - removed - rewritten:
+        assert after[image_id] == before[image_id], image_id
+
+    uninterrupted = pipeline.extract_stage(_params(tmp_path / "fresh", dataset=f"folder:{folder}", extractor="raw",
+                                                   num_workers=0), progress=False)
+    expected = _rows_by_id(Path(uninterrupted.store))
+    assert set(after) == set(expected) == set(before) - removed | added
+    for image_id, row in expected.items():
+        assert {**after[image_id], "run_id": None} == {**row, "run_id": None}, image_id
