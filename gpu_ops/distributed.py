@@ -431,9 +431,9 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
 def refreshes_in_place(params: dict[str, Any]) -> bool:
     """Whether an extract run with ``params`` refreshes its store in place (an image folder,
     limited or not: :func:`refresh_on_dask`) rather than writing a store of fixed ranges."""
-    from gpu_ops.features.extract import refreshed_in_place
+    from gpu_ops.features.extract import open_dataset, refreshed_in_place
 
-    return refreshed_in_place(dataset_and_extractor(params, "cpu")[0])
+    return refreshed_in_place(open_dataset(params))
 
 
 def refresh_on_dask(params: dict[str, Any], address: str, *, backend: str = "auto", wait: bool = True,
@@ -491,6 +491,11 @@ def refresh_on_dask(params: dict[str, Any], address: str, *, backend: str = "aut
                         done.append(result)
                         if on_shard:
                             on_shard(len(done), len(pending))
+                        if len(done) == len(pending):
+                            break  # as_completed past its timeout raises even once nothing is left
+                except TimeoutError:
+                    raise TimeoutError(f"{len(pending) - len(done)} of {len(pending)} part(s) unfinished after the "
+                                       f"extract stage's {timeout} s") from None
                 finally:
                     client.cancel([f for f in futures if not f.done()])
         else:

@@ -317,7 +317,7 @@ def test_a_folder_refreshed_over_dask_embeds_only_new_and_changed_images(cifar_f
     assert second["items"] == 7 and run["run_id"] == manifest["revision"] != manifest["runs"][0]["run_id"]
     after = _rows_by_id(store)
     current = set(open_dataset(params).image_ids)
-    assert set(after) == current and len(after) == 62  # each current image once
+    assert set(after) == current and len(after) == 62 and not removed & set(after)  # each current image once
     assert {i for i, row in after.items() if row["run_id"] == run["run_id"]} == added | rewritten
     for image_id in current - added - rewritten:
         assert after[image_id] == before[image_id], image_id  # unchanged rows untouched
@@ -433,3 +433,23 @@ def test_a_killed_dask_refresh_and_its_rerun_give_the_store_of_an_uninterrupted_
     assert set(after) == set(expected) == set(before) - removed | added
     for image_id, row in expected.items():
         assert {**after[image_id], "run_id": None} == {**row, "run_id": None}, image_id
+
+
+def test_a_refresh_whose_parts_all_arrived_in_time_is_not_failed_by_its_timeout(cifar_folder, tmp_path):
+    """The stage timeout bounds the wait for the workers' parts, not the driver's writing after
+    the last one came (Dask's as_completed raises past its deadline even with nothing left)."""
+    import time
+
+    from distributed import LocalCluster
+
+    folder, _ = _small_folder(cifar_folder, tmp_path / "photos", per_class=1)
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=5, num_workers=0)
+
+    def slow_after_the_last(done: int, total: int) -> None:
+        if done == total:
+            time.sleep(6)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        done = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu", timeout=5,
+                                  on_shard=slow_after_the_last)
+    assert (done["items"], done["rows"]) == (10, 10)
