@@ -1,7 +1,9 @@
 """Batched, streaming extraction of a dataset into the Parquet embedding store.
 
 :func:`extract_to_store` is the one extraction routine: a single process calls it for the whole
-store, each Dask worker for its shards (:mod:`gpu_ops.distributed`). :func:`open_dataset` and
+store, each Dask worker for its shards of a store of fixed ranges (:mod:`gpu_ops.distributed`).
+A Dask worker's share of an image folder's refresh goes through the same loop but comes back in
+memory (:func:`embed_items`): the driver writes the folder's store. :func:`open_dataset` and
 :func:`build_extractor` decide, from an extract run's parameters, what both of them read and
 with which extractor.
 
@@ -10,7 +12,6 @@ embeddings) are batched with numpy, without torch's DataLoader."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,9 +32,9 @@ from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
 from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
-from gpu_ops.incremental import IncrementalStore
+from gpu_ops.incremental import start_refresh
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
-from gpu_ops.store_lock import StoreLock, changing_store, new_run_id
+from gpu_ops.store_lock import StoreLock, new_run_id
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,18 @@ DEFAULT_SHARD_ROWS = 4096
 RAW_SIZE = 32
 
 ShardCallback = Callable[[int, int], None]
+
+
+class ShardSink(Protocol):
+    """Where embedded shards go: a store (:class:`~gpu_ops.store.EmbeddingStore`) or a group kept
+    in memory (:func:`embed_items`)."""
+
+    def pending_shards(self) -> list[int]: ...
+
+    def shard_range(self, shard: int) -> Sequence[int]: ...
+
+    def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None: ...
 
 
 class _Items:
@@ -320,11 +333,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     pretrained image extractors only). ``on_shard(done, total)`` follows the shards this call
     covers. On CUDA out-of-memory the batch is halved (:class:`AdaptiveEmbedder`).
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer; got {batch_size}")
-    if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
-        raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
-                         f"(got {dataset.name} with {extractor.name})")
+    _check_options(dataset, extractor, batch_size, decode_on_device)
     options = {"batch_size": batch_size, "num_workers": num_workers, "decode_on_device": decode_on_device,
                "progress": progress, "on_shard": on_shard}
     if shards is not None:
@@ -343,16 +352,65 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     metadata = store_metadata(dataset, extractor, incremental)
     run_id = run_id or new_run_id()
     with StoreLock(directory, run_id, wait=wait):
-        if not incremental:
-            store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
-            return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
-        refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
-        plan = refreshing.plan(dataset)
-        log.info("store %s: %s", directory, plan.describe())
-        refreshing.check_writable_for(plan)
-        with changing_store(directory) if plan.changes else contextlib.nullcontext():
-            refreshing.apply(plan, dataset)
-            return _extract_pending(refreshing, dataset, extractor, refreshing.n_shards, finish=True, **options)
+        if incremental:
+            with start_refresh(directory, metadata, dataset, shard_rows, run_id) as refreshing:
+                return _extract_pending(refreshing, dataset, extractor, refreshing.n_shards, finish=True, **options)
+        store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
+        return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+
+
+def _check_options(dataset: Dataset, extractor: Extractor, batch_size: int, decode_on_device: bool) -> None:
+    """Refuse (one line) a batch size below 1, or decoding on the device where it cannot be done."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size}")
+    if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
+        raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
+                         f"(got {dataset.name} with {extractor.name})")
+
+
+@dataclass(frozen=True)
+class EmbeddedRows:
+    """A group of items embedded but not yet stored: the arguments of a store's ``write_shard``."""
+
+    image_ids: list[str]
+    sources: list[str]
+    labels: np.ndarray | None  #: (b,) int32, or None for an unlabelled dataset
+    embeddings: np.ndarray  #: (b, d) float32; (0, 0) when no item could be read
+    quarantined: list[tuple[str, str]]  #: (source, reason) of the unreadable items
+
+
+class _InMemoryShard:
+    """Stands in for a store in :func:`_embed_shards`: one shard, the given dataset indices, kept
+    in memory (:attr:`rows`) instead of written."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+        self.rows: EmbeddedRows | None = None
+
+    def pending_shards(self) -> list[int]:
+        return [0] if self.rows is None else []
+
+    def shard_range(self, shard: int) -> list[int]:
+        return self.indices
+
+    def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
+        self.rows = EmbeddedRows(list(image_ids), list(sources), None if labels is None else np.asarray(labels),
+                                 np.asarray(embeddings, dtype=np.float32), list(quarantined))
+
+
+def embed_items(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int = 256,
+                num_workers: int | None = None, decode_on_device: bool = False) -> EmbeddedRows:
+    """Embed the items of ``dataset`` at ``indices`` (in that order) and return them as one
+    shard's rows, without writing: a Dask worker's share of a refresh whose driver writes the
+    store (:func:`gpu_ops.distributed.refresh_on_dask`). The loader, batching, out-of-memory
+    halving and quarantine reasons are those of :func:`extract_to_store`."""
+    _check_options(dataset, extractor, batch_size, decode_on_device)
+    shard = _InMemoryShard(list(indices))
+    _embed_shards(shard, dataset, extractor, shard.indices, batch_size=batch_size, num_workers=num_workers,
+                  decode_on_device=decode_on_device, progress=False, on_shard=None)
+    assert shard.rows is not None  # _embed_shards writes every pending shard or raises
+    return shard.rows
 
 
 def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, covered: int, *, finish: bool,
@@ -389,7 +447,7 @@ def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extract
     return ExtractSummary(**dataclasses.asdict(summary), written=tuple(pending), items=len(indices))
 
 
-def _embed_shards(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, indices: list[int], *,
+def _embed_shards(store: ShardSink, dataset: Dataset, extractor: Extractor, indices: list[int], *,
                   batch_size: int, num_workers: int | None, decode_on_device: bool, progress: bool,
                   on_shard: Callable[[], None] | None) -> None:
     """Embed ``indices`` (the store's pending shards, in order) and write each shard once it is whole."""
@@ -446,7 +504,7 @@ def checked_summary(summary: StoreSummary, dataset_name: str, n_items: int) -> S
 class _ShardBuffer:
     """Collects embedded items in dataset order and writes each shard once it is whole."""
 
-    def __init__(self, store: EmbeddingStore, dataset: Dataset) -> None:
+    def __init__(self, store: ShardSink, dataset: Dataset) -> None:
         self.store, self.dataset = store, dataset
         self.rows: dict[int, np.ndarray] = {}
         self.bad: dict[int, str] = {}
