@@ -161,3 +161,128 @@ def test_stages_of_a_300k_row_parquet_run_stay_within_the_memory_budget(tmp_path
     print(result)
     assert result["rows"] == 300_000 and result["acc"] > 0.9
     assert result["peak_kb"] - result["base_kb"] < 450 * 1024, result
+
+
+# --------------------------------------------------------------------------------------------
+# The explore stage beyond the budget: neighbours within k-means cells
+
+#: Planted in :func:`write_planted_parquet`: exact copies (copy -> original), a near copy, far points.
+EXACT_COPIES = {100: 7, 200: 7, 300: 9}
+NEAR_COPY = (11, 400)
+FAR_POINTS = (500, 600)
+
+
+def write_planted_parquet(directory: Path, n: int, dim: int, seed: int = 0) -> None:
+    """``n`` rows of 12 overlapping Gaussian blobs (noise 3 around centres in [-10, 10]^dim: distinct
+    rows are far from a centred cosine of 0.97) in two Parquet files, with :data:`EXACT_COPIES`, a
+    near copy (:data:`NEAR_COPY`: 1 % noise) and two far points (:data:`FAR_POINTS`)."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(-10, 10, size=(12, dim)).astype(np.float32)
+    y = rng.integers(12, size=n)
+    X = means[y] + 3 * rng.standard_normal((n, dim), dtype=np.float32)
+    for copy, original in EXACT_COPIES.items():
+        X[copy] = X[original]
+    X[NEAR_COPY[1]] = X[NEAR_COPY[0]] + 0.01 * rng.standard_normal(dim, dtype=np.float32)
+    for sign, row in zip((1, -1), FAR_POINTS):
+        X[row] = sign * 20 * rng.standard_normal(dim, dtype=np.float32)
+    for f, (lo, hi) in enumerate(((0, n // 2), (n // 2, n))):
+        pq.write_table(pa.table({
+            "image_id": pa.array([f"row-{i:07d}" for i in range(lo, hi)], pa.string()),
+            "label": pa.array(y[lo:hi].astype(np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[lo:hi].reshape(-1)), dim),
+        }), directory / f"part-{f:03d}.parquet")
+
+
+def _row(i: int) -> str:
+    return f"row-{i:07d}"
+
+
+PLANTED_PAIRS = {(_row(7), _row(100), "exact"), (_row(7), _row(200), "exact"), (_row(100), _row(200), "exact"),
+                 (_row(9), _row(300), "exact"), (_row(NEAR_COPY[0]), _row(NEAR_COPY[1]), "embedding")}
+
+
+@pytest.fixture(scope="module")
+def explored_beyond_budget(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A CLI run with the explore stage over 6 000 x 256 planted rows (6.1 MB: more than a quarter of
+    memory_mb=16) brought as parquet:DIR; returns (the Parquet folder, the run directory)."""
+    tmp = tmp_path_factory.mktemp("explore-bounded")
+    data = tmp / "emb"
+    write_planted_parquet(data, 6000, 256)
+    cfg = {"dataset": f"parquet:{data}", "extractor": "raw", "algorithms": ["kmeans"], "k": 12, "reducer": "pca",
+           "memory_mb": 16, "explore": True, "out": str(tmp / "run")}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = run_cli(["run", "--config", str(tmp / "cfg.yaml")], timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return data, tmp / "run"
+
+
+def _exact_explore(run: Path, tmp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The explore stage over the run's store with every row in memory (no memory_mb), with the run's
+    k-means labels: (duplicates, outliers, the metrics entry)."""
+    from gpu_ops.config import make_config
+    from gpu_ops.explore.stage import explore_stage
+    from gpu_ops.stages import ClusterResult
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    cfg = make_config(**{**yaml.safe_load((run / "config.yaml").read_text()), "memory_mb": None})
+    labels = tmp / "labels.npy"
+    np.save(labels, pd.read_parquet(run / "assignments.parquet")["kmeans"].to_numpy().astype(np.int64))
+    clusters = [ClusterResult(algorithm="kmeans", labels=str(labels), k=12, backend="-", resolutions=[], seconds=0)]
+    (tmp / "exact").mkdir()
+    result = explore_stage(metrics["store"], cfg, str(tmp / "exact"), clusters)
+    return (pd.read_parquet(tmp / "exact" / "duplicates.parquet"), pd.read_parquet(tmp / "exact" / "outliers.parquet"),
+            result.as_json())
+
+
+def test_explore_beyond_the_budget_finds_what_the_exact_search_finds_and_says_how(explored_beyond_budget, tmp_path):
+    """Streamed within k-means cells, the run finds exactly the planted
+    duplicate pairs the all-rows search finds, ranks the planted far points first as it does, its
+    k-nearest distances are never below the exact ones, and metrics.json and the report say the
+    neighbours were searched within cells."""
+    data, run = explored_beyond_budget
+    metrics = json.loads((run / "metrics.json").read_text())
+    entry = metrics["explore"]
+    cells = entry["cells"]
+    assert entry["neighbours"] == f"within {cells['count']} cells" and cells["count"] > 1
+    assert not (run / ".explore-scratch").exists() and not list(run.glob(".*scratch*"))
+
+    dups = pd.read_parquet(run / "duplicates.parquet")
+    exact_dups, exact_scores, exact_entry = _exact_explore(run, tmp_path)
+    assert exact_entry["neighbours"] == "exact" and "cells" not in exact_entry
+    found = set(zip(dups["image_id_a"], dups["image_id_b"], dups["kind"]))
+    assert found == PLANTED_PAIRS == set(zip(exact_dups["image_id_a"], exact_dups["image_id_b"], exact_dups["kind"]))
+    assert dups[["group", "representative", "image_id_a", "image_id_b", "kind"]].equals(
+        exact_dups[["group", "representative", "image_id_a", "image_id_b", "kind"]])
+    assert np.allclose(dups["cosine"], exact_dups["cosine"], atol=1e-5)
+    assert {k: entry[k] for k in ("pairs", "groups", "redundant", "flagged")} == {
+        k: exact_entry[k] for k in ("pairs", "groups", "redundant", "flagged")}
+
+    scores = pd.read_parquet(run / "outliers.parquet")
+    assert scores["image_id"].tolist() == exact_scores["image_id"].tolist() == pq.read_table(data).column(
+        "image_id").to_pylist()
+    far = {_row(i) for i in FAR_POINTS}
+    assert set(scores.nsmallest(2, "rank")["image_id"]) == far == set(exact_scores.nsmallest(2, "rank")["image_id"])
+    assert (scores["knn_distance"] >= exact_scores["knn_distance"] * (1 - 1e-5)).all()
+    assert np.allclose(scores["cluster_ratio"], exact_scores["cluster_ratio"], rtol=1e-4, equal_nan=True)
+
+    html = (run / "report.html").read_text()
+    assert html.count(f"were searched within {cells['count']} cells (k-means cells), not among all images") == 2
+
+
+def test_a_cell_larger_than_the_budget_is_searched_exactly_in_blocks():
+    """:func:`blocked_knn` over blocks of 70 rows gives the knn op's neighbours of all 500 rows at
+    once, exact twins included (each row's own entry dropped, not its twin's)."""
+    from gpu_ops.explore.cells import blocked_knn
+    from gpu_ops.explore.duplicates import knn
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((500, 16)).astype(np.float32)
+    X[[50, 450]] = X[3]
+    for metric in ("euclidean", "cosine"):
+        want_d, want_i, _ = knn(X, 10, metric, "cpu")
+        got_d, got_i, _ = blocked_knn(lambda lo, hi: X[lo:hi], 500, 10, metric, 70, "cpu")
+        assert np.allclose(got_d, want_d, atol=1e-5)
+        assert (got_i == want_i).mean() > 0.99  # equal distances may come in another order
+        assert not (got_i == np.arange(500)[:, None]).any()
+        assert {int(got_i[3, 0]), int(got_i[3, 1])} == {50, 450}

@@ -6,7 +6,9 @@ not load them. Instead (:func:`cell_neighbours`):
 
 1. k-means cells are fitted on a uniform sample of the rows (as the sampled 2-D map's
    :class:`~gpu_ops.reduce.sampled.CellIndex` does), enough cells for the average one to fill
-   ``1 / CELL_FILL`` of the rows a cell may hold (:func:`cell_rows_for`);
+   ``1 / CELL_FILL`` of the rows a cell may hold: what :data:`CELL_FRACTION` of the budget holds
+   (:func:`cell_rows_for`), at most :data:`CELL_ROWS_MAX` (time: the searches grow with the
+   cells' size);
 2. one streaming pass over the store sends every row to its nearest centre's scratch file
    (its vector and its row number), and sums the rows for their mean (the centring of the
    cosine search) and per cluster of the run's first algorithm (the cluster ratio's centres);
@@ -44,6 +46,11 @@ EMBEDDINGS_SHARE = 0.25
 CELL_FRACTION = 0.25
 #: Cells are made so that the average one holds ``1 / CELL_FILL`` of the rows a cell may hold.
 CELL_FILL = 2
+#: The most rows a cell is made for, whatever the budget: the searches cost about
+#: ``n * CELL_ROWS_MAX / CELL_FILL * d`` multiply-adds each, not ``n^2 d``.
+CELL_ROWS_MAX = 8192
+#: Sample rows per cell the cells' k-means is fitted on (when the budget holds them).
+SAMPLE_PER_CELL = 40
 
 
 def fits_in_memory(n: int, d: int, memory_mb: int | None) -> bool:
@@ -54,9 +61,9 @@ def fits_in_memory(n: int, d: int, memory_mb: int | None) -> bool:
 
 def cell_rows_for(d: int, k: int, memory_mb: int) -> int:
     """Rows one cell's search may hold: :data:`CELL_FRACTION` of ``memory_mb`` over each row's
-    share (its vector, the centred copy and the index's copy, ``12 d`` bytes, plus both searches'
-    ``k + 1`` distances and indices), and at least ``4 (k + 1)``."""
-    per_row = 12 * d + 2 * 12 * (k + 1) + 64
+    share (its vector, the centred copy, the search's normalised copy and the index's copy, ``16 d``
+    bytes, plus both searches' ``k + 1`` distances and indices), and at least ``4 (k + 1)``."""
+    per_row = 16 * d + 2 * 12 * (k + 1) + 64
     return max(4 * (k + 1), int(CELL_FRACTION * memory_mb * 2**20 // per_row))
 
 
@@ -159,13 +166,14 @@ def blocked_knn(read: Callable[[int, int], np.ndarray], m: int, k: int, metric: 
     return dist, idx, used
 
 
-def _search(read: Callable[[int, int], np.ndarray], m: int, k: int, metric: str, block: int,
+def _search(read: Callable[[int, int], np.ndarray], m: int, k: int, metric: str, cap: int,
             backend: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """The cell's ``k`` nearest by ``metric``: one ``knn`` search when it fits one block, else :func:`blocked_knn`."""
-    if m <= block:
+    """The cell's ``k`` nearest by ``metric``: one ``knn`` search when its ``m`` rows fit ``cap``, else
+    :func:`blocked_knn` over blocks of ``cap / 2`` rows (an index block and a query block at a time)."""
+    if m <= cap:
         dist, idx, res = knn(read(0, m), k, metric, backend)
         return dist, idx, res.backend
-    return blocked_knn(read, m, k, metric, block, backend)
+    return blocked_knn(read, m, k, metric, max(k + 1, cap // 2), backend)
 
 
 def _spill(source: Any, centres: np.ndarray, files: _CellFiles, labels: np.ndarray | None,
@@ -227,9 +235,11 @@ def cell_neighbours(source: Any, k: int, min_cosine: float, labels: np.ndarray |
     None. ``scratch``: a folder for the per-cell files (removed afterwards)."""
     n, d = source.count(), source.dim()
     k = min(int(k), n - 1)
-    cap = cell_rows_for(d, k, memory_mb)
-    n_cells = max(1, min(math.ceil(CELL_FILL * n / cap), min(n, cap) // 2))
-    centres = fit_cells(source, n_cells, min(n, cap), seed, kmeans_backend)
+    budget_rows = cell_rows_for(d, k, memory_mb)
+    cap = min(budget_rows, max(CELL_ROWS_MAX, 4 * (k + 1)))
+    sample_rows = min(n, max(cap, min(budget_rows, SAMPLE_PER_CELL * math.ceil(CELL_FILL * n / cap))))
+    n_cells = max(1, min(math.ceil(CELL_FILL * n / cap), sample_rows // 2))
+    centres = fit_cells(source, n_cells, sample_rows, seed, kmeans_backend)
     files = _CellFiles(Path(scratch), d)
     try:
         counts, mean, cluster_centres, sizes = _spill(source, centres, files, labels)
@@ -241,7 +251,7 @@ def cell_neighbours(source: Any, k: int, min_cosine: float, labels: np.ndarray |
         for c in kept:
             rows = files.rows(c)
             m = len(rows)
-            blocked += m > block
+            blocked += m > cap
 
             def raw(lo: int, hi: int, c: int = c) -> np.ndarray:
                 return files.vectors(c, lo, hi)
@@ -249,11 +259,11 @@ def cell_neighbours(source: Any, k: int, min_cosine: float, labels: np.ndarray |
             def centred(lo: int, hi: int, c: int = c) -> np.ndarray:
                 return (files.vectors(c, lo, hi) - mean).astype(np.float32)
 
-            dist, idx, used = _search(centred, m, k, "cosine", block, backend)
+            dist, idx, used = _search(centred, m, k, "cosine", cap, backend)
             near = (1.0 - dist) >= min_cosine
             if near.any():
                 pairs.append(np.stack([np.repeat(rows, k)[near.reshape(-1)], rows[idx[near]]], axis=1))
-            dist, idx, used = _search(raw, m, k, "euclidean", block, backend)
+            dist, idx, used = _search(raw, m, k, "euclidean", cap, backend)
             knn_distance[rows] = dist.mean(axis=1)
             rows[idx].astype(np.int64).tofile(files.path(c, "nbr"))
             if labels is not None and len(sizes):
