@@ -263,7 +263,11 @@ def test_explore_beyond_the_budget_finds_what_the_exact_search_finds_and_says_ho
         "image_id").to_pylist()
     far = {_row(i) for i in FAR_POINTS}
     assert set(scores.nsmallest(2, "rank")["image_id"]) == far == set(exact_scores.nsmallest(2, "rank")["image_id"])
-    assert (scores["knn_distance"] >= exact_scores["knn_distance"] * (1 - 1e-5)).all()
+    # within a cell a row's k nearest can only be farther (up to float32 rounding: the distance of exact
+    # twins comes out ~0.2 rather than 0 from |x|^2 + |y|^2 - 2 x.y at |x|^2 ~ 10^4)
+    exact_knn = exact_scores["knn_distance"].to_numpy()
+    assert (scores["knn_distance"].to_numpy() >= exact_knn - 1e-3 * np.median(exact_knn)).all()
+    assert (scores["knn_distance"].to_numpy() > exact_knn * 1.001).sum() > 0  # and some are farther indeed
     assert np.allclose(scores["cluster_ratio"], exact_scores["cluster_ratio"], rtol=1e-4, equal_nan=True)
 
     html = (run / "report.html").read_text()
@@ -286,3 +290,53 @@ def test_a_cell_larger_than_the_budget_is_searched_exactly_in_blocks():
         assert (got_i == want_i).mean() > 0.99  # equal distances may come in another order
         assert not (got_i == np.arange(500)[:, None]).any()
         assert {int(got_i[3, 0]), int(got_i[3, 1])} == {50, 450}
+
+
+PEAK_EXPLORE_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    from pathlib import Path
+    import scipy.sparse.csgraph, scipy.stats, sklearn.cluster  # imported before the baseline, as in a run
+    from gpu_ops.cluster.kmeans import import_faiss
+    from gpu_ops.config import make_config
+    from gpu_ops.explore.stage import explore_stage
+    from gpu_ops.stages import ClusterResult
+
+    def rss_kb(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    data, store, staging, cluster = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    import_faiss()
+    cfg = make_config(dataset=f"parquet:{data}", extractor="raw", algorithms=["kmeans"], k=10, memory_mb=64)
+    base = rss_kb("VmRSS")
+    result = explore_stage(store, cfg, str(staging), [ClusterResult.model_validate_json(cluster)])
+    print(json.dumps({"base_kb": base, "peak_kb": rss_kb("VmHWM"), "neighbours": result.neighbours,
+                      "pairs": result.pairs}))
+""")
+
+
+def test_explore_of_a_300k_row_store_stays_within_the_memory_budget(tmp_path):
+    """300 000 x 64 float32 (77 MB of embeddings) with memory_mb=64: the explore stage alone, in a fresh
+    process, grows the peak RSS by less than 300 MB over the RSS after its imports (measured: ~180 MB,
+    ~140 MB of it the Parquet dataset reader's first pass in a fresh process) and finds the planted
+    copies. All rows at once took 584 MB (and 18 minutes of exact search on two busy cores, 71 s in cells)."""
+    from gpu_ops import pipeline
+    from gpu_ops.config import make_config
+    from gpu_ops.rundir import start_run
+
+    data = tmp_path / "emb"
+    write_planted_parquet(data, 300_000, 64)
+    cfg = make_config(dataset=f"parquet:{data}", extractor="raw", algorithms=["kmeans"], k=10, memory_mb=64,
+                      cache_dir=str(tmp_path / "cache"), max_iter=5, n_init=1)
+    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False)
+    staging = start_run(tmp_path / "run")
+    cluster = pipeline.cluster_stage(store.store, cfg, "kmeans", str(staging))
+    out = subprocess.run([sys.executable, "-c", PEAK_EXPLORE_SCRIPT, str(data), store.store, str(staging),
+                          cluster.model_dump_json()], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["neighbours"].startswith("within ") and result["pairs"] == {"exact": 4, "phash": 0, "embedding": 1}
+    assert result["peak_kb"] - result["base_kb"] < 300 * 1024, result
+    scores = pd.read_parquet(staging / "outliers.parquet", columns=["image_id", "rank"])
+    assert len(scores) == 300_000
+    assert set(scores.nsmallest(2, "rank")["image_id"]) == {_row(i) for i in FAR_POINTS}
