@@ -340,3 +340,29 @@ def test_explore_of_a_300k_row_store_stays_within_the_memory_budget(tmp_path):
     scores = pd.read_parquet(staging / "outliers.parquet", columns=["image_id", "rank"])
     assert len(scores) == 300_000
     assert set(scores.nsmallest(2, "rank")["image_id"]) == {_row(i) for i in FAR_POINTS}
+
+
+def test_images_explored_in_cells_get_the_exact_paths_pairs_flags_and_measurements(tmp_path):
+    """digits (1 797 images, raw pixels) explored within cells gives the all-rows search's duplicate
+    pairs (exact, perceptual-hash and embedding kinds, groups, representatives), the same quality
+    flags and image measurements, in files of the same schema; only distances and scores may move."""
+    from gpu_ops import pipeline
+    from gpu_ops.cluster.sources import StoreSource
+    from gpu_ops.config import make_config
+    from gpu_ops.explore.stage import explore_in_cells, explore_stage
+
+    cfg = make_config(dataset="digits", extractor="raw", memory_mb=16, cache_dir=str(tmp_path / "cache"))
+    store = pipeline.extract_stage(pipeline.extract_params(cfg), progress=False).store
+    for name in ("exact", "cells"):
+        (tmp_path / name).mkdir()
+    exact = explore_stage(store, cfg, str(tmp_path / "exact"), [])  # 0.4 MB of embeddings: all rows at once
+    cells = explore_in_cells(StoreSource(store), cfg, str(tmp_path / "cells"), [])
+    assert (exact.neighbours, cells.neighbours) == ("exact", f"within {cells.cells['count']} cells")
+    assert exact.pairs == cells.pairs and exact.pairs["phash"] > 0 and exact.pairs["embedding"] > 0
+    assert (exact.flagged, exact.groups, exact.redundant) == (cells.flagged, cells.groups, cells.redundant)
+    moving = {"duplicates": {"similarity", "cosine"}, "outliers": {"score", "rank", "knn_distance", "lof"}}
+    for table in moving:
+        a, b = (pq.read_table(tmp_path / name / f"{table}.parquet") for name in ("exact", "cells"))
+        assert a.schema == b.schema
+        for column in set(a.column_names) - moving[table]:
+            assert a.column(column).equals(b.column(column)), column
