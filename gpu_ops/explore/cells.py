@@ -24,7 +24,10 @@ So each row's neighbours are its exact nearest *within its cell*. A near duplica
 only when its two rows fall into different cells; a row's k-nearest distance can only come out
 larger than the exact one (more so at a cell's border), so isolated points keep high outlier
 scores. Memory: the sample, one cell (or two blocks of it), and O(n) small per-row values (a
-cell number, distances, the neighbour lists on disk).
+cell number, distances, the neighbour lists on disk); scratch disk: one copy of the embeddings.
+
+Exact copies (content digests) are found among all items whatever the budget. Perceptual hashes
+of image datasets are still searched among all images at once (256 bytes an image).
 """
 
 from __future__ import annotations

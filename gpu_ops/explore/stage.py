@@ -80,7 +80,7 @@ def explore_stage(store: str, cfg: RunConfig, staging: str, clusters: list[Clust
     is searched cell by cell (:func:`explore_in_cells`); otherwise all rows at once.
     """
     source = StoreSource(store)
-    if not fits_in_memory(source.count(), source.dim(), cfg.memory_mb):
+    if source.count() > 1 and not fits_in_memory(source.count(), source.dim(), cfg.memory_mb):
         return explore_in_cells(source, cfg, staging, clusters, settings)
     t0 = time.perf_counter()
     run = RunDir(staging)
