@@ -49,6 +49,7 @@ import numpy as np
 
 from gpu_ops.cluster.neighbors import drop_self
 from gpu_ops.explore.duplicates import knn
+from gpu_ops.explore.outliers import local_factor
 
 #: Exact search while the embeddings take at most this share of ``memory_mb``.
 EMBEDDINGS_SHARE = 0.25
@@ -333,8 +334,7 @@ def cell_neighbours(source: Any, k: int, min_cosine: float, labels: np.ndarray |
         block = max(k + 1, cap // 2)
         for c in kept:
             rows = files.rows(c)
-            m = len(rows)
-            blocked += m > cap
+            blocked += len(rows) > cap
 
             def raw(lo: int, hi: int, c: int = c) -> np.ndarray:
                 return files.vectors(c, lo, hi)
@@ -342,38 +342,46 @@ def cell_neighbours(source: Any, k: int, min_cosine: float, labels: np.ndarray |
             def centred(lo: int, hi: int, c: int = c) -> np.ndarray:
                 return (files.vectors(c, lo, hi) - mean).astype(np.float32)
 
-            dist, idx, used = _search(centred, m, k, "cosine", cap, backend)
+            dist, idx, used = _search(centred, len(rows), k, "cosine", cap, backend)
             near = (1.0 - dist) >= min_cosine
-            if near.any():
-                pairs.append(np.stack([np.repeat(rows, k)[near.reshape(-1)], rows[idx[near]]], axis=1))
+            pairs.append(np.stack([np.repeat(rows, k)[near.reshape(-1)], rows[idx[near]]], axis=1))
             pairs.append(visitor_pairs(files, c, rows, mean, k, min_cosine, block, backend))
-            dist, idx, used = _search(raw, m, k, "euclidean", cap, backend)
+            dist, idx, used = _search(raw, len(rows), k, "euclidean", cap, backend)
             knn_distance[rows] = dist.mean(axis=1)
             rows[idx].astype(np.int64).tofile(files.path(c, "nbr"))
             if labels is not None and len(sizes):
-                lab = labels[rows]
-                for lo in range(0, m, block):
-                    part = slice(lo, min(m, lo + block))
-                    ok = lab[part] >= 0
-                    X = raw(part.start, part.stop)
-                    dc = np.full(len(X), np.nan)
-                    dc[ok] = np.linalg.norm(X[ok] - cluster_centres[lab[part][ok]], axis=1)
-                    to_centre[rows[part]] = dc
-        lof = np.full(n, np.nan, np.float64)
-        for c in kept:
-            rows = files.rows(c)
-            nbr = np.fromfile(files.path(c, "nbr"), dtype=np.int64).reshape(len(rows), k)
-            lof[rows] = knn_distance[nbr].mean(axis=1)
-        from gpu_ops.explore.outliers import local_factor
-
-        lof = local_factor(knn_distance, lof)
+                to_centre[rows] = _cluster_distances(raw, labels[rows], cluster_centres, block)
+        lof = local_factor(knn_distance, _around(files, kept, knn_distance, k))
         ratio = ratio_from_distances(to_centre, labels, sizes) if labels is not None else np.full(n, np.nan)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    found = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     largest = int(max(counts[c] for c in kept))
-    return CellNeighbours(found.astype(np.int64), knn_distance, lof, ratio, mean, len(kept), largest, int(blocked),
-                          cap, used, visitors)
+    return CellNeighbours(np.concatenate(pairs).astype(np.int64), knn_distance, lof, ratio, mean, len(kept), largest,
+                          int(blocked), cap, used, visitors)
+
+
+def _cluster_distances(read: Callable[[int, int], np.ndarray], labels: np.ndarray, centres: np.ndarray,
+                       block: int) -> np.ndarray:
+    """Euclidean distance of each of a cell's rows (``read``, ``block`` at a time) to the centre of its
+    cluster ``labels`` (NaN for noise, -1)."""
+    out = np.full(len(labels), np.nan, np.float64)
+    for lo in range(0, len(labels), block):
+        hi = min(len(labels), lo + block)
+        lab = labels[lo:hi]
+        ok = lab >= 0
+        X = read(lo, hi)
+        out[lo:hi][ok] = np.linalg.norm(X[ok] - centres[lab[ok]], axis=1)
+    return out
+
+
+def _around(files: _CellFiles, cells: list[int], knn_distance: np.ndarray, k: int) -> np.ndarray:
+    """Each row's neighbours' mean ``knn_distance`` (their lists read back from the cells' files)."""
+    out = np.full(len(knn_distance), np.nan, np.float64)
+    for c in cells:
+        rows = files.rows(c)
+        nbr = np.fromfile(files.path(c, "nbr"), dtype=np.int64).reshape(len(rows), k)
+        out[rows] = knn_distance[nbr].mean(axis=1)
+    return out
 
 
 def ratio_from_distances(to_centre: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
