@@ -1,6 +1,7 @@
 """Bounded memory for every stage: a ``parquet:DIR`` run with ``memory_mb`` streams the store through
 extraction, the 2-D map (fitted on a sample, the rest placed), evaluation, the run files and the
-report, and scores exactly what the whole arrays in memory score.
+report, and scores exactly what the whole arrays in memory score; the explore stage searches
+neighbours within k-means cells and finds the planted duplicates and far points the exact search finds.
 
 The run test uses the real CLI (ephemeral Prefect); the memory test runs the stages in a fresh
 process and reads its peak RSS (VmHWM) from /proc.
