@@ -317,7 +317,7 @@ PEAK_EXPLORE_SCRIPT = textwrap.dedent("""
 
 def test_explore_of_a_300k_row_store_stays_within_the_memory_budget(tmp_path):
     """300 000 x 64 float32 (77 MB of embeddings) with memory_mb=64: the explore stage alone, in a fresh
-    process, grows the peak RSS by less than 300 MB over the RSS after its imports (measured: ~180 MB,
+    process, grows the peak RSS by less than 300 MB over the RSS after its imports (measured: 180-200 MB,
     ~140 MB of it the Parquet dataset reader's first pass in a fresh process) and finds the planted
     copies. All rows at once took 584 MB (and 18 minutes of exact search on two busy cores, 71 s in cells)."""
     from gpu_ops import pipeline
