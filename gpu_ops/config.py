@@ -137,8 +137,9 @@ class RunConfig(BaseModel):
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
     memory_mb: int | None = Field(None, ge=16, description="memory budget of the run: every stage streams the "
                                   "store in batches sized from it, k-means runs out of core, the 2-D map is fitted "
-                                  "on a sample it holds (None: k-means and clustering load the store); scan, temi: "
-                                  "memory-map the head's rows when they need more than half of it")
+                                  "on a sample it holds, explore searches neighbours within k-means cells (None: "
+                                  "k-means and clustering load the store); scan, temi: memory-map the head's rows "
+                                  "when they need more than half of it")
     map_sample_rows: int | None = Field(None, ge=2, description="fit the 2-D map on at most this many rows (a "
                                         "uniform sample) and place the others by their nearest fitted rows "
                                         "(unset: 20000, fewer when memory_mb is small)")
