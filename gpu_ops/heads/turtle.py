@@ -14,8 +14,10 @@ on each space's cluster marginal against collapse). The representation spaces ar
 backbones of a store whose rows concatenate several (the ``backbones`` metadata); each is
 centred, projected on its principal axes, L2-normalised and scaled (:meth:`InputTransform.fit_spaces`).
 
-Several task encoders (restarts) train at once, each with its own inner classifiers, and the
-one with the lowest objective over all rows is kept.
+Several task encoders (restarts) train at once, each with its own inner classifiers. A restart
+that starts in a poor labelling stays there, and the objective over all rows tells it apart early
+(BENCHMARKS.md): after ``prune_epoch`` epochs only the ``keep_heads`` restarts with the lowest
+objective train on, and the one with the lowest objective at the end is kept.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ class TurtleConfig(HeadConfig):
     classifiers, 10 warm-started inner steps per outer step; on CPU-sized budgets a batch of 5,000
     rows (the reference: 10,000) and each space reduced to its first 256 principal axes."""
 
-    n_heads: int = 3  #: task encoders (restarts) trained at once; the one with the lowest objective is kept
+    n_heads: int = 8  #: task encoders (restarts) trained at once; the one with the lowest objective is kept
+    keep_heads: int = 2  #: restarts that train on after ``prune_epoch`` (those with the lowest objective)
+    prune_epoch: int = 25  #: the epoch after which the restarts are pruned to ``keep_heads`` (0: never)
     neighbors: int = 0  #: TURTLE mines no neighbours
-    epochs: int = 500  #: passes over the rows, each of ceil(n / batch_size) outer steps
+    epochs: int = 400  #: passes over the rows, each of ceil(n / batch_size) outer steps
     batch_size: int = 5000
     lr: float = 1e-3  #: Adam, task encoder
     weight_decay: float = 0.0
@@ -60,11 +64,13 @@ class TurtleConfig(HeadConfig):
         return "turtle"
 
     def _positive_ints(self) -> tuple[str, ...]:
-        return ("n_heads", "batch_size", "inner_steps")
+        return ("n_heads", "batch_size", "inner_steps", "keep_heads")
 
     def validate(self) -> None:
         super().validate()
         name = self.algorithm_name()
+        if not _is_int(self.prune_epoch) or self.prune_epoch < 0:
+            raise InputError(f"{name} prune_epoch must be an integer >= 0; got {self.prune_epoch!r}")
         if self.neighbors != 0:
             raise InputError(f"{name} neighbors must be 0 (TURTLE mines no neighbours); got {self.neighbors!r}")
         if not self.l2_normalize or self.whiten:
@@ -100,6 +106,10 @@ class SpaceLinear(nn.Module):
         return torch.baddbmm(self.bias, z.unsqueeze(0).expand(self.v.shape[0], -1, -1), self.weight())
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross entropy of ``logits`` (h, b, k) against probabilities ``target`` (h, b, k), per head (h,)."""
     return -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=1)
@@ -131,6 +141,25 @@ class Turtle(nn.Module):
         fit = sum(soft_cross_entropy(inner(z[:, a:b]).detach(), labels) for inner, (a, b) in zip(self.inner, self.spaces))
         entropy = sum(marginal_entropy(p) for p in per_space)
         return fit, entropy, per_space  # type: ignore[return-value]
+
+    def keep(self, heads: np.ndarray, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Keep only restarts ``heads``: every parameter (first axis: the restart) is replaced by
+        its rows ``heads``, in the optimisers too, with their state cut the same way, so the kept
+        restarts train on exactly as before."""
+        index = torch.as_tensor(np.asarray(heads, dtype=np.int64), device=self.encoders[0].v.device)
+        for module in [*self.encoders, *self.inner]:
+            for name, old in list(module.named_parameters()):
+                new = nn.Parameter(old.detach().index_select(0, index))
+                setattr(module, name, new)
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["params"] = [new if p is old else p for p in group["params"]]
+                    if old in opt.state:
+                        state = opt.state.pop(old)
+                        opt.state[new] = {key: value.index_select(0, index)
+                                          if torch.is_tensor(value) and value.shape == old.shape else value
+                                          for key, value in state.items()}  # Adam's moments; not its step count
+        self.n_heads = len(heads)
 
     def inner_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return sum(soft_cross_entropy(inner(z[:, a:b]), labels).sum()  # type: ignore[return-value]
@@ -175,7 +204,8 @@ def train_turtle(rows: Rows, neighbors: np.ndarray | None, k: int, cfg: TurtleCo
     representation spaces; keep the one with the lowest objective over all rows.
 
     Returns ``model`` (the kept task encoder, a :class:`MultiHead` with one head per space whose
-    probabilities are averaged), ``kept_head``, ``objectives``, ``labels`` (n,) and ``history``.
+    probabilities are averaged), ``kept_head``, ``objectives`` (each restart's last objective; a
+    pruned one's at the pruning), ``labels`` (n,) and ``history``.
     """
     del neighbors  # TURTLE needs none
     device = rows.device
@@ -187,6 +217,8 @@ def train_turtle(rows: Rows, neighbors: np.ndarray | None, k: int, cfg: TurtleCo
     steps_per_epoch = math.ceil(n / batch)
     history: list[dict[str, Any]] = []
     objectives = np.zeros(cfg.n_heads)
+    last = np.zeros(cfg.n_heads)  # each restart's latest objective (a pruned one's at the pruning)
+    alive = np.arange(cfg.n_heads)  # the restarts still training
     kept = 0
     for epoch in range(1, cfg.epochs + 1):
         total = 0.0
@@ -207,15 +239,24 @@ def train_turtle(rows: Rows, neighbors: np.ndarray | None, k: int, cfg: TurtleCo
         objectives, fit_all, entropy_all, probs = full_objective(model, rows, cfg.gamma)
         kept = int(np.argmin(objectives))
         pred = probs[kept].argmax(dim=1).numpy()
-        record = {"phase": "turtle", "epoch": epoch, "loss": float(objectives[kept]), "head": kept,
+        record = {"phase": "turtle", "epoch": epoch, "loss": float(objectives[kept]), "head": int(alive[kept]),
                   "fit": float(fit_all[kept]), "entropy": float(entropy_all[kept]),
-                  "objectives": [round(float(v), 6) for v in objectives], "train_loss": total / steps_per_epoch,
-                  **scores(labels, pred)}
+                  "objectives": [round(float(v), 6) for v in objectives], "heads": [int(h) for h in alive],
+                  "train_loss": total / steps_per_epoch, **scores(labels, pred)}
+        if labels is not None and len(alive) > 1:  # every restart's accuracy, to judge the choice
+            record["head_acc"] = [round(scores(labels, probs[h].argmax(dim=1).numpy())["acc"], 4)
+                                  for h in range(len(alive))]
         history.append(record)
+        last[alive] = objectives
+        if epoch == cfg.prune_epoch and cfg.keep_heads < len(alive):
+            best = np.sort(np.argsort(objectives, kind="stable")[:cfg.keep_heads])
+            model.keep(best, [outer, inner])
+            alive, objectives = alive[best], objectives[best]
+            kept = int(np.argmin(objectives))
         if cfg.progress:
             log.info("turtle epoch %d: %s", epoch, " ".join(f"{key}={value:.4f}" for key, value in record.items()
                                                            if isinstance(value, float)))
     _, _, _, probs = full_objective(model, rows, cfg.gamma)
     pred = probs[kept].argmax(dim=1).numpy()
-    return {"model": model.as_multihead(kept, rows.dim), "kept_head": kept,
-            "objectives": [float(v) for v in objectives], "labels": pred.astype(np.int64), "history": history}
+    return {"model": model.as_multihead(kept, rows.dim), "kept_head": int(alive[kept]),
+            "objectives": [float(v) for v in last], "labels": pred.astype(np.int64), "history": history}
