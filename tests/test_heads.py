@@ -22,7 +22,7 @@ from tests.conftest import run_cli
 #: Shorter training than the defaults (fewer epochs and heads), enough on MNIST's test pixels.
 FAST = {"scan": {"epochs": 6, "n_heads": 4, "selflabel_epochs": 2},
         "temi": {"epochs": 8, "n_heads": 3},
-        "turtle": {"epochs": 40, "n_heads": 4, "keep_heads": 1, "prune_epoch": 10, "batch_size": 2500}}
+        "turtle": {"epochs": 80, "n_heads": 4, "keep_heads": 1, "prune_epoch": 10, "batch_size": 2500}}
 #: Settings for the checks that need no accuracy (repeats, streaming, files).
 TINY = {"scan": {"epochs": 2, "n_heads": 2, "selflabel_epochs": 1}, "temi": {"epochs": 2, "n_heads": 2},
         "turtle": {"epochs": 3, "n_heads": 2, "keep_heads": 1, "prune_epoch": 1}}
@@ -56,7 +56,7 @@ def fitted(mnist) -> dict:
     return {alg: fit_head(alg, X, 10, seed=0, device="cpu", labels=y, **FAST[alg]) for alg in ("scan", "temi", "turtle")}
 
 
-@pytest.mark.parametrize("algorithm, margin", [("scan", 0.04), ("temi", 0.04), ("turtle", 0.015)])
+@pytest.mark.parametrize("algorithm, margin", [("scan", 0.04), ("temi", 0.04), ("turtle", 0.04)])
 def test_each_head_beats_kmeans_on_the_same_features(fitted, kmeans_acc, algorithm, margin) -> None:
     res = fitted[algorithm]
     assert res.metrics["acc"] >= kmeans_acc + margin, (res.metrics, kmeans_acc)
