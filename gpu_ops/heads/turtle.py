@@ -76,12 +76,12 @@ class TurtleConfig(HeadConfig):
         if not self.l2_normalize or self.whiten:
             raise InputError(f"{name} normalises each representation space itself: l2_normalize must be true "
                              f"and whiten false; got l2_normalize={self.l2_normalize!r}, whiten={self.whiten!r}")
-        for key in ("gamma", "inner_lr"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value >= 0 and (key == "gamma" or value > 0)):
-                raise InputError(f"{name} {key} must be a {'number >= 0' if key == 'gamma' else 'positive number'}; "
-                                 f"got {value!r}")
+        if not (_is_number(self.gamma) and self.gamma >= 0):
+            raise InputError(f"{name} gamma must be a number >= 0; got {self.gamma!r}")
+        if not (_is_number(self.inner_lr) and self.inner_lr > 0):
+            raise InputError(f"{name} inner_lr must be a positive number; got {self.inner_lr!r}")
+        if self.hidden != 0:
+            raise InputError(f"{name} task encoders are linear: hidden must be 0; got {self.hidden!r}")
         if self.row_norm is not None and not (isinstance(self.row_norm, (int, float)) and self.row_norm > 0):
             raise InputError(f"{name} row_norm must be a positive number or None; got {self.row_norm!r}")
 
@@ -108,6 +108,10 @@ class SpaceLinear(nn.Module):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
