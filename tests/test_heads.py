@@ -164,6 +164,24 @@ def test_turtle_treats_each_backbone_of_a_store_as_a_space(mnist_2k, tmp_path) -
     assert fit_head("turtle", rows, 10, seed=0, device="cpu", **TINY["turtle"]).transform.spaces == ((0, 256),)
 
 
+def test_rows_copied_from_a_store_of_several_backbones_keep_their_spaces(mnist_2k, tmp_path) -> None:
+    """``parquet:DIR`` of such a store is copied into the run's cache store with its backbones'
+    column ranges, so a head trained on the copy still sees one space per backbone."""
+    from gpu_ops.data import load_dataset
+    from gpu_ops.features import create_extractor
+    from gpu_ops.features.extract import extract_to_store
+    from gpu_ops.heads.api import feature_spaces
+
+    X, y = mnist_2k
+    two_space_store(tmp_path / "store", X[:300], y[:300])
+    copy = extract_to_store(load_dataset(f"parquet:{tmp_path / 'store'}", "all"), create_extractor("raw"),
+                            tmp_path / "cache", progress=False)
+    assert copy.directory != str(tmp_path / "store") and copy.rows == 300
+    assert feature_spaces(copy.directory, copy.dim) == [(0, 784), (784, 980)]
+    # rows from a plain Parquet folder (no backbones) are one space
+    assert feature_spaces(tmp_path / "store" / "nowhere", 980) == [(0, 980)]
+
+
 def test_bad_inputs_are_one_line_errors(mnist_2k, tmp_path) -> None:
     X, _ = mnist_2k
     with pytest.raises(InputError, match=r"^scan: k must be an integer from 2 to the number of rows \(2000\); got 1$"):
