@@ -140,12 +140,12 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = Non
         except BadImageError:
             return hashlib.sha256(f"unreadable:{i}".encode()).hexdigest(), None
 
+    if not is_image:  # vectors: only hashed; a Parquet dataset reads them as one forward stream, not thread-safe
+        return ItemScan(content=[one(i)[0] for i in index])
     threads = threads or min(8, os.cpu_count() or 1)  # decoding and resizing release the GIL
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(one, index))
     scan = ItemScan(content=[c for c, _ in results])
-    if not is_image:
-        return scan
     n = len(results)
     facts = [r for _, r in results if r is not None]
     median_w = int(np.median([f[0] for f in facts])) if facts else 0
