@@ -14,10 +14,10 @@ on each space's cluster marginal against collapse). The representation spaces ar
 backbones of a store whose rows concatenate several (the ``backbones`` metadata); each is
 centred, projected on its principal axes, L2-normalised and scaled (:meth:`InputTransform.fit_spaces`).
 
-Several task encoders (restarts) train at once, each with its own inner classifiers. A restart
-that starts in a poor labelling stays there, and the objective over all rows tells it apart early
-(BENCHMARKS.md): after ``prune_epoch`` epochs only the ``keep_heads`` restarts with the lowest
-objective train on, and the one with the lowest objective at the end is kept.
+Several task encoders (restarts) train at once, each with its own inner classifiers. To bound the
+time, after ``prune_epoch`` epochs only the ``keep_heads`` restarts with the lowest objective over
+all rows train on, and the one with the lowest objective at the end is kept. (On CIFAR-10 photo
+features the objective ranks restarts by accuracy only loosely: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
