@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu-decode", action="store_true", default=None, dest="decode_on_device",
                      help="decode JPEGs in batches on the GPU (nvJPEG)")
     run.add_argument("--algorithm", dest="algorithms",
-                     help="comma-separated: umap-graph, umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec")
+                     help="comma-separated: umap-graph, umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec, "
+                          "scan, temi, turtle")
     run.add_argument("--k", help="number of clusters, or auto")
     run.add_argument("--k-range", dest="k_range", help="k=auto: the smallest and largest k tried, LOW,HIGH (default 2,20)")
     run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")

@@ -162,7 +162,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
 
 
 def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
-    """A clustering head (``scan``, ``temi``) trained on the store's embeddings, streamed from the
+    """A clustering head (``scan``, ``temi``, ``turtle``) trained on the store's embeddings, streamed from the
     store; the kept head goes to ``model-<algorithm>.pt``, the per-epoch history beside it."""
     from gpu_ops.cluster.sources import StoreSource
     from gpu_ops.heads import fit_head
@@ -179,8 +179,8 @@ def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     atomic_write_json(run.history(algorithm), result.history, sort_keys=False)
     ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
                      f"{algorithm} head in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
-    knn = ResolutionRecord(**result.knn_backend, stage=algorithm)
-    return write_cluster_result(run, algorithm, k=k, resolutions=[knn, ResolutionRecord.of(ran, algorithm)],
+    mined = [ResolutionRecord(**result.knn_backend, stage=algorithm)] if result.knn_backend else []  # turtle mines none
+    return write_cluster_result(run, algorithm, k=k, resolutions=[*mined, ResolutionRecord.of(ran, algorithm)],
                                 started=t0, labels=result.labels)
 
 

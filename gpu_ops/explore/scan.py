@@ -188,6 +188,8 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = Non
         scan.phash_views = np.zeros((n, len(VIEWS), HASH_BITS), np.uint8)
         scan.luma_mean, scan.luma_std, scan.laplacian_var = (np.zeros(n, np.float32) for _ in range(3))
     threads = threads or min(8, os.cpu_count() or 1)  # decoding and resizing release the GIL
+    if not is_image:
+        threads = 1  # vectors are only hashed; a Parquet dataset reads them as one forward stream, not thread-safe
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for start in range(0, n, SCAN_CHUNK):  # a chunk at a time: no future or result per item piles up
             for j, (content, facts) in enumerate(pool.map(one, index[start:start + SCAN_CHUNK]), start):

@@ -291,8 +291,10 @@ def store_metadata(dataset: Dataset, extractor: Extractor, incremental: bool | N
     if incremental is None:
         incremental = refreshed_in_place(dataset)
     which = {"collection": str(dataset.collection_id())} if incremental else {"dataset_fingerprint": dataset.fingerprint()}
+    # rows copied from a store of several backbones keep their column ranges (TURTLE's spaces)
+    kept = {"backbones": dataset.backbones} if getattr(dataset, "backbones", None) and extractor.name == "raw" else {}
     return {**extractor.identity(device), "store_key": extractor.store_key(device), "dataset": dataset.name, **which,
-            "versions": str(library_versions())}
+            "versions": str(library_versions()), **kept}
 
 
 @dataclass(frozen=True)
