@@ -290,7 +290,7 @@ def collect_from_here() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args)
     preflight(cfg)
-    from flows.api_server import prefect_api, startup_timeout
+    from flows.api_server import foreground_run_settings, prefect_api, startup_timeout
 
     with prefect_api() as server:
         from flows.pipeline import cluster_images  # imported while the server starts
@@ -298,7 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.wait_until_ready(startup_timeout())
         collect_from_here()
-        doc = cluster_images(cfg)
+        with foreground_run_settings():
+            doc = cluster_images(cfg)
     print_metrics(doc)
     return 0
 

@@ -161,3 +161,18 @@ def test_digits_read_without_scikit_learn_match_load_digits(tmp_path):
     got = np.load(tmp_path / "d.npz")
     np.testing.assert_array_equal(got["labels"], bunch.target.astype(np.int32))
     np.testing.assert_array_equal(got["items"], to_uint8_images(bunch.images / 16.0, "digits"))
+
+
+@pytest.mark.parametrize("env, expected", [({}, "None"), ({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}, "60")])
+def test_a_run_in_the_terminal_sends_heartbeats_only_when_asked(env, expected):
+    """Prefect's heartbeat thread keeps a finished flow waiting up to a second: `gpuclust run`
+    turns heartbeats off unless the user set their frequency, which it then keeps."""
+    probe = ("from flows.api_server import foreground_run_settings\n"
+             "from prefect.settings import get_current_settings\n"
+             "with foreground_run_settings():\n"
+             "    print(get_current_settings().flows.heartbeat_frequency)\n")
+    clean = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env={**clean, **env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected
