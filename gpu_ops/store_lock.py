@@ -118,8 +118,7 @@ class StoreLock:
         self._lock: FileLock | None = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
 
     def __enter__(self) -> "StoreLock":
-        if self.directory.is_dir() and (not self.directory.stat().st_mode & 0o222
-                                        or not os.access(self.directory, os.W_OK | os.X_OK)):
+        if self.directory.is_dir() and not _writable(self.directory):
             # made read-only (or not ours to write): this run cannot write into it, and reusing it must
             # not write either (the store refuses in one line if it would have to)
             log.info("store %s is read-only: reading it without taking its lock", self.directory)
@@ -169,6 +168,7 @@ class StoreLock:
 
 
 def _writable(directory: Path) -> bool:
+    """A store directory this process may write (a read-only cache is read without locks)."""
     return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK) and bool(directory.stat().st_mode & 0o222)
 
 
