@@ -6,7 +6,8 @@ scikit-learn's digits) into a new directory each time, as a separate process, ti
 Per run:
 
 * ``wall``: the process from start to exit;
-* ``stages``: the sum of the run's ``metrics.json`` ``timings_s`` (extract, cluster, reduce, explore);
+* ``stages``: the sum of the run's ``metrics.json`` ``timings_s``: extract, cluster, reduce, evaluate,
+  explore and report, each timed inside its task (extract around its task, which is cached here);
 * ``tasks``: the sum of the durations of every Prefect task run of the run's flow run (all the
   stages, evaluate, write-run, save-for-reuse and report included), read from the Prefect database
   in ``PREFECT_HOME`` after the run;
@@ -59,7 +60,10 @@ def _free_port() -> int:
 
 
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PYTHONPATH"}
+    # PYTHONDONTWRITEBYTECODE would make every run compile gpuclust's modules again; an installed
+    # gpuclust has its bytecode written (the warm-up run writes it here).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PREFECT_LOGGING_LEVEL="WARNING")
     return env
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\nmedians of {args.repeats} runs (seconds); stages = metrics.json timings_s, tasks = every Prefect task run")
+    print(f"\nmedians of {args.repeats} runs (seconds); stages = metrics.json timings_s (the six stages), tasks = every Prefect task run")
     header = ("| checkout | mode | wall | stages | wall - stages | tasks | wall - tasks | before the flow | "
               "between tasks | after the flow | load (1 min) |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))

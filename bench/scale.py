@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -136,7 +135,8 @@ def watch(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]
             "log_tail": "".join(lines[-15:])}
 
 
-def run_size(root: Path, n: int, memory_mb: int, iters: int, reducer: str, keep: bool) -> dict[str, Any]:
+def run_size(root: Path, n: int, memory_mb: int, iters: int, reducer: str, keep: bool,
+             explore: bool = False) -> dict[str, Any]:
     """One ``gpuclust run`` at ``n`` rows (fresh cache: extraction included), under :func:`watch`."""
     import shutil
 
@@ -146,20 +146,20 @@ def run_size(root: Path, n: int, memory_mb: int, iters: int, reducer: str, keep:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cfg = {"dataset": f"parquet:{size_dir(root, n)}", "extractor": "raw", "algorithms": ["kmeans"], "k": 1000,
-           "n_init": 1, "max_iter": iters, "reducer": reducer, "memory_mb": memory_mb, "explore": False,
+           "n_init": 1, "max_iter": iters, "reducer": reducer, "memory_mb": memory_mb, "explore": explore,
            "seed": 0, "out": str(work / "out"), "cache_dir": str(work / "cache")}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     exe = Path(sys.executable).parent / "gpuclust"
     result = watch([str(exe), "run", "--config", str(work / "config.yaml")], env, timeout=3600)
-    row: dict[str, Any] = {"n": n, "memory_mb": memory_mb, "kmeans_iters": iters, "reducer": reducer, **result}
+    row: dict[str, Any] = {"n": n, "memory_mb": memory_mb, "kmeans_iters": iters, "reducer": reducer,
+                           "explore": explore, **result}
     metrics_path = work / "out" / "metrics.json"
     if result["rc"] == 0 and metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         html = (work / "out" / "report.html").read_text()
-        found = re.search(r"by gpuclust report in ([0-9.]+) s", html)
-        row.update(timings_s={**m["timings_s"], "report": float(found.group(1)) if found else None},
+        row.update(timings_s=m["timings_s"],
                    kmeans=m["algorithms"]["kmeans"] | {"cluster_sizes": None}, reducer_plan=m["reducer"],
                    report_bytes=len(html.encode()))
         row["kmeans"].pop("cluster_sizes")
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--iters", type=int, default=10, help="k-means Lloyd iterations (max_iter; n_init 1)")
     r.add_argument("--reducer", default="umap")
     r.add_argument("--keep", action="store_true", help="keep each size's store (cache)")
+    r.add_argument("--explore", action="store_true", help="also run the explore stage (duplicates, outliers)")
     r.add_argument("--jsonl", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "generate":
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"versions": versions()}), flush=True)
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
-        row = run_size(args.root, n, args.memory_mb, args.iters, args.reducer, args.keep)
+        row = run_size(args.root, n, args.memory_mb, args.iters, args.reducer, args.keep, args.explore)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.jsonl:

@@ -238,3 +238,16 @@ def startup_timeout() -> float:
     from prefect.settings import get_current_settings
 
     return float(get_current_settings().server.ephemeral.startup_timeout_seconds)
+
+
+def foreground_run_settings() -> contextlib.AbstractContextManager[object]:
+    """Prefect settings for a flow run in the user's terminal: no flow-run heartbeats unless the
+    user set their frequency (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, or a profile). Prefect joins
+    its heartbeat thread when a flow ends, and that thread sleeps in 1 s steps: 0.5 s of every
+    run's exit on average. Heartbeats only matter to a server automation that marks silent runs
+    as crashed; deployment runs (started by workers) keep Prefect's default."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

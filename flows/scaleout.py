@@ -116,7 +116,9 @@ def merge_shards(store: str) -> dict[str, Any]:
 @flow(name="extract-on-dask")
 def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> StoreRef:
     """One ``extract-shard`` task per pending shard on the Dask cluster; the store's manifest is
-    merged here. Fails when the shards are not done within ``config.timeouts.extract``."""
+    merged here. An image folder's store is refreshed in place instead, its new and changed images
+    embedded on the workers and written here (:func:`gpu_ops.distributed.refresh_on_dask`).
+    Fails when the shards are not done within ``config.timeouts.extract``."""
     import time
 
     from flows import stopping
@@ -124,6 +126,13 @@ def extract_on_dask(config: RunConfig, params: dict[str, Any], address: str) -> 
     stopping.reclaim_sigterm()
 
     t0 = time.perf_counter()
+    if distributed.refreshes_in_place(params):
+        done = distributed.refresh_on_dask(params, address, backend=config.backend_for("extract"),
+                                           wait=config.wait_for_store, timeout=config.timeouts.extract)
+        return StoreRef(store=done["store"], rows=done["rows"], dim=done["dim"], quarantined=done["quarantined"],
+                        device="+".join(done["devices"] or [params["device"]]), extractor=params["extractor"],
+                        shard_rows=done["shard_rows"], writers=done["writers"], revision=done["revision"],
+                        extracted=done["items"], seconds=round(time.perf_counter() - t0, 3))
     # the driver is the store's one writer for the whole sharded extraction (workers write parts only)
     with StoreLock(distributed.sharded_store_directory(params), new_run_id(), wait=config.wait_for_store):
         plan = plan_shards(params, config.task_runner.n_workers, address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -26,7 +27,7 @@ from gpu_ops.device import Machine
 from gpu_ops.distributed import device_label
 from gpu_ops.errors import InputError
 from gpu_ops.explore.stage import ExploreResult
-from gpu_ops.stages import AlgorithmMetrics, ClusterResult, MapResult, StoreRef
+from gpu_ops.stages import AlgorithmMetrics, ClusterResult, Evaluation, MapResult, StoreRef
 
 #: Tag of tasks that run on a GPU; `prefect concurrency-limit create gpu 1` lets one at a time
 #: hold the card, across every run that talks to the same Prefect server.
@@ -106,14 +107,15 @@ def reduce_to_2d(store: str, config: RunConfig, staging: str) -> MapResult:
 
 
 @task(name="evaluate")
-def evaluate(store: str, clusters: list[ClusterResult]) -> dict[str, AlgorithmMetrics]:
+def evaluate(store: str, clusters: list[ClusterResult]) -> Evaluation:
     """Metrics per algorithm, published as a table artifact keyed so runs form a history."""
+    started = time.perf_counter()
     metrics = pipeline.evaluate_stage(store, clusters)
     rows = [{"algorithm": name, **{k: (round(v, 4) if isinstance(v, float) else "; ".join(v) if k == "degenerate" else v)
                                    for k, v in m.as_json().items() if k != "cluster_sizes"}}
             for name, m in metrics.items()]
     create_table_artifact(table=rows, key="cluster-metrics", description="Clustering quality per algorithm")
-    return metrics
+    return Evaluation(metrics=metrics, seconds=round(time.perf_counter() - started, 3))
 
 
 @task(name="explore")
@@ -137,13 +139,16 @@ def write_run(config: RunConfig, store: StoreRef, clusters: list[ClusterResult],
 
 @task(name="report")
 def build_report(staging: str, run_dir: str) -> dict[str, Any]:
-    """report.html and its figures; a markdown artifact summarises the run and links the report."""
+    """report.html and its figures; a markdown artifact summarises the run and links the report
+    (``seconds``: the stage's time)."""
     from gpu_ops.report import build_report as build, summary_markdown
 
+    started = time.perf_counter()
     result = build(Path(staging), shown_as=Path(run_dir))
     markdown = summary_markdown(Path(staging), result).replace(str(Path(staging)), str(Path(run_dir)))
     create_markdown_artifact(markdown=markdown, key="run-report", description="Run summary and figures")
-    return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing]}
+    return {"html": str(Path(run_dir) / result.html.name), "missing": [str(m) for m in result.missing],
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def uses_gpu(config: RunConfig, stage: str, machine: Machine | None = None) -> bool:

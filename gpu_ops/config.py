@@ -18,7 +18,7 @@ DEEP_ALGORITHMS = ("n2d", "dkm", "dec", "idec")
 #: UMAP-space algorithms: ``umap_dims`` applies to them.
 UMAP_ALGORITHMS = ("umap-graph", "umap-kmeans")
 #: Clustering heads trained in torch on the store's embeddings (:mod:`gpu_ops.heads`).
-HEAD_ALGORITHMS = ("scan", "temi")
+HEAD_ALGORITHMS = ("scan", "temi", "turtle")
 ALGORITHMS = (*UMAP_ALGORITHMS, "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
 #: numpy's seeding range (``np.random.RandomState`` and FAISS take a 32-bit unsigned seed).
 SEED_MAX = 2**32 - 1
@@ -137,8 +137,9 @@ class RunConfig(BaseModel):
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("diag", description="gmm covariance")
     memory_mb: int | None = Field(None, ge=16, description="memory budget of the run: every stage streams the "
                                   "store in batches sized from it, k-means runs out of core, the 2-D map is fitted "
-                                  "on a sample it holds (None: k-means and clustering load the store); scan, temi: "
-                                  "memory-map the head's rows when they need more than half of it")
+                                  "on a sample it holds, explore searches neighbours within k-means cells (None: "
+                                  "k-means and clustering load the store); scan, temi, turtle: memory-map the head's "
+                                  "rows when they need more than half of it")
     map_sample_rows: int | None = Field(None, ge=2, description="fit the 2-D map on at most this many rows (a "
                                         "uniform sample) and place the others by their nearest fitted rows "
                                         "(unset: 20000, fewer when memory_mb is small)")

@@ -12,7 +12,15 @@ processes without coordination. The driver (:func:`plan_shards`) fixes the layou
 default) images are decoded without loader worker processes. The driver
 alone merges the entries into ``manifest.json`` (:func:`merge_shards`), checking each part's row
 count, and marks the store complete. A worker killed mid-shard leaves neither a part nor an entry
-for it; finished shards keep their entries and are merged (not redone) by the next run.
+for it; finished shards keep their entries and are merged (not redone) by the next run. Stores of
+fixed ranges are those of datasets keyed by their content (digits, IDX, arrays, ``parquet:DIR``).
+
+**An image folder's refresh** (:func:`refresh_on_dask`). A folder's store is the one a local run
+refreshes in place (:mod:`gpu_ops.incremental`): the driver holds its lock, compares the folder
+with it, retires removed and changed images and lays out the new parts, exactly as the local run
+does; the workers only embed (:func:`embed_group`, the local extraction's loop) and return each
+new part's rows, which the driver writes as they arrive. Only new and changed images are
+embedded, and a killed refresh's rerun embeds only what is still missing.
 
 **Clustering a store that spans workers** (:func:`dask_kmeans`). CPU route: every worker loads
 its part files (:class:`gpu_ops.cluster.sources.DaskSource`); the driver gathers a sample of at
@@ -305,7 +313,7 @@ def worker_count(address: str) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _opened(params_json: str, device: str) -> tuple[Any, Any]:
+def _opened(params_json: str, device: str, listing: str | None) -> tuple[Any, Any]:
     from gpu_ops.features.extract import build_extractor, open_dataset
 
     params = json.loads(params_json)
@@ -313,11 +321,13 @@ def _opened(params_json: str, device: str) -> tuple[Any, Any]:
     return dataset, build_extractor(params, dataset, device=device, progress=False)
 
 
-def dataset_and_extractor(params: dict[str, Any], device: str) -> tuple[Any, Any]:
+def dataset_and_extractor(params: dict[str, Any], device: str, listing: str | None = None) -> tuple[Any, Any]:
     """The dataset and extractor an extract run with ``params`` uses, the extractor on ``device``
     (:func:`gpu_ops.features.extract.build_extractor`), opened once per process: a worker that
-    embeds many shards loads its model once."""
-    return _opened(json.dumps(params, sort_keys=True, default=str), device)
+    embeds many shards loads its model once. ``listing`` names one look at the data (a folder
+    refresh's run id): a new one opens the dataset anew, since a folder's files change between
+    runs on a long-lived cluster."""
+    return _opened(json.dumps(params, sort_keys=True, default=str), device, listing)
 
 
 class ShardedStore(EmbeddingStore):
@@ -353,8 +363,8 @@ class ShardedStore(EmbeddingStore):
 
 def sharded_store_directory(params: dict[str, Any]) -> Path:
     """The store a sharded extraction with ``params`` writes: fixed index ranges, keyed by the
-    data's content (image folders too: a folder is refreshed in place only by a single process)
-    and by the precision of the device the run's extraction is placed on."""
+    data's content and by the precision of the device the run's extraction is placed on (an image
+    folder's store is refreshed in place instead: :func:`refresh_on_dask`)."""
     from gpu_ops.features.extract import store_directory
 
     dataset, extractor = dataset_and_extractor(params, "cpu")
@@ -412,6 +422,133 @@ def extract_shards(params: dict[str, Any], store: str, shards: list[int], shard_
     return {"shards": list(done.written), "skipped": sorted(set(shards) - set(done.written)), "items": done.items,
             "rows": done.rows, "quarantined": done.quarantined, "device": extractor.device, "device_label": label,
             "writer": process_label(), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --------------------------------------------------------------------------------------------
+# An image folder's store refreshed in place over the cluster
+
+
+def refreshes_in_place(params: dict[str, Any]) -> bool:
+    """Whether an extract run with ``params`` refreshes its store in place (an image folder,
+    limited or not: :func:`refresh_on_dask`) rather than writing a store of fixed ranges."""
+    from gpu_ops.features.extract import open_dataset, refreshed_in_place
+
+    return refreshed_in_place(open_dataset(params))
+
+
+def refresh_on_dask(params: dict[str, Any], address: str, *, backend: str = "auto", wait: bool = True,
+                    timeout: float | None = None, run_id: str | None = None,
+                    on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Driver side: refresh an image folder's store in place, its images embedded on the Dask
+    cluster at ``address``: the store a local run refreshes (one per folder and extractor
+    identity, :mod:`gpu_ops.incremental`), and the same refresh.
+
+    Under the store's lock (``wait``: wait for another writer, else an InputError) the driver
+    compares the folder with the store, retires removed and changed images and lays out the new
+    parts (:func:`gpu_ops.incremental.start_refresh`); one Dask task per new part embeds its
+    images on a worker (:func:`embed_group`, the extract placement of ``backend`` resolved there)
+    and returns the rows; the driver writes each part as its rows arrive (one part's rows held
+    here at a time), recording the worker process that embedded it, then finishes the store. A
+    run killed at any point leaves the parts written so far; the next run embeds what is still
+    missing. ``timeout``: seconds for all the tasks (TimeoutError after). ``on_shard(done,
+    total)`` follows the parts written.
+
+    Returns the store's ``store``, ``rows``, ``dim``, ``quarantined``, ``revision``,
+    ``shard_rows``, the images this run embedded or quarantined (``items``) and who embedded
+    them (``writers``, ``devices``, ``device_labels``).
+    """
+    from distributed import Client, as_completed
+
+    from gpu_ops.features.extract import checked_summary, extract_options, store_directory, store_metadata
+    from gpu_ops.incremental import start_refresh, store_revision
+    from gpu_ops.store_lock import StoreLock, new_run_id
+
+    run_id = run_id or new_run_id()
+    dataset, extractor = dataset_and_extractor(params, "cpu", listing=run_id)
+    directory = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=True,
+                                device=params["device"])
+    metadata = store_metadata(dataset, extractor, incremental=True, device=params["device"])
+    shard_rows = int(extract_options(params, "cpu")["shard_rows"])
+    done: list[dict[str, Any]] = []
+    with StoreLock(directory, run_id, wait=wait), \
+            start_refresh(directory, metadata, dataset, shard_rows, run_id) as store:
+        pending = store.pending_shards()
+        if pending:
+            log.info("store %s: embedding %d image(s) in %d part(s) on the Dask cluster %s", directory,
+                     sum(len(store.shard_range(s)) for s in pending), len(pending), address)
+            with Client(address, set_as_default=False) as client:
+                futures = {client.submit(embed_group, params, str(directory), run_id, list(store.shard_range(s)),
+                                         [dataset.image_ids[i] for i in store.shard_range(s)], backend,
+                                         key=f"embed-group-{run_id}-{s:05d}", pure=False): s for s in pending}
+                try:
+                    for future in as_completed(list(futures), loop=client.loop, timeout=timeout):
+                        result = future.result()
+                        future.release()  # the worker drops the rows once they are here
+                        rows = result.pop("rows")
+                        store.write_shard(futures[future], rows.image_ids, rows.sources, rows.labels,
+                                          rows.embeddings, rows.quarantined, writer=result["writer"])
+                        del rows
+                        done.append(result)
+                        if on_shard:
+                            on_shard(len(done), len(pending))
+                        if len(done) == len(pending):
+                            break  # as_completed past its timeout raises even once nothing is left
+                except TimeoutError:
+                    raise TimeoutError(f"{len(pending) - len(done)} of {len(pending)} part(s) unfinished after the "
+                                       f"extract stage's {timeout} s") from None
+                finally:
+                    client.cancel([f for f in futures if not f.done()])
+        else:
+            log.info("store %s: nothing to extract", directory)
+        summary = checked_summary(store.finish(), dataset.name, len(dataset))
+    if done:
+        log.info("%d part(s) embedded by %d worker process(es) on %s", len(done), len({r["writer"] for r in done}),
+                 ", ".join(sorted({r["device_label"] for r in done})))
+    return {"store": str(directory), "rows": summary.rows, "dim": summary.dim, "quarantined": summary.quarantined,
+            "revision": store_revision(directory), "shard_rows": store.shard_rows,
+            "items": sum(r["items"] for r in done), "writers": sorted({r["writer"] for r in done}),
+            "devices": sorted({r["device"] for r in done}), "device_labels": sorted({r["device_label"] for r in done})}
+
+
+def _check_same_items(dataset: Any, indices: list[int], expected_ids: list[str]) -> None:
+    """Refuse (one line, naming the first differing item) a worker whose view of the folder is not
+    the driver's at ``indices``."""
+    for index, want in zip(indices, expected_ids, strict=True):
+        got = dataset.image_ids[index] if 0 <= index < len(dataset) else None
+        if got != want:
+            seen = f"{got!r}" if got is not None else f"missing ({len(dataset)} images)"
+            raise InputError(f"{dataset.name}: image {index} is {want!r} for the driver but {seen} on the Dask "
+                             f"worker {process_label()} (the folder changed during the run, or the workers see "
+                             "other files)")
+
+
+def embed_group(params: dict[str, Any], store: str, listing: str, indices: list[int], expected_ids: list[str],
+                backend: str = "auto") -> dict[str, Any]:
+    """Worker side of :func:`refresh_on_dask`: embed the images at ``indices`` of the run's folder
+    with the extractor placed by ``backend`` on this worker, through the local extraction's loop
+    (:func:`gpu_ops.features.extract.embed_items`), and return them (``rows``:
+    :class:`~gpu_ops.features.extract.EmbeddedRows`) with ``items``, ``writer`` (this process),
+    ``device``, ``device_label`` and ``seconds``; nothing is written here. Refuses a worker whose
+    images at ``indices`` are not ``expected_ids`` (the driver's), or whose extractor or precision
+    would belong in another store than ``store``."""
+    from gpu_ops.features.extract import embed_items, extract_options, store_directory
+    from gpu_ops.placement import place
+
+    t0 = time.perf_counter()
+    device = place("extract", backend).torch_device
+    dataset, extractor = dataset_and_extractor(params, device, listing=listing)
+    expected = store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=True)
+    if expected.resolve() != Path(store).resolve():
+        raise InputError(f"{store}: this worker's data/extractor belong in {expected} (different dataset "
+                         "files, library versions or precision on the workers?)")
+    _check_same_items(dataset, indices, expected_ids)
+    options = extract_options(params, extractor.device)
+    rows = embed_items(dataset, extractor, indices, batch_size=options["batch_size"],
+                       num_workers=options["num_workers"], decode_on_device=options["decode_on_device"])
+    label = device_label(extractor.device)
+    log.info("%d image(s) embedded with %s on %s", len(indices), extractor.name, label)
+    return {"rows": rows, "items": len(indices), "writer": process_label(), "device": extractor.device,
+            "device_label": label, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def merge_shards(directory: str | Path, finish: bool = True) -> StoreSummary | None:

@@ -32,7 +32,9 @@ import hashlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +47,7 @@ import pyarrow.compute as pc
 from gpu_ops.data.base import Dataset
 from gpu_ops.errors import InputError
 from gpu_ops.fsutil import atomic_write_json
+from gpu_ops.store_lock import changing_store
 from gpu_ops.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -313,6 +316,8 @@ class IncrementalStore(EmbeddingStore):
                 new = write_part(self.directory / f"part-{number:05d}.parquet", table)
                 new["dim"] = entry.get("dim")
             new.update(quarantined=quarantined, run=entry.get("run"), rewritten_by=self.run_id)
+            if "writer" in entry:
+                new["writer"] = entry["writer"]
             self.manifest["shards"][f"{number:05d}"] = new
         self._save()
         if entry["file"]:
@@ -329,8 +334,10 @@ class IncrementalStore(EmbeddingStore):
         return [s for s in self.groups if f"{s:05d}" not in self.manifest["shards"]]
 
     def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
-                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
-        """Write a new part (rows with their file records and this run's id), then the manifest."""
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]], writer: str | None = None) -> None:
+        """Write a new part (rows with their file records and this run's id), then the manifest.
+        ``writer``: the process that embedded the rows when it is not this one (a Dask worker's
+        ``host:pid``), recorded in the part's manifest entry."""
         entry: dict[str, Any] = {"file": None, "rows": 0}
         if image_ids:
             table = build_table(image_ids, sources, labels, embeddings, self.metadata)
@@ -345,6 +352,8 @@ class IncrementalStore(EmbeddingStore):
         entry["quarantined"] = [{"source": s, "reason": r, "image_id": self._ids_by_source[s],
                                  **vars(self.states[self._ids_by_source[s]])} for s, r in quarantined]
         entry["run"] = self.run_id
+        if writer is not None:
+            entry["writer"] = writer
         self.manifest["shards"][f"{shard:05d}"] = entry
         if self._started:
             self.manifest["runs"][-1]["embedded"] += len(image_ids)
@@ -361,6 +370,25 @@ class IncrementalStore(EmbeddingStore):
         if not any(e["file"] for e in entries):
             self.manifest.pop("dim", None)
         return super().finish()
+
+
+@contextmanager
+def start_refresh(directory: Path, metadata: dict[str, str], dataset: Dataset, shard_rows: int,
+                  run_id: str) -> Iterator[IncrementalStore]:
+    """Open the store of image folder ``dataset`` for a refresh by run ``run_id`` (the caller holds
+    the store's lock): compare it with the folder (the plan is logged), refuse an unwritable store
+    that needs work, retire what is gone and lay out the parts of the images still to embed
+    (:meth:`IncrementalStore.pending_shards`). Within the context the caller embeds those, writes
+    each part (:meth:`IncrementalStore.write_shard`) and finishes the store; a refresh that changes
+    the store holds it exclusively meanwhile (:func:`gpu_ops.store_lock.changing_store`: runs
+    reading it are waited for)."""
+    store = IncrementalStore(directory, metadata, shard_rows, run_id)
+    plan = store.plan(dataset)
+    log.info("store %s: %s", directory, plan.describe())
+    store.check_writable_for(plan)
+    with changing_store(directory) if plan.changes else nullcontext():
+        store.apply(plan, dataset)
+        yield store
 
 
 def _now() -> str:

@@ -99,7 +99,8 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> C
 
     Deep algorithms cluster the dataset's images in torch; clustering heads (``scan``, ``temi``)
     train in torch on the store's embeddings; ``kmeans`` with ``cfg.memory_mb`` streams the
-    store; every other algorithm clusters the embeddings in memory.
+    store; every other algorithm clusters the embeddings in memory (refused when they do not fit
+    ``cfg.memory_mb``: :func:`check_fits_in_memory`).
     """
     t0 = time.perf_counter()
     run = RunDir(staging)
@@ -112,6 +113,25 @@ def cluster_stage(store: str, cfg: RunConfig, algorithm: str, staging: str) -> C
     return _in_memory_cluster(store, cfg, algorithm, run, t0)
 
 
+#: Share of ``memory_mb`` the embeddings of an algorithm that holds them all in memory may take.
+IN_MEMORY_SHARE = 0.5
+
+
+def check_fits_in_memory(store: str, cfg: RunConfig, algorithm: str) -> None:
+    """Refuse, before loading anything, an algorithm that holds every embedding in memory when
+    they take more than :data:`IN_MEMORY_SHARE` of ``cfg.memory_mb`` (k-means streams instead)."""
+    if cfg.memory_mb is None:
+        return
+    from gpu_ops.cluster.sources import StoreSource
+
+    source = StoreSource(store)
+    n, d = source.count(), source.dim()
+    needed_mb = n * d * 4 / 2**20
+    if needed_mb > IN_MEMORY_SHARE * cfg.memory_mb:
+        raise InputError(f"{algorithm} holds all {n:,} x {d} embeddings in memory ({needed_mb:,.0f} MB), more than "
+                         f"half of memory_mb={cfg.memory_mb}; kmeans streams within it, or raise memory_mb")
+
+
 def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
     """Deep clustering (``dkm``, ``dec``, ``idec``, ``n2d``) of the dataset's images, in store order.
 
@@ -119,6 +139,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     """
     from gpu_ops.deep import fit_deep
 
+    check_fits_in_memory(store, cfg, algorithm)
     table = read_embeddings(Path(store))
     dataset = load_dataset(cfg.dataset, cfg.split, cfg.limit)
     if dataset.item_kind != "image":
@@ -141,7 +162,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
 
 
 def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
-    """A clustering head (``scan``, ``temi``) trained on the store's embeddings, streamed from the
+    """A clustering head (``scan``, ``temi``, ``turtle``) trained on the store's embeddings, streamed from the
     store; the kept head goes to ``model-<algorithm>.pt``, the per-epoch history beside it."""
     from gpu_ops.cluster.sources import StoreSource
     from gpu_ops.heads import fit_head
@@ -158,8 +179,8 @@ def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     atomic_write_json(run.history(algorithm), result.history, sort_keys=False)
     ran = Resolution(algorithm, placed.requested, f"torch-{result.device}", "gpu" if "cuda" in result.device else "cpu",
                      f"{algorithm} head in torch on {result.device}; {placed.reason}", list(placed.fallbacks))
-    knn = ResolutionRecord(**result.knn_backend, stage=algorithm)
-    return write_cluster_result(run, algorithm, k=k, resolutions=[knn, ResolutionRecord.of(ran, algorithm)],
+    mined = [ResolutionRecord(**result.knn_backend, stage=algorithm)] if result.knn_backend else []  # turtle mines none
+    return write_cluster_result(run, algorithm, k=k, resolutions=[*mined, ResolutionRecord.of(ran, algorithm)],
                                 started=t0, labels=result.labels)
 
 
@@ -185,6 +206,7 @@ def _streaming_kmeans(store: str, cfg: RunConfig, run: RunDir, t0: float) -> Clu
 def _in_memory_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: float) -> ClusterResult:
     """A registry algorithm (``kmeans``, ``umap-kmeans``, ``umap-graph``, ``hdbscan``, ``gmm``,
     ``agglomerative``) over the embeddings in memory."""
+    check_fits_in_memory(store, cfg, algorithm)
     X = read_embeddings(Path(store)).embeddings
     k = k_for(cfg, X, run) if algorithm != "hdbscan" else 0  # HDBSCAN finds k itself
     if k > X.shape[0]:
@@ -353,6 +375,16 @@ def _run_tables(source: Any, clusters: list[ClusterResult], xy: np.ndarray | Non
             start = stop
 
     return assignments(), map2d()
+
+
+def record_stage_time(staging: str, stage: str, seconds: float) -> dict[str, Any]:
+    """Add a stage that ran after metrics.json was written (the report) to its ``timings_s``;
+    return the updated content."""
+    run = RunDir(staging)
+    doc = json.loads(run.metrics.read_text())
+    doc["timings_s"][stage] = round(seconds, 3)
+    atomic_write_json(run.metrics, doc, sort_keys=False)
+    return doc
 
 
 def finalize_run(cfg: RunConfig, store: StoreRef, clusters: list[ClusterResult], reduced: MapResult,

@@ -128,10 +128,18 @@ class AlgorithmMetrics(StageModel):
         return self.model_dump(exclude_none=True)
 
 
+class Evaluation(StageModel):
+    """The evaluate stage: each algorithm's metrics, and how long the stage took."""
+
+    metrics: dict[str, AlgorithmMetrics]
+    seconds: float
+
+
 #: Share of ``memory_mb`` one streamed batch of rows may take (its Arrow and float32 copies).
 BATCH_FRACTION = 0.10
 #: Rows per streamed batch when the run sets no ``memory_mb``.
 DEFAULT_BATCH_ROWS = 65_536
+
 
 
 def batch_rows_for(memory_mb: int | None, d: int) -> int:

@@ -14,6 +14,14 @@ process) and says in the log that the previous writer ended without releasing th
 sidecar whose pid is not running while the lock is held is reported as stale, not as the holder.
 Locks on network filesystems are only as reliable as the filesystem's ``flock``. A store directory
 this process cannot write (a read-only cache) is read without the lock.
+
+**Readers.** A run reads the store from its clustering to its report, stage after stage, and all
+of them must see the same rows. It holds a shared read lock on ``<store>/.readers.db``
+(:class:`StoreReaders`, ``filelock``'s SQLite reader/writer lock) meanwhile; a refresh that would
+change the store (retire, rewrite or add parts) takes that lock exclusively
+(:func:`changing_store`), so it waits, with a log line, until the runs reading the store are
+done, and a run that wants to read waits while a refresh is changing it. Like the OS lock, a
+killed reader's hold ends with its process.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import os
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
+from filelock import FileLock, ReadWriteLock, Timeout
 
 from gpu_ops.errors import InputError
 from gpu_ops.fsutil import atomic_write_json
@@ -38,6 +48,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".writer.lock"
 HOLDER_FILE = ".writer.json"
+READERS_FILE = ".readers.db"
 #: Seconds between attempts while waiting for another writer.
 POLL_S = 0.5
 
@@ -107,8 +118,7 @@ class StoreLock:
         self._lock: FileLock | None = FileLock(str(self.directory / LOCK_FILE), thread_local=False)
 
     def __enter__(self) -> "StoreLock":
-        if self.directory.is_dir() and (not self.directory.stat().st_mode & 0o222
-                                        or not os.access(self.directory, os.W_OK | os.X_OK)):
+        if self.directory.is_dir() and not _writable(self.directory):
             # made read-only (or not ours to write): this run cannot write into it, and reusing it must
             # not write either (the store refuses in one line if it would have to)
             log.info("store %s is read-only: reading it without taking its lock", self.directory)
@@ -155,3 +165,65 @@ class StoreLock:
             (self.directory / HOLDER_FILE).unlink(missing_ok=True)
         finally:
             self._lock.release()
+
+
+def _writable(directory: Path) -> bool:
+    """A store directory this process may write (a read-only cache is read without locks)."""
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK) and bool(directory.stat().st_mode & 0o222)
+
+
+def _readers_lock(directory: Path) -> ReadWriteLock | None:
+    """The store's reader/writer lock; None for a store this process cannot write (nobody changes
+    a read-only cache through it)."""
+    if not _writable(directory):
+        return None
+    return ReadWriteLock(str(directory / READERS_FILE), is_singleton=False)
+
+
+class StoreReaders:
+    """A shared hold of the store at ``directory`` while a run reads it (a context manager): a
+    refresh that would change the store waits until it is released."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._lock = _readers_lock(self.directory)
+
+    def __enter__(self) -> "StoreReaders":
+        if self._lock is None:
+            return self
+        try:
+            self._lock.acquire_read(timeout=0)
+        except Timeout:
+            log.warning("store %s is being refreshed by another run: waiting to read it", self.directory)
+            t0 = time.monotonic()
+            self._lock.acquire_read()
+            log.warning("store %s: waited %.1f s for the refresh", self.directory, time.monotonic() - t0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock.close()
+
+
+@contextmanager
+def changing_store(directory: Path) -> Iterator[None]:
+    """Hold the store at ``directory`` exclusively while a refresh changes it: wait (one log line)
+    for the runs reading it to finish first."""
+    lock = _readers_lock(Path(directory))
+    if lock is None:
+        yield
+        return
+    try:
+        lock.acquire_write(timeout=0)
+    except Timeout:
+        log.warning("store %s is being read by another run: waiting for it to finish before changing the store",
+                    directory)
+        t0 = time.monotonic()
+        lock.acquire_write()
+        log.warning("store %s: waited %.1f s for its readers", directory, time.monotonic() - t0)
+    try:
+        yield
+    finally:
+        lock.release()
+        lock.close()

@@ -270,6 +270,18 @@ def run_cli(args: list[str], *, api_url: str | None = None, shared_server: bool 
 
 
 # GPU tests (tests/gpu): skip with the reason where CUDA or the GPU packages are missing.
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on a busy 2-core machine two OpenMP threads spin
+    against each other and run several times slower than one."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def cuml_gpu() -> None:
     """Skip unless CUDA is visible and cuML imports."""

@@ -4,6 +4,7 @@ UMAP and t-SNE, the estimators' keywords, and a report's metrics.json."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ UNKNOWN_NAMES = [
     ({"backends": {"kmeans": "nope"}},
      "unknown kmeans backend 'nope'; expected one of: auto, cpu, cuml, faiss-cpu, faiss-gpu, gpu, sklearn"),
     ({"backends": {"kmean": "cpu"}},
-     "unknown op 'kmean' in backends; expected one of: agglomerative, dec, dkm, extract, gmm, hdbscan, idec, kmeans, knn, n2d, pca, scan, temi, tsne, umap"),
+     "unknown op 'kmean' in backends; expected one of: agglomerative, dec, dkm, extract, gmm, hdbscan, idec, kmeans, knn, n2d, pca, scan, temi, tsne, turtle, umap"),
     ({"dataset": "cifar"}, "unknown dataset 'cifar'; expected digits or KIND:PATH with KIND one of: idx, folder, npz, "
      "npy, usps, parquet"),
 ]
@@ -226,7 +227,8 @@ def test_cli_flags_are_named_in_messages(capsys, tmp_path):
     assert _error_line(capsys) == "gpuclust: error: --dask-workers: Input should be greater than or equal to 1 (got 0)"
     assert main(["run", "--backend", "cpu,kmean=sklearn", "--out", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == ("gpuclust: error: unknown op 'kmean' in --backend; expected one of: agglomerative, "
-                                   "dec, dkm, extract, gmm, hdbscan, idec, kmeans, knn, n2d, pca, scan, temi, tsne, umap")
+                                   "dec, dkm, extract, gmm, hdbscan, idec, kmeans, knn, n2d, pca, scan, temi, tsne, turtle, umap")
+    assert gc.isenabled()  # a run that stops during its start-up collects garbage again afterwards
 
 
 # ---------------------------------------------------------------- size floors of UMAP and t-SNE

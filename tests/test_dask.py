@@ -180,17 +180,14 @@ def test_mnist_on_a_two_worker_local_cluster_matches_the_single_process_run(pref
 
 
 def _extract_on_cluster(address: str, params: dict) -> Path:
-    """The Dask path without Prefect: plan on the driver, one task per shard on the workers, merge."""
-    from distributed import Client
+    """The Dask path for an image folder without Prefect: the driver refreshes the folder's store
+    in place, one task per new part embeds its images on a worker."""
+    from gpu_ops.features.extract import open_dataset
 
-    plan = gd.plan_shards(params, n_workers=2)
-    with Client(address, set_as_default=False) as client:
-        futures = [client.submit(gd.extract_shards, params, plan["store"], [s], plan["shard_rows"], "cpu", pure=False)
-                   for s in plan["pending"]]
-        results = client.gather(futures)
-    assert sorted(s for r in results for s in r["shards"]) == plan["pending"]
-    gd.merge_shards(plan["store"])
-    return Path(plan["store"])
+    assert gd.refreshes_in_place(params)
+    done = gd.refresh_on_dask(params, address, backend="cpu")
+    assert done["items"] == len(open_dataset(params))  # a new store: every image was embedded here
+    return Path(done["store"])
 
 
 def test_raw_pixels_of_a_limited_folder_of_mixed_sizes_on_dask_match_the_local_run(cifar_folder, tmp_path):
@@ -229,9 +226,230 @@ def test_an_image_folder_is_extracted_on_daemonic_worker_processes(cifar_folder,
         store = _extract_on_cluster(cluster.scheduler_address, _params(tmp_path / "dask", **common))
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 4
-    assert len({s["writer"] for s in manifest["shards"].values()}) == 2  # both worker processes wrote parts
+    assert store.relative_to(tmp_path / "dask") == Path(local.store).relative_to(tmp_path / "local")  # its layout
+    # both worker processes embedded parts (the driver, this process, wrote them)
+    writers = {s["writer"] for s in manifest["shards"].values()}
+    assert len(writers) == 2 and gd.process_label() not in writers
     flat = [i for ids in _ids_per_part(store) for i in ids]
     assert len(flat) == len(set(flat)) == 100  # exactly one row per image
     a, b = read_embeddings(Path(local.store)), read_embeddings(store)
     assert a.image_ids == b.image_ids == flat
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# An image folder's store refreshed in place over Dask
+
+
+def _small_folder(cifar_folder: Path, dest: Path, per_class: int) -> tuple[Path, list[Path]]:
+    """The first ``per_class`` JPEGs of each class of ``cifar_folder`` copied to ``dest``; the rest
+    of the JPEGs (spare images for changes), in order."""
+    import shutil
+
+    spare = []
+    for klass in sorted(p for p in cifar_folder.iterdir() if p.is_dir()):
+        files = sorted(klass.glob("*.jpg"))
+        (dest / klass.name).mkdir(parents=True)
+        for f in files[:per_class]:
+            shutil.copy(f, dest / klass.name / f.name)
+        spare += files[per_class:]
+    return dest, spare
+
+
+def _rows_by_id(store: Path) -> dict[str, dict]:
+    """Every row of ``store`` (every column: embedding, label, source, file record, run_id) by image_id."""
+    rows: dict[str, dict] = {}
+    _ids_per_part(store)  # the manifest lists exactly the part files there are
+    manifest = json.loads((store / "manifest.json").read_text())
+    for _, entry in sorted(manifest["shards"].items()):
+        if entry["file"]:
+            for row in pq.read_table(store / entry["file"]).to_pylist():
+                assert row["image_id"] not in rows, f"{row['image_id']} stored twice"
+                rows[row["image_id"]] = row
+    return rows
+
+
+def _change_folder(folder: Path, spare: list[Path]) -> tuple[set[str], set[str], set[str]]:
+    """Add 5 images, remove 3 and rewrite 2 with new content; returns (added, removed, rewritten) ids."""
+    import os
+    import shutil
+
+    current = sorted(folder.rglob("*.jpg"))
+    added = set()
+    for src in spare[:5]:
+        target = folder / src.parent.name / f"new-{src.name}"
+        shutil.copy(src, target)
+        added.add(target.relative_to(folder).as_posix())
+    removed = {p.relative_to(folder).as_posix() for p in current[1:30:10]}
+    for image_id in removed:
+        (folder / image_id).unlink()
+    rewritten = {p.relative_to(folder).as_posix() for p in (current[5], current[40])}
+    for image_id, src in zip(sorted(rewritten), spare[-2:]):
+        (folder / image_id).write_bytes(src.read_bytes())
+        os.utime(folder / image_id, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    return added, removed, rewritten
+
+
+def test_a_folder_refreshed_over_dask_embeds_only_new_and_changed_images(cifar_folder, tmp_path):
+    """Two refreshes of one folder on the same 2-process LocalCluster: the second embeds exactly
+    the 5 new and 2 rewritten images, retires 3, leaves every other row byte for byte as it was,
+    and gives the embeddings a local extraction of the folder gives."""
+    from distributed import LocalCluster
+
+    from gpu_ops.features.extract import open_dataset
+
+    folder, spare = _small_folder(cifar_folder, tmp_path / "photos", per_class=6)  # 60 images
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=8, num_workers=0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        first = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu")
+        store = Path(first["store"])
+        before = _rows_by_id(store)
+        parts_before = {p.name: p.read_bytes() for p in store.glob("part-*.parquet")}
+        assert first["items"] == 60 and len(before) == 60
+        assert json.loads((store / "manifest.json").read_text())["runs"][-1]["embedded"] == 60
+
+        added, removed, rewritten = _change_folder(folder, spare)
+        second = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu")
+    assert second["store"] == first["store"]  # refreshed in place, not a new store per content
+    manifest = json.loads((store / "manifest.json").read_text())
+    run = manifest["runs"][-1]
+    assert (run["new"], run["changed"], run["removed"], run["embedded"]) == (5, 2, 3, 7)
+    assert second["items"] == 7 and run["run_id"] == manifest["revision"] != manifest["runs"][0]["run_id"]
+    after = _rows_by_id(store)
+    current = set(open_dataset(params).image_ids)
+    assert set(after) == current and len(after) == 62 and not removed & set(after)  # each current image once
+    assert {i for i, row in after.items() if row["run_id"] == run["run_id"]} == added | rewritten
+    for image_id in current - added - rewritten:
+        assert after[image_id] == before[image_id], image_id  # unchanged rows untouched
+    for image_id in rewritten:
+        assert after[image_id]["blake2b"] != before[image_id]["blake2b"]
+    # parts that held no removed or rewritten image are the same files, byte for byte
+    kept = [e["file"] for e in manifest["shards"].values() if e["file"] in parts_before]
+    assert kept and all((store / f).read_bytes() == parts_before[f] for f in kept)
+    new_parts = [e for e in manifest["shards"].values() if e["run"] == run["run_id"] and "rewritten_by" not in e]
+    assert new_parts and all(e["writer"] and e["writer"] != gd.process_label() for e in new_parts)  # the workers
+
+    local = pipeline.extract_stage(_params(tmp_path / "local", dataset=f"folder:{folder}", extractor="raw",
+                                           num_workers=0), progress=False)
+    single = read_embeddings(Path(local.store))
+    by_id = dict(zip(single.image_ids, single.embeddings))
+    on_dask = read_embeddings(store)
+    assert sorted(on_dask.image_ids) == sorted(single.image_ids)
+    np.testing.assert_allclose(on_dask.embeddings, np.stack([by_id[i] for i in on_dask.image_ids]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_dask_run_after_a_local_run_finds_the_folder_embedded(cifar_folder, tmp_path):
+    """A local run and a Dask run over one folder share its store: the Dask run embeds nothing."""
+    from distributed import LocalCluster
+
+    folder, _ = _small_folder(cifar_folder, tmp_path / "photos", per_class=3)
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=8, num_workers=0)
+    local = pipeline.extract_stage(params, progress=False)
+    store = Path(local.store)
+    files = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file() and not p.name.startswith(".writer")}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        done = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu")
+    assert done["store"] == local.store and done["items"] == 0 and done["writers"] == []
+    assert (done["rows"], done["revision"]) == (30, local.revision)
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.name in files} == files  # nothing rewritten
+
+
+def test_a_worker_that_sees_other_files_than_the_driver_refuses_its_images(cifar_folder, tmp_path):
+    """A worker embeds the images the driver names, or says which one it sees differently."""
+    from gpu_ops.features.extract import store_directory
+
+    folder, _ = _small_folder(cifar_folder, tmp_path / "photos", per_class=2)
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", num_workers=0)
+    dataset, extractor = gd.dataset_and_extractor(params, "cpu", listing="t")
+    ids = list(dataset.image_ids[3:6])
+    store = str(store_directory(Path(params["cache_root"]) / "stores", dataset, extractor, incremental=True))
+    done = gd.embed_group(params, store, "t", [3, 4, 5], ids, "cpu")
+    assert done["rows"].image_ids == ids and done["rows"].embeddings.shape == (3, 32 * 32 * 3)
+    assert done["rows"].embeddings.dtype == np.float32
+    with pytest.raises(InputError, match=rf"image 4 is '{ids[2]}' for the driver but '{ids[1]}' on the Dask worker"):
+        gd.embed_group(params, store, "t", [3, 4, 5], [ids[0], ids[2], ids[1]], "cpu")
+    with pytest.raises(InputError, match=r"image 20 is 'x/9.jpg' for the driver but missing \(20 images\)"):
+        gd.embed_group(params, store, "t", [20], ["x/9.jpg"], "cpu")
+    with pytest.raises(InputError, match="this worker's data/extractor belong in"):
+        gd.embed_group(params, str(tmp_path / "other"), "t", [3], ids[:1], "cpu")
+
+
+_KILLABLE_REFRESH = """
+import json, sys, time
+from distributed import LocalCluster
+from gpu_ops import distributed as gd
+
+def hold_after_the_first_part(done, total):
+    print("part written", flush=True)
+    time.sleep(600)  # killed here
+
+with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    gd.refresh_on_dask(json.loads(sys.argv[1]), cluster.scheduler_address, backend="cpu",
+                       on_shard=hold_after_the_first_part)
+"""
+
+
+def test_a_killed_dask_refresh_and_its_rerun_give_the_store_of_an_uninterrupted_refresh(cifar_folder, tmp_path):
+    """SIGKILL of the driver once it has written the first new part; the rerun embeds only the
+    rest, and the store holds what a run that was never interrupted gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    folder, spare = _small_folder(cifar_folder, tmp_path / "photos", per_class=5)  # 50 images
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=2, num_workers=0)
+    store = Path(pipeline.extract_stage(params, progress=False).store)
+    before = _rows_by_id(store)
+    added, removed, rewritten = _change_folder(folder, spare)  # 7 images to embed: 4 new parts of 2, 2, 2, 1
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", _KILLABLE_REFRESH, json.dumps(params, default=str)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert driver.stdout.readline().strip() == "part written", "the refresh ended before writing a part"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    killed = json.loads((store / "manifest.json").read_text())
+    assert not killed["complete"] and killed["runs"][-1]["finished"] is None
+    assert killed["runs"][-1]["embedded"] == 2  # one part of the 4 was written
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        rerun = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert rerun["items"] == 5 and manifest["runs"][-1]["embedded"] == 5 and manifest["complete"]
+    after = _rows_by_id(store)
+    for image_id in set(before) - removed - rewritten:
+        assert after[image_id] == before[image_id], image_id
+
+    uninterrupted = pipeline.extract_stage(_params(tmp_path / "fresh", dataset=f"folder:{folder}", extractor="raw",
+                                                   num_workers=0), progress=False)
+    expected = _rows_by_id(Path(uninterrupted.store))
+    assert set(after) == set(expected) == set(before) - removed | added
+    for image_id, row in expected.items():
+        assert {**after[image_id], "run_id": None} == {**row, "run_id": None}, image_id
+
+
+def test_a_refresh_whose_parts_all_arrived_in_time_is_not_failed_by_its_timeout(cifar_folder, tmp_path):
+    """The stage timeout bounds the wait for the workers' parts, not the driver's writing after
+    the last one came (Dask's as_completed raises past its deadline even with nothing left)."""
+    import time
+
+    from distributed import LocalCluster
+
+    folder, _ = _small_folder(cifar_folder, tmp_path / "photos", per_class=1)
+    params = _params(tmp_path / "cache", dataset=f"folder:{folder}", extractor="raw", shard_rows=5, num_workers=0)
+
+    def slow_after_the_last(done: int, total: int) -> None:
+        if done == total:
+            time.sleep(6)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        done = gd.refresh_on_dask(params, cluster.scheduler_address, backend="cpu", timeout=5,
+                                  on_shard=slow_after_the_last)
+    assert (done["items"], done["rows"]) == (10, 10)

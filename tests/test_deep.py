@@ -44,14 +44,7 @@ def mnist_small():
     return np.asarray(ds.items)[:N_SUBSET], np.asarray(ds.labels)[:N_SUBSET]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other
-    # and run several times slower than one.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- architectures / preprocessing

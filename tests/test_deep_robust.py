@@ -49,12 +49,7 @@ def mnist_1000():
     return np.asarray(ds.items)[:1000], np.asarray(ds.labels)[:1000]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_dead_autoencoder_is_detected_after_100_steps_and_restarted(mnist_1000, caplog):

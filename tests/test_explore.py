@@ -286,3 +286,28 @@ def test_a_changed_run_updates_its_export_and_keeps_the_users_files(explored_run
     rows = _csv_rows(to / "clusters.csv")
     assert len(rows) == 67 and {r["cluster"] for r in rows} == {"0", "1"}
     assert all((to / r["path"]).is_symlink() for r in rows)
+
+
+def test_parquet_rows_are_hashed_by_content_with_many_threads(tmp_path):
+    """``parquet:DIR`` rows are read as one forward stream: hashing them with a thread pool asked for
+    gives each row its own content hash, in order, and equal rows equal hashes."""
+    import hashlib
+
+    from gpu_ops.data import load_dataset
+    from gpu_ops.explore.scan import scan_items
+    from gpu_ops.store import EmbeddingStore
+
+    X = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    X[2999] = X[5]
+    store = EmbeddingStore(tmp_path / "store", {"extractor": "vectors", "store_key": "v"}, len(X), 700)
+    for shard in store.pending_shards():
+        rows = store.shard_range(shard)
+        store.write_shard(shard, [f"r{i}" for i in rows], [""] * len(rows), None, X[rows], [])
+    store.finish()
+    dataset = load_dataset(f"parquet:{tmp_path / 'store'}", "all")
+    digests = [hashlib.sha256(f"{row.dtype}{row.shape}".encode() + row.tobytes()).digest() for row in X]
+    shuffled = np.random.default_rng(1).permutation(len(X))
+    for order in (np.arange(len(X)), shuffled):  # in row order (streamed) and in any other order
+        scan = scan_items(dataset, [f"r{i}" for i in order], threads=8)
+        assert np.array_equal(scan.content, np.array([digests[i] for i in order], dtype=scan.content.dtype))
+    assert scan.content[list(shuffled).index(2999)] == scan.content[list(shuffled).index(5)]

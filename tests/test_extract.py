@@ -34,6 +34,25 @@ def test_batched_jpeg_decoding_matches_per_file_decoding_and_quarantines(cifar_f
     assert "broken.jpg" in quarantine and "empty.jpg,empty file (0 bytes)" in quarantine
 
 
+def test_raw_pixels_of_a_folder_decode_on_threads_in_order_and_quarantine(cifar_folder, tmp_path):
+    """Raw pixels of an image folder are decoded by threads in this process (no DataLoader, no
+    torch): the same store, row for row, as one item at a time, and the broken files set aside."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for src in sorted((cifar_folder / "cat").glob("*.jpg"))[:20]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "broken.jpg").write_bytes((folder / "0000.jpg").read_bytes()[:200] + b"\x00" * 50)
+    ds = load_dataset(f"folder:{folder}")
+    extractor = create_extractor("raw", image_size=16)
+    threaded = extract_to_store(ds, extractor, tmp_path / "a", progress=False, batch_size=6, num_workers=3)
+    one_by_one = extract_to_store(ds, extractor, tmp_path / "b", progress=False, batch_size=6, num_workers=0)
+    assert (threaded.rows, threaded.quarantined) == (one_by_one.rows, one_by_one.quarantined) == (20, 1)
+    a, b = read_embeddings(Path(threaded.directory)), read_embeddings(Path(one_by_one.directory))
+    assert a.image_ids == b.image_ids and a.embeddings.shape == (20, 16 * 16 * 3)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    assert "broken.jpg" in (Path(threaded.directory) / "quarantine.csv").read_text()
+
+
 def test_device_decoding_needs_an_image_folder():
     with pytest.raises(InputError, match="decoding on the device needs an image folder"):
         extract_to_store(load_dataset("digits"), create_extractor("raw"), Path("/tmp/unused"), decode_on_device=True)

@@ -291,6 +291,40 @@ def test_a_second_writer_waits_for_the_holder_and_says_for_whom(jpegs, tmp_path,
     assert waited > 2.0 and summary.rows == 30 and summary.items == 30
 
 
+def test_a_refresh_waits_for_a_run_reading_the_store_and_a_noop_refresh_does_not(jpegs, tmp_path, caplog):
+    """A run reading the store holds it (StoreReaders): a refresh that would retire and add rows
+    waits, saying why, and the reader sees the same rows throughout; a rerun with nothing to
+    change reads past the reader without waiting."""
+    import threading
+
+    from gpu_ops.store_lock import StoreReaders
+
+    folder = _folder(tmp_path / "photos", jpegs, 3)
+    store = Path(_extract(folder, tmp_path / "cache").directory)
+    before = _rows(store)
+    (folder / "cat" / "000.jpg").unlink()
+    (folder / "dog" / "new.jpg").write_bytes(jpegs["dog"][50])
+    done: list = []
+    with caplog.at_level(logging.INFO, logger="gpu_ops"), StoreReaders(store):
+        refresh = threading.Thread(target=lambda: done.append(_extract(folder, tmp_path / "cache")))
+        refresh.start()
+        refresh.join(timeout=3.0)
+        assert refresh.is_alive() and not done  # waiting for the reader
+        assert _rows(store).keys() == before.keys()  # every part the reader was given is still there
+        assert all((store / f).is_file() for f in _manifest(store)["files"])
+    refresh.join(timeout=60)
+    assert done and done[0].items == 1
+    rows = _rows(store)
+    assert "cat/000.jpg" not in rows and "dog/new.jpg" in rows and len(rows) == 30
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"store {store} is being read by another run: waiting for it to finish before changing the store" in lines
+    with StoreReaders(store):  # nothing left to change: the rerun does not wait for the reader
+        again = threading.Thread(target=lambda: done.append(_extract(folder, tmp_path / "cache")))
+        again.start()
+        again.join(timeout=60)
+        assert not again.is_alive() and done[1].items == 0
+
+
 def test_a_lock_left_by_a_killed_writer_is_taken_over_and_reported(jpegs, tmp_path, caplog):
     folder = _folder(tmp_path / "photos", jpegs, 3)
     store = _store_of(folder, tmp_path / "cache")

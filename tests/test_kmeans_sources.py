@@ -241,7 +241,7 @@ NOT_KMEANS = {
     "gpu_ops/metrics.py:contingency": "counts of (predicted, true) label pairs",
     "gpu_ops/cluster/quality.py:knn_graph": "the sparse k-nearest-neighbour graph (an adjacency matrix)",
     "gpu_ops/cluster/quality.py:merge_path": "edge weights between clusters of the neighbour graph (modularity)",
-    "gpu_ops/explore/duplicates.py:find_duplicates": "the sparse graph of duplicate pairs (connected components)",
+    "gpu_ops/explore/duplicates.py:group_duplicates": "the sparse graph of duplicate pairs (connected components)",
 }
 
 

@@ -53,13 +53,15 @@ def _digits_parquet(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("dataset", ["digits", "parquet"])
-def test_raw_and_parquet_runs_import_no_torch_and_matplotlib_only_in_the_report(prefect_server, tmp_path, dataset):
-    spec = "digits" if dataset == "digits" else f"parquet:{_digits_parquet(tmp_path / 'emb')}"
-    result, imports = _probed_run(["run", "--dataset", spec, *FAST_RUN, "--out", str(tmp_path / "run")],
+@pytest.mark.parametrize("dataset", ["digits", "parquet", "folder"])
+def test_raw_and_parquet_runs_import_no_torch_and_matplotlib_only_in_the_report(prefect_server, tmp_path, dataset,
+                                                                                 request):
+    specs = {"digits": lambda: "digits", "parquet": lambda: f"parquet:{_digits_parquet(tmp_path / 'emb')}",
+             "folder": lambda: f"folder:{request.getfixturevalue('cifar_folder')}"}
+    result, imports = _probed_run(["run", "--dataset", specs[dataset](), *FAST_RUN, "--out", str(tmp_path / "run")],
                                   tmp_path / "probe", prefect_server["url"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 1797
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == (200 if dataset == "folder" else 1797)
     assert result.stdout.splitlines()[0] == f"Prefect: server at {prefect_server['url']}"
     assert [name for name in NOT_NEEDED if name in imports] == [], {n: imports[n] for n in NOT_NEEDED if n in imports}
     # matplotlib is first imported inside the report task, and only there
@@ -159,3 +161,18 @@ def test_digits_read_without_scikit_learn_match_load_digits(tmp_path):
     got = np.load(tmp_path / "d.npz")
     np.testing.assert_array_equal(got["labels"], bunch.target.astype(np.int32))
     np.testing.assert_array_equal(got["items"], to_uint8_images(bunch.images / 16.0, "digits"))
+
+
+@pytest.mark.parametrize("env, expected", [({}, "None"), ({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}, "60")])
+def test_a_run_in_the_terminal_sends_heartbeats_only_when_asked(env, expected):
+    """Prefect's heartbeat thread keeps a finished flow waiting up to a second: `gpuclust run`
+    turns heartbeats off unless the user set their frequency, which it then keeps."""
+    probe = ("from flows.api_server import foreground_run_settings\n"
+             "from prefect.settings import get_current_settings\n"
+             "with foreground_run_settings():\n"
+             "    print(get_current_settings().flows.heartbeat_frequency)\n")
+    clean = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env={**clean, **env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected

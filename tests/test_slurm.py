@@ -206,9 +206,10 @@ def sacct_jobs(env: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 def test_slurm_batch_jobs_extract_and_cluster_an_image_folder_as_the_local_run_does(slurm, cifar_folder, tmp_path):
-    """`gpuclust run --task-runner slurm`: two batch jobs (Dask workers, daemonic processes that
+    """`gpuclust run --task-runner slurm`: batch jobs (Dask workers, daemonic processes that
     decode the JPEG folder themselves) write the store's shards and run k-means's Lloyd passes;
-    both jobs are in ``sacct`` and ended COMPLETED; the store and the labels are the local run's."""
+    both submitted jobs are in ``sacct`` and ended COMPLETED; the store and the labels are the
+    local run's."""
     from gpu_ops import pipeline
     from gpu_ops.config import make_config
     from gpu_ops.metrics import evaluate
@@ -229,21 +230,23 @@ def test_slurm_batch_jobs_extract_and_cluster_an_image_folder_as_the_local_run_d
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     store = Path(metrics["store"])
 
-    # the shards were written inside two different batch jobs, and those jobs are in sacct
+    # the shards were written inside batch jobs (which of the two jobs takes which shard is the
+    # scheduler's choice: on a quiet node the first job can write both), the Lloyd passes ran in
+    # them, and both submitted jobs are in sacct, COMPLETED
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 2
-    jobs = {re.search(r"\(slurm job (\d+)\)", s["writer"]).group(1) for s in manifest["shards"].values()}
-    assert len(jobs) == 2
+    writers = {re.search(r"\(slurm job (\d+)\)", s["writer"]).group(1) for s in manifest["shards"].values()}
     kmeans = next(b for b in metrics["backends"] if b["stage"] == "kmeans")
     assert kmeans["backend"].startswith("dask-lloyd+")
-    assert re.search(r"on 2 worker\(s\) in slurm job \d+, slurm job \d+$", kmeans["reason"]), kmeans["reason"]
-    assert set(re.findall(r"slurm job (\d+)", kmeans["reason"])) == jobs  # the same two jobs ran the Lloyd passes
+    assert re.search(r"on \d worker\(s\) in slurm job \d+(, slurm job \d+)?$", kmeans["reason"]), kmeans["reason"]
+    lloyd = set(re.findall(r"slurm job (\d+)", kmeans["reason"]))
     records = sacct_jobs(slurm)
-    for job in jobs:
-        assert records[job]["name"] == "dask-worker", records
-        assert records[job]["state"] == "COMPLETED" and records[job]["exit"] == "0:0", records  # not cancelled
+    assert len(records) == 2 and writers | lloyd <= set(records), (writers, lloyd, records)
+    for job, record in records.items():
+        assert record["name"] == "dask-worker", records
+        assert record["state"] == "COMPLETED" and record["exit"] == "0:0", records  # not cancelled
     logs = sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir())
-    assert {f"dask-worker-{j}.err" for j in jobs} <= set(logs)  # job output under the cache, not in the cwd
+    assert {f"dask-worker-{j}.err" for j in records} <= set(logs)  # job output under the cache, not in the cwd
 
     # the same store and clustering as the stages a local run calls, in this process
     local_cfg = make_config(dataset=f"folder:{cifar_folder}", extractor="raw", algorithms=["kmeans"], k=10, seed=0,

@@ -386,6 +386,7 @@ class ParquetEmbeddings(Dataset):
             _VERIFIED.clear()
             _VERIFIED[key] = self._content_hash()
         self._hash = _VERIFIED[key]
+        self.backbones = source_backbones(self.directory)
 
     def _check_unique(self, ids: list[Any]) -> None:
         import pyarrow.compute as pc
@@ -463,3 +464,13 @@ def parquet_embeddings(directory: Path) -> ParquetEmbeddings:
 def env_path(raw: str) -> Path:
     """Expand ~ and environment variables in a user-given path."""
     return Path(os.path.expandvars(os.path.expanduser(raw)))
+
+
+def source_backbones(directory: Path) -> str | None:
+    """The ``backbones`` metadata (each backbone's column range) of a gpuclust store at
+    ``directory`` whose rows join several backbones; None for any other Parquet folder."""
+    from gpu_ops.store import read_manifest
+
+    manifest, _ = read_manifest(directory)
+    value = ((manifest or {}).get("metadata") or {}).get("backbones")
+    return value if isinstance(value, str) and value else None

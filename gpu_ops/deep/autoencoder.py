@@ -269,17 +269,25 @@ def encode_tensor(model: nn.Module, X: torch.Tensor, batch_size: int = 1024,
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def encode(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: str | torch.device = "auto") -> np.ndarray:
-    """Latent vectors of ``images`` (n, h, w[, c]) uint8 (or (n, d) vectors): (n, latent) float32.
-
-    The images get the same preprocessing (scaling, resize) as at training time.
-    """
+def model_inputs(model: nn.Module, images: np.ndarray,
+                 device: str | torch.device) -> tuple[nn.Module, torch.Tensor, torch.device]:
+    """``model`` on the resolved ``device`` and ``images`` (n, h, w[, c]) uint8 (or (n, d) vectors)
+    preprocessed as at training time (scaling, resize); InputError when they do not fit the model."""
     dev = resolve_device(device)
     model = model.to(dev)
     X = images_to_tensor(images, getattr(model, "image_size", None), getattr(model, "max_side", 64))
     expected = tuple(getattr(model, "input_shape", X.shape[1:]))
     if tuple(X.shape[1:]) != expected:
         raise InputError(f"images preprocess to shape {tuple(X.shape[1:])} but the autoencoder was trained on {expected}")
+    return model, X, dev
+
+
+def encode(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: str | torch.device = "auto") -> np.ndarray:
+    """Latent vectors of ``images`` (n, h, w[, c]) uint8 (or (n, d) vectors): (n, latent) float32.
+
+    The images get the same preprocessing (scaling, resize) as at training time.
+    """
+    model, X, dev = model_inputs(model, images, device)
     return encode_tensor(model, X, batch_size, dev)
 
 
@@ -288,12 +296,7 @@ def encode_with_error(model: nn.Module, images: np.ndarray, batch_size: int = 10
     """Latent vectors of ``images`` as :func:`encode` gives them, and each image's reconstruction
     error (mean squared error of the decoded image in the model's [0, 1] input scale): (n, latent)
     and (n,) float32."""
-    dev = resolve_device(device)
-    model = model.to(dev)
-    X = images_to_tensor(images, getattr(model, "image_size", None), getattr(model, "max_side", 64))
-    expected = tuple(getattr(model, "input_shape", X.shape[1:]))
-    if tuple(X.shape[1:]) != expected:
-        raise InputError(f"images preprocess to shape {tuple(X.shape[1:])} but the autoencoder was trained on {expected}")
+    model, X, dev = model_inputs(model, images, device)
     was_training = model.training
     model.eval()
     codes, errors = [], []

@@ -35,7 +35,7 @@ image (most pixels), the first in dataset order on a tie.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -103,16 +103,15 @@ def _pairs(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.unique(np.stack([a[keep], b[keep]], axis=1).astype(np.int64), axis=0)
 
 
-def exact_pairs(content: Sequence[str]) -> np.ndarray:
-    """Pairs of items with the same content hash: each to the first item holding it."""
-    first: dict[str, int] = {}
-    rows, cols = [], []
-    for i, h in enumerate(content):
-        j = first.setdefault(h, i)
-        if j != i:
-            rows.append(j)
-            cols.append(i)
-    return _pairs(np.array(rows, np.int64), np.array(cols, np.int64))
+def exact_pairs(content: np.ndarray) -> np.ndarray:
+    """Pairs of items with the same content digest: each to the first item holding it."""
+    content = np.asarray(content)
+    if content.size == 0:
+        return np.zeros((0, 2), np.int64)
+    _, first, inverse = np.unique(content, return_index=True, return_inverse=True)
+    first = first[inverse.reshape(-1)]
+    later = np.flatnonzero(first != np.arange(content.size))
+    return _pairs(first[later].astype(np.int64), later.astype(np.int64))
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -212,30 +211,39 @@ def find_duplicates(image_ids: Sequence[str], scan: ItemScan, embeddings: np.nda
         terms (1 for exact, 1 - bits/64 for phash, the cosine for embedding), and both
         measurements (``phash_bits`` null without images).
     """
+    near = (embedding_pairs(neighbours, settings.min_cosine) if neighbours is not None
+            else np.zeros((0, 2), np.int64))
+    return group_duplicates(image_ids, scan, near, lambda pairs: pair_cosine(embeddings, pairs), settings, backend,
+                            [neighbours.backend] if neighbours is not None else [])
+
+
+def group_duplicates(image_ids: Sequence[str], scan: ItemScan, near: np.ndarray,
+                     cosine_of: Callable[[np.ndarray], np.ndarray], settings: DuplicateSettings = DuplicateSettings(),
+                     backend: str = "auto", backends: Sequence[str] = ()) -> DuplicateGroups:
+    """:func:`find_duplicates` from the embedding pairs already found: ``near`` (m, 2) pairs whose
+    centred cosine reached ``settings.min_cosine``, ``cosine_of(pairs)`` the centred cosine of any
+    pairs, ``backends`` the knn backends that found ``near``. Only the ids of paired items are read
+    from ``image_ids``."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(image_ids)
-    ids = np.asarray([str(i) for i in image_ids], dtype=object)
     found = {"exact": exact_pairs(scan.content)}
-    backends: list[str] = []
+    used_backends = list(backends)
     if scan.has_images:
         found["phash"], used = phash_pairs(scan, settings.phash_max_bits, settings.neighbours, backend)
-        backends += [used] if used else []
+        used_backends += [used] if used else []
     else:
         found["phash"] = np.zeros((0, 2), np.int64)
-    found["embedding"] = (embedding_pairs(neighbours, settings.min_cosine) if neighbours is not None
-                          else np.zeros((0, 2), np.int64))
-    if neighbours is not None:
-        backends.append(neighbours.backend)
+    found["embedding"] = near
     pairs = _pairs(*np.concatenate([p for p in found.values()]).T) if n else np.zeros((0, 2), np.int64)
     if pairs.size == 0:
-        return DuplicateGroups(SCHEMA.empty_table(), {k: 0 for k in KINDS}, backends=sorted(set(backends)))
-    same = np.array([scan.content[i] == scan.content[j] for i, j in pairs], bool)
+        return DuplicateGroups(SCHEMA.empty_table(), {k: 0 for k in KINDS}, backends=sorted(set(used_backends)))
+    same = scan.content[pairs[:, 0]] == scan.content[pairs[:, 1]]
     bits = phash_distance(scan, pairs) if scan.has_images else None
     if bits is not None and scan.readable is not None:
         bits = np.where(scan.readable[pairs[:, 0]] & scan.readable[pairs[:, 1]], bits, HASH_BITS).astype(np.int16)
-    cosine = pair_cosine(embeddings, pairs)
+    cosine = cosine_of(pairs)
     by_phash = bits is not None and bits <= settings.phash_max_bits
     kind = np.where(same, "exact", np.where(by_phash, "phash", "embedding"))
     similarity = np.where(same, 1.0, np.where(by_phash, 1.0 - (bits if bits is not None else 0) / HASH_BITS, cosine))
@@ -243,6 +251,7 @@ def find_duplicates(image_ids: Sequence[str], scan: ItemScan, embeddings: np.nda
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     members = np.unique(pairs)
+    ids = dict(zip(members.tolist(), (str(image_ids[int(i)]) for i in members)))
     pixels = (scan.width.astype(np.int64) * scan.height if scan.width is not None and scan.height is not None
               else np.zeros(n, np.int64))
     # Groups are numbered by their first member; each one's representative is its largest image.
@@ -257,13 +266,13 @@ def find_duplicates(image_ids: Sequence[str], scan: ItemScan, embeddings: np.nda
             representative[c] = int(i)
     comp = component[pairs[:, 0]]
     group = np.array([group_of[int(c)] for c in comp], np.int32)
-    rep = ids[[representative[int(c)] for c in comp]]
+    rep = [ids[representative[int(c)]] for c in comp]
     order = np.lexsort((pairs[:, 1], pairs[:, 0], group))
     table = pa.table({
         "group": pa.array(group[order], pa.int32()),
-        "representative": pa.array(rep[order].tolist(), pa.string()),
-        "image_id_a": pa.array(ids[pairs[order, 0]].tolist(), pa.string()),
-        "image_id_b": pa.array(ids[pairs[order, 1]].tolist(), pa.string()),
+        "representative": pa.array([rep[i] for i in order], pa.string()),
+        "image_id_a": pa.array([ids[int(i)] for i in pairs[order, 0]], pa.string()),
+        "image_id_b": pa.array([ids[int(i)] for i in pairs[order, 1]], pa.string()),
         "kind": pa.array(kind[order].tolist(), pa.string()),
         "similarity": pa.array(similarity[order].astype(np.float32), pa.float32()),
         "phash_bits": pa.nulls(len(pairs), pa.int16()) if bits is None else pa.array(bits[order], pa.int16()),
@@ -271,4 +280,4 @@ def find_duplicates(image_ids: Sequence[str], scan: ItemScan, embeddings: np.nda
     }, schema=SCHEMA)
     counts = {k: int((kind == k).sum()) for k in KINDS}
     return DuplicateGroups(table, counts, groups=len(group_of), images_in_groups=int(members.size),
-                           redundant=int(members.size) - len(group_of), backends=sorted(set(backends)))
+                           redundant=int(members.size) - len(group_of), backends=sorted(set(used_backends)))

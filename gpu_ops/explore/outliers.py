@@ -120,37 +120,75 @@ def quality_flags(scan: ItemScan) -> tuple[dict[str, np.ndarray], int | None]:
     }, tiny_px
 
 
+def neighbour_scores(neighbours: Neighbours | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(knn_distance, lof)`` (n,) float64 of the items from their Euclidean ``neighbours`` (NaN without)."""
+    if neighbours is None:
+        return np.full(n, np.nan), np.full(n, np.nan)
+    knn_distance = neighbours.distances.mean(axis=1).astype(np.float64)
+    around = knn_distance[neighbours.indices].mean(axis=1)
+    return knn_distance, local_factor(knn_distance, around)
+
+
+def local_factor(knn_distance: np.ndarray, around: np.ndarray) -> np.ndarray:
+    """``lof``: each item's ``knn_distance`` over ``around``, the mean ``knn_distance`` of its neighbours
+    (1 where that is 0)."""
+    return np.where(around > 0, knn_distance / np.maximum(around, 1e-12), 1.0)
+
+
 def outlier_scores(image_ids: Sequence[str], scan: ItemScan, embeddings: np.ndarray,
                    neighbours: Neighbours | None, labels: np.ndarray | None) -> OutlierScores:
     """Scores and flags of the items ``image_ids`` (store order); ``neighbours``:
     :func:`euclidean_neighbours` of ``embeddings``; ``labels`` are the first algorithm's clusters
     of the same items (None: no cluster ratio)."""
     n = len(image_ids)
-    if neighbours is not None:
-        knn_distance = neighbours.distances.mean(axis=1).astype(np.float64)
-        around = knn_distance[neighbours.indices].mean(axis=1)
-        lof = np.where(around > 0, knn_distance / np.maximum(around, 1e-12), 1.0)
-    else:
-        knn_distance, lof = np.full(n, np.nan), np.full(n, np.nan)
+    knn_distance, lof = neighbour_scores(neighbours, n)
     labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
     ratio = cluster_ratio(embeddings, labels) if n else np.zeros(0)
+    columns = score_columns(scan, knn_distance, lof, labels, ratio)
+    ids = pa.array([str(i) for i in image_ids], pa.string())
+    return OutlierScores(outlier_table(ids, columns, 0, n), columns.flagged, columns.tiny_below_px)
+
+
+@dataclass
+class ScoreColumns:
+    """The columns of ``outliers.parquet`` but ``image_id`` (n values each, store order), the
+    images per flag and the tiny threshold; :func:`outlier_table` makes table rows of a slice."""
+
+    arrays: dict[str, np.ndarray]
+    flagged: dict[str, int]
+    tiny_below_px: int | None
+
+
+def score_columns(scan: ItemScan, knn_distance: np.ndarray, lof: np.ndarray, labels: np.ndarray,
+                  ratio: np.ndarray) -> ScoreColumns:
+    """Score, rank, flags and measurements of n items from their ``knn_distance``, ``lof``, cluster
+    ``labels`` (-1: none) and :func:`cluster_ratio` ``ratio``."""
+    n = len(labels)
     by_knn, by_ratio = percentile(knn_distance), percentile(ratio)
     score = np.where(np.isfinite(by_ratio), (by_knn + by_ratio) / 2, by_knn)
     score = np.nan_to_num(score, nan=0.0)
     rank = np.empty(n, np.int32)
     rank[np.lexsort((np.arange(n), -score))] = np.arange(1, n + 1)  # ties: dataset order
     flags, tiny_px = quality_flags(scan)
-    columns = {
-        "image_id": pa.array([str(i) for i in image_ids], pa.string()),
-        "score": pa.array(score.astype(np.float32)),
-        "rank": pa.array(rank),
-        "knn_distance": pa.array(knn_distance.astype(np.float32)),
-        "lof": pa.array(lof.astype(np.float32)),
-        "cluster": pa.array(labels.astype(np.int32)),
-        "cluster_ratio": pa.array(ratio.astype(np.float32), from_pandas=True),
-        **{name: pa.array(flags[name]) for name in FLAGS},
+    arrays = {
+        "score": score.astype(np.float32),
+        "rank": rank,
+        "knn_distance": knn_distance.astype(np.float32),
+        "lof": lof.astype(np.float32),
+        "cluster": labels.astype(np.int32),
+        "cluster_ratio": ratio.astype(np.float32),
+        **{name: flags[name] for name in FLAGS},
     }
     if scan.has_images:
-        columns.update(width=pa.array(scan.width), height=pa.array(scan.height),
-                       brightness=pa.array(scan.luma_mean), sharpness=pa.array(scan.laplacian_var))
-    return OutlierScores(pa.table(columns), {f: int(v.sum()) for f, v in flags.items()}, tiny_px)
+        assert scan.width is not None and scan.height is not None
+        arrays.update(width=scan.width, height=scan.height, brightness=scan.luma_mean, sharpness=scan.laplacian_var)
+    return ScoreColumns(arrays, {f: int(v.sum()) for f, v in flags.items()}, tiny_px)
+
+
+def outlier_table(image_ids: pa.Array, columns: ScoreColumns, start: int, stop: int) -> pa.Table:
+    """Rows ``start:stop`` of ``outliers.parquet``; ``image_ids``: those rows' ids."""
+    cols: dict[str, pa.Array] = {"image_id": image_ids}
+    for name, values in columns.arrays.items():
+        part = values[start:stop]
+        cols[name] = pa.array(part, from_pandas=True) if name == "cluster_ratio" else pa.array(part)
+    return pa.table(cols)

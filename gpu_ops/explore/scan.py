@@ -26,14 +26,18 @@ HASH_BITS = 64
 #: centre with 5, 10 and 15 % of each side cut away. A copy that was flipped or cropped that much
 #: hashes close to the original's view, where its own hash is far (a 10 % crop moves 18-30 bits).
 VIEWS: tuple[tuple[str, float], ...] = (("mirror", 0.0), ("crop5", 0.05), ("crop10", 0.10), ("crop15", 0.15))
+#: Bytes of an item's content digest (sha256).
+DIGEST_BYTES = 32
+#: Items scanned (submitted to the thread pool) at a time.
+SCAN_CHUNK = 4096
 
 
 @dataclass
 class ItemScan:
     """Per-item facts in the order of the scanned ids (n items).
 
-    ``content``: sha256 hex of the file's bytes (image folders) or of the item's array (in-memory
-    datasets). The image fields are None for vector datasets (no pixels): ``readable`` (n,) bool,
+    ``content``: (n,) ``S32`` sha256 digests of the file's bytes (image folders) or of the item's
+    array (in-memory datasets). The image fields are None for vector datasets (no pixels): ``readable`` (n,) bool,
     False for an item that could not be decoded now (its other facts are neutral placeholders that
     raise no flag, and it takes no part in perceptual matching); ``phash`` (n, 64) uint8 bits of
     the image and ``phash_views`` (n, len(VIEWS), 64) those of its :data:`VIEWS`,
@@ -42,7 +46,7 @@ class ItemScan:
     Laplacian of the grey image (low: few sharp edges).
     """
 
-    content: list[str]
+    content: np.ndarray
     readable: np.ndarray | None = None
     phash: np.ndarray | None = None
     phash_views: np.ndarray | None = None
@@ -108,19 +112,49 @@ def _scan_image(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, 
     return (phash_bits(im), views, *grey_measures(rgb))
 
 
-def _scan_one(dataset: Any, index: int, is_image: bool) -> tuple[str, Any]:
+def _content_hash(arr: np.ndarray) -> bytes:
+    """sha256 digest of an in-memory item: its dtype, shape and bytes."""
+    arr = np.ascontiguousarray(arr)
+    return hashlib.sha256(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes()).digest()
+
+
+def _scan_one(dataset: Any, index: int, is_image: bool) -> tuple[bytes, Any]:
     paths = getattr(dataset, "paths", None)
     items = getattr(dataset, "items", None)
     if paths is not None:
-        data = paths[index].read_bytes()
-        content = hashlib.sha256(data).hexdigest()
+        content = hashlib.sha256(paths[index].read_bytes()).digest()
     else:
-        arr = np.ascontiguousarray(items[index] if items is not None else dataset.load(index))
-        content = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes()).hexdigest()
+        content = _content_hash(items[index] if items is not None else dataset.load(index))
     if not is_image:
         return content, None
     rgb = _as_rgb(dataset.load(index))
     return content, (rgb.shape[1], rgb.shape[0], *_scan_image(rgb))
+
+
+def _positions(dataset: Any, image_ids: Sequence[str]) -> range | list[int]:
+    """The dataset index of each of ``image_ids``: ``range(n)`` when they are the dataset's own ids in
+    its order (the usual case: a store lists its dataset's items in order), without a dict of n strings."""
+    own = dataset.image_ids
+    same = len(own) == len(image_ids)
+    if same and hasattr(own, "array") and hasattr(image_ids, "array"):  # Arrow-backed id columns
+        same = own.array.equals(image_ids.array)  # type: ignore[attr-defined]
+    elif same:
+        same = all(str(a) == str(b) for a, b in zip(own, image_ids))
+    if same:
+        return range(len(own))
+    position = {str(image_id): i for i, image_id in enumerate(own)}
+    return [position[str(i)] for i in image_ids]
+
+
+def _vector_contents(dataset: Any, n: int) -> np.ndarray:
+    """Content digests of a vector dataset's first ``n`` rows, streamed in row order (``dataset.rows``):
+    the same digests :func:`_scan_one` makes item by item."""
+    out = np.empty(n, dtype=f"S{DIGEST_BYTES}")
+    for start in range(0, n, SCAN_CHUNK):
+        X = dataset.rows(start, min(n, start + SCAN_CHUNK))
+        for i, row in enumerate(X):
+            out[start + i] = _content_hash(row)
+    return out
 
 
 def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = None) -> ItemScan:
@@ -129,36 +163,54 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = Non
     Image folders are hashed by file bytes, in-memory datasets by each item's array. Items that
     cannot be decoded now (changed since extraction) keep their content hash and get neutral
     image facts (mid-grey, sharp, the median size), so they raise no flag.
-    """
-    position = {str(image_id): i for i, image_id in enumerate(dataset.image_ids)}
-    index = [position[str(i)] for i in image_ids]
-    is_image = getattr(dataset, "item_kind", "image") == "image"
 
-    def one(i: int) -> tuple[str, Any]:
+    Memory: the per-item facts only (about 400 bytes an image, 32 bytes a vector); items are
+    scanned :data:`SCAN_CHUNK` at a time, and a vector dataset that reads rows in ranges
+    (``parquet:DIR``) is streamed in row order.
+    """
+    index = _positions(dataset, image_ids)
+    n = len(index)
+    is_image = getattr(dataset, "item_kind", "image") == "image"
+    if not is_image and isinstance(index, range) and hasattr(dataset, "rows"):
+        return ItemScan(content=_vector_contents(dataset, n))
+
+    def one(i: int) -> tuple[bytes, Any]:
         try:
             return _scan_one(dataset, i, is_image)
         except BadImageError:
-            return hashlib.sha256(f"unreadable:{i}".encode()).hexdigest(), None
+            return hashlib.sha256(f"unreadable:{i}".encode()).digest(), None
 
+    scan = ItemScan(content=np.empty(n, dtype=f"S{DIGEST_BYTES}"))
+    if is_image:
+        scan.readable = np.zeros(n, bool)
+        scan.width, scan.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        scan.phash = np.zeros((n, HASH_BITS), np.uint8)
+        scan.phash_views = np.zeros((n, len(VIEWS), HASH_BITS), np.uint8)
+        scan.luma_mean, scan.luma_std, scan.laplacian_var = (np.zeros(n, np.float32) for _ in range(3))
     threads = threads or min(8, os.cpu_count() or 1)  # decoding and resizing release the GIL
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(one, index))
-    scan = ItemScan(content=[c for c, _ in results])
     if not is_image:
-        return scan
-    n = len(results)
-    facts = [r for _, r in results if r is not None]
-    median_w = int(np.median([f[0] for f in facts])) if facts else 0
-    median_h = int(np.median([f[1] for f in facts])) if facts else 0
-    neutral = (median_w, median_h, np.zeros(HASH_BITS, np.uint8), np.zeros((len(VIEWS), HASH_BITS), np.uint8),
-               128.0, 64.0, 1e6)
-    rows = [r if r is not None else neutral for _, r in results]
-    scan.readable = np.array([r is not None for _, r in results], bool)
-    scan.width = np.array([r[0] for r in rows], np.int32)
-    scan.height = np.array([r[1] for r in rows], np.int32)
-    scan.phash = np.stack([r[2] for r in rows]) if n else np.zeros((0, HASH_BITS), np.uint8)
-    scan.phash_views = np.stack([r[3] for r in rows]) if n else np.zeros((0, len(VIEWS), HASH_BITS), np.uint8)
-    scan.luma_mean = np.array([r[4] for r in rows], np.float32)
-    scan.luma_std = np.array([r[5] for r in rows], np.float32)
-    scan.laplacian_var = np.array([r[6] for r in rows], np.float32)
+        threads = 1  # vectors are only hashed; a Parquet dataset reads them as one forward stream, not thread-safe
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for start in range(0, n, SCAN_CHUNK):  # a chunk at a time: no future or result per item piles up
+            for j, (content, facts) in enumerate(pool.map(one, index[start:start + SCAN_CHUNK]), start):
+                scan.content[j] = content
+                if facts is not None:
+                    scan.readable[j] = True  # type: ignore[index]
+                    scan.width[j], scan.height[j], scan.phash[j], scan.phash_views[j] = facts[:4]  # type: ignore[index]
+                    scan.luma_mean[j], scan.luma_std[j], scan.laplacian_var[j] = facts[4:]  # type: ignore[index]
+    if is_image:
+        _neutral_unreadable(scan)
     return scan
+
+
+def _neutral_unreadable(scan: ItemScan) -> None:
+    """Give unreadable items neutral facts: the median size of the readable ones, zero hashes,
+    mid-grey, some contrast, sharp."""
+    assert scan.readable is not None and scan.width is not None and scan.height is not None
+    bad = ~scan.readable
+    if not bad.any():
+        return
+    ok = scan.readable
+    scan.width[bad] = int(np.median(scan.width[ok])) if ok.any() else 0
+    scan.height[bad] = int(np.median(scan.height[ok])) if ok.any() else 0
+    scan.luma_mean[bad], scan.luma_std[bad], scan.laplacian_var[bad] = 128.0, 64.0, 1e6  # type: ignore[index]

@@ -29,6 +29,9 @@ class Extractor(ABC):
     device: str = "cpu"
     #: Whether :meth:`preprocess_decoded` can prepare batches decoded on the device.
     device_decoding: bool = False
+    #: Whether :meth:`preprocess` returns numpy arrays and :meth:`embed` takes them: its batches
+    #: are then made in this process, files decoded by threads, and torch is never imported.
+    numpy_batches: bool = False
 
     @abstractmethod
     def preprocess(self, item: np.ndarray) -> torch.Tensor | np.ndarray:

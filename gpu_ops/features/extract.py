@@ -1,7 +1,9 @@
 """Batched, streaming extraction of a dataset into the Parquet embedding store.
 
 :func:`extract_to_store` is the one extraction routine: a single process calls it for the whole
-store, each Dask worker for its shards (:mod:`gpu_ops.distributed`). :func:`open_dataset` and
+store, each Dask worker for its shards of a store of fixed ranges (:mod:`gpu_ops.distributed`).
+A Dask worker's share of an image folder's refresh goes through the same loop but comes back in
+memory (:func:`embed_items`): the driver writes the folder's store. :func:`open_dataset` and
 :func:`build_extractor` decide, from an extract run's parameters, what both of them read and
 with which extractor.
 
@@ -20,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,7 +32,7 @@ from gpu_ops.data.base import BadImageError, Dataset
 from gpu_ops.errors import InputError
 from gpu_ops.features import create_extractor
 from gpu_ops.features.base import Extractor
-from gpu_ops.incremental import IncrementalStore
+from gpu_ops.incremental import start_refresh
 from gpu_ops.store import EmbeddingStore, StoreSummary, library_versions
 from gpu_ops.store_lock import StoreLock, new_run_id
 
@@ -45,6 +47,18 @@ DEFAULT_SHARD_ROWS = 4096
 RAW_SIZE = 32
 
 ShardCallback = Callable[[int, int], None]
+
+
+class ShardSink(Protocol):
+    """Where embedded shards go: a store (:class:`~gpu_ops.store.EmbeddingStore`) or a group kept
+    in memory (:func:`embed_items`)."""
+
+    def pending_shards(self) -> list[int]: ...
+
+    def shard_range(self, shard: int) -> Sequence[int]: ...
+
+    def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None: ...
 
 
 class _Items:
@@ -197,11 +211,20 @@ def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
     return workers
 
 
-def _in_process_batches(items: _Items, batch_size: int) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
-    """What a DataLoader without workers yields, without importing torch for extractors that
-    prepare numpy arrays (raw pixels)."""
-    for start in range(0, len(items), batch_size):
-        yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+def _in_process_batches(items: _Items, batch_size: int,
+                        threads: int = 0) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """What a DataLoader yields, made in this process without importing torch: for extractors
+    that prepare numpy arrays (raw pixels). ``threads`` > 0 reads and decodes that many items at
+    a time (image decoders release the GIL), in order."""
+    if not threads:
+        for start in range(0, len(items), batch_size):
+            yield _collate([items[pos] for pos in range(start, min(start + batch_size, len(items)))])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        for start in range(0, len(items), batch_size):
+            yield _collate(list(pool.map(items.__getitem__, range(start, min(start + batch_size, len(items))))))
 
 
 def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int,
@@ -209,10 +232,14 @@ def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, 
                  decode_on_device: bool = False) -> Iterable[tuple[list[int], Any, list[tuple[int, str]]]]:
     """Batches ``(indices, tensor or raw payloads, [(index, reason), ...])`` of the items at ``indices``,
     in order. Items are preprocessed for ``extractor`` (only read when ``decode_on_device``);
-    unreadable ones come back with their reason instead. Without loader workers, and on the CPU,
-    the batches are made in this process (no DataLoader)."""
-    workers = loader_workers(dataset, num_workers)
+    unreadable ones come back with their reason instead. For numpy extractors (raw pixels), and
+    without loader workers on the CPU, the batches are made in this process (no DataLoader; the
+    files of a numpy extractor decoded by ``num_workers`` threads instead of processes)."""
     items = _Items(dataset, extractor, indices, raw_bytes=decode_on_device)
+    if extractor.numpy_batches and not decode_on_device:
+        threads = default_workers(dataset) if num_workers is None else num_workers
+        return _in_process_batches(items, batch_size, threads)
+    workers = loader_workers(dataset, num_workers)
     if not workers and extractor.device == "cpu" and not decode_on_device:
         return _in_process_batches(items, batch_size)
     from torch.utils.data import DataLoader
@@ -264,8 +291,10 @@ def store_metadata(dataset: Dataset, extractor: Extractor, incremental: bool | N
     if incremental is None:
         incremental = refreshed_in_place(dataset)
     which = {"collection": str(dataset.collection_id())} if incremental else {"dataset_fingerprint": dataset.fingerprint()}
+    # rows copied from a store of several backbones keep their column ranges (TURTLE's spaces)
+    kept = {"backbones": dataset.backbones} if getattr(dataset, "backbones", None) and extractor.name == "raw" else {}
     return {**extractor.identity(device), "store_key": extractor.store_key(device), "dataset": dataset.name, **which,
-            "versions": str(library_versions())}
+            "versions": str(library_versions()), **kept}
 
 
 @dataclass(frozen=True)
@@ -306,11 +335,7 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     pretrained image extractors only). ``on_shard(done, total)`` follows the shards this call
     covers. On CUDA out-of-memory the batch is halved (:class:`AdaptiveEmbedder`).
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer; got {batch_size}")
-    if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
-        raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
-                         f"(got {dataset.name} with {extractor.name})")
+    _check_options(dataset, extractor, batch_size, decode_on_device)
     options = {"batch_size": batch_size, "num_workers": num_workers, "decode_on_device": decode_on_device,
                "progress": progress, "on_shard": on_shard}
     if shards is not None:
@@ -330,15 +355,64 @@ def extract_to_store(dataset: Dataset, extractor: Extractor, store_root: Path, *
     run_id = run_id or new_run_id()
     with StoreLock(directory, run_id, wait=wait):
         if incremental:
-            refreshing = IncrementalStore(directory, metadata, shard_rows, run_id)
-            plan = refreshing.plan(dataset)
-            log.info("store %s: %s", directory, plan.describe())
-            refreshing.check_writable_for(plan)
-            refreshing.apply(plan, dataset)
-            store: EmbeddingStore = refreshing
-        else:
-            store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
+            with start_refresh(directory, metadata, dataset, shard_rows, run_id) as refreshing:
+                return _extract_pending(refreshing, dataset, extractor, refreshing.n_shards, finish=True, **options)
+        store = EmbeddingStore(directory, metadata, len(dataset), shard_rows)
         return _extract_pending(store, dataset, extractor, store.n_shards, finish=True, **options)
+
+
+def _check_options(dataset: Dataset, extractor: Extractor, batch_size: int, decode_on_device: bool) -> None:
+    """Refuse (one line) a batch size below 1, or decoding on the device where it cannot be done."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size}")
+    if decode_on_device and not (hasattr(dataset, "paths") and extractor.device_decoding):
+        raise InputError("decoding on the device needs an image folder and a pretrained image extractor "
+                         f"(got {dataset.name} with {extractor.name})")
+
+
+@dataclass(frozen=True)
+class EmbeddedRows:
+    """A group of items embedded but not yet stored: the arguments of a store's ``write_shard``."""
+
+    image_ids: list[str]
+    sources: list[str]
+    labels: np.ndarray | None  #: (b,) int32, or None for an unlabelled dataset
+    embeddings: np.ndarray  #: (b, d) float32; (0, 0) when no item could be read
+    quarantined: list[tuple[str, str]]  #: (source, reason) of the unreadable items
+
+
+class _InMemoryShard:
+    """Stands in for a store in :func:`_embed_shards`: one shard, the given dataset indices, kept
+    in memory (:attr:`rows`) instead of written."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+        self.rows: EmbeddedRows | None = None
+
+    def pending_shards(self) -> list[int]:
+        return [0] if self.rows is None else []
+
+    def shard_range(self, shard: int) -> list[int]:
+        return self.indices
+
+    def write_shard(self, shard: int, image_ids: list[str], sources: list[str], labels: np.ndarray | None,
+                    embeddings: np.ndarray, quarantined: list[tuple[str, str]]) -> None:
+        self.rows = EmbeddedRows(list(image_ids), list(sources), None if labels is None else np.asarray(labels),
+                                 np.asarray(embeddings, dtype=np.float32), list(quarantined))
+
+
+def embed_items(dataset: Dataset, extractor: Extractor, indices: list[int], *, batch_size: int = 256,
+                num_workers: int | None = None, decode_on_device: bool = False) -> EmbeddedRows:
+    """Embed the items of ``dataset`` at ``indices`` (in that order) and return them as one
+    shard's rows, without writing: a Dask worker's share of a refresh whose driver writes the
+    store (:func:`gpu_ops.distributed.refresh_on_dask`). The loader, batching, out-of-memory
+    halving and quarantine reasons are those of :func:`extract_to_store`."""
+    _check_options(dataset, extractor, batch_size, decode_on_device)
+    shard = _InMemoryShard(list(indices))
+    _embed_shards(shard, dataset, extractor, shard.indices, batch_size=batch_size, num_workers=num_workers,
+                  decode_on_device=decode_on_device, progress=False, on_shard=None)
+    assert shard.rows is not None  # _embed_shards writes every pending shard or raises
+    return shard.rows
 
 
 def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, covered: int, *, finish: bool,
@@ -375,7 +449,7 @@ def _extract_pending(store: EmbeddingStore, dataset: Dataset, extractor: Extract
     return ExtractSummary(**dataclasses.asdict(summary), written=tuple(pending), items=len(indices))
 
 
-def _embed_shards(store: EmbeddingStore, dataset: Dataset, extractor: Extractor, indices: list[int], *,
+def _embed_shards(store: ShardSink, dataset: Dataset, extractor: Extractor, indices: list[int], *,
                   batch_size: int, num_workers: int | None, decode_on_device: bool, progress: bool,
                   on_shard: Callable[[], None] | None) -> None:
     """Embed ``indices`` (the store's pending shards, in order) and write each shard once it is whole."""
@@ -432,7 +506,7 @@ def checked_summary(summary: StoreSummary, dataset_name: str, n_items: int) -> S
 class _ShardBuffer:
     """Collects embedded items in dataset order and writes each shard once it is whole."""
 
-    def __init__(self, store: EmbeddingStore, dataset: Dataset) -> None:
+    def __init__(self, store: ShardSink, dataset: Dataset) -> None:
         self.store, self.dataset = store, dataset
         self.rows: dict[int, np.ndarray] = {}
         self.bad: dict[int, str] = {}

@@ -24,6 +24,7 @@ class RawPixels(Extractor):
     """
 
     name = "raw"
+    numpy_batches = True
 
     def __init__(self, image_size: int | None = None, grayscale: bool = False) -> None:
         self.image_size = image_size

@@ -103,13 +103,16 @@ def _is_int(value: object) -> bool:
 @dataclass
 class InputTransform:
     """Row preprocessing: ``x - mean``, then ``@ components / scale`` (PCA projection, whitened
-    or not, when fitted with a ``pca_dim``), then L2 normalisation (when ``l2``). Stored with
-    every saved head."""
+    or not, when fitted with a ``pca_dim``), then L2 normalisation (when ``l2``), then ``gain``.
+    With ``blocks`` (output column ranges, one per representation space) the projection is
+    block-diagonal and each block is L2-normalised on its own. Stored with every saved head."""
 
     mean: np.ndarray
     components: np.ndarray | None = None  #: (d, p) principal axes
     scale: np.ndarray | None = None  #: (p,) square roots of the explained variances
     l2: bool = True
+    blocks: tuple[tuple[int, int], ...] | None = None  #: output columns [start, stop) of each space
+    gain: float = 1.0  #: factor on every transformed row (after the L2 normalisation)
 
     @property
     def in_dim(self) -> int:
@@ -119,6 +122,11 @@ class InputTransform:
     def out_dim(self) -> int:
         return int(self.components.shape[1]) if self.components is not None else self.in_dim
 
+    @property
+    def spaces(self) -> tuple[tuple[int, int], ...]:
+        """Output column ranges of the representation spaces (one range when not fitted per space)."""
+        return self.blocks if self.blocks is not None else ((0, self.out_dim),)
+
     @classmethod
     def fit(cls, sample: np.ndarray, pca_dim: int | None, l2: bool, whiten: bool = False) -> "InputTransform":
         """Fit the mean (and the PCA projection to ``pca_dim`` dimensions, whitened when
@@ -127,15 +135,24 @@ class InputTransform:
         mean = X.mean(axis=0)
         if pca_dim is None:
             return cls(mean.astype(np.float32), None, None, l2)
-        p = min(int(pca_dim), X.shape[1], X.shape[0])
-        Xc = X - mean
-        cov = Xc.T @ Xc / max(1, X.shape[0] - 1)
-        evals, evecs = np.linalg.eigh(cov)
-        order = np.argsort(evals)[::-1][:p]
-        scale = np.sqrt(np.maximum(evals[order], 1e-12 * max(float(evals.max()), 1e-30)))
-        if not whiten:
-            scale = np.ones_like(scale)
-        return cls(mean.astype(np.float32), evecs[:, order].astype(np.float32), scale.astype(np.float32), l2)
+        components, scale = principal_axes(X - mean, pca_dim, whiten)
+        return cls(mean.astype(np.float32), components, scale, l2)
+
+    @classmethod
+    def fit_spaces(cls, sample: np.ndarray, spaces: list[tuple[int, int]], pca_dim: int | None,
+                   gain: float = 1.0) -> "InputTransform":
+        """Fit one centring, PCA projection (to at most ``pca_dim`` axes, not whitened) and L2
+        normalisation per representation space, ``spaces`` being input column ranges of ``sample``."""
+        X = np.asarray(sample, dtype=np.float64)
+        mean = X.mean(axis=0)
+        parts = [principal_axes(X[:, a:b] - mean[a:b], pca_dim or b - a, False)[0] for a, b in spaces]
+        components = np.zeros((X.shape[1], sum(c.shape[1] for c in parts)), dtype=np.float32)
+        blocks, col = [], 0
+        for (a, b), c in zip(spaces, parts):
+            components[a:b, col:col + c.shape[1]] = c
+            blocks.append((col, col + c.shape[1]))
+            col += c.shape[1]
+        return cls(mean.astype(np.float32), components, np.ones(col, np.float32), True, tuple(blocks), float(gain))
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Transformed rows, float32 (n, out_dim)."""
@@ -143,20 +160,39 @@ class InputTransform:
         if self.components is not None:
             Z = (Z @ self.components) / self.scale
         if self.l2:
-            Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+            for a, b in self.spaces:
+                Z[:, a:b] /= np.maximum(np.linalg.norm(Z[:, a:b], axis=1, keepdims=True), 1e-12)
+        if self.gain != 1.0:
+            Z *= np.float32(self.gain)
         return np.ascontiguousarray(Z, dtype=np.float32)
 
     def state(self) -> dict[str, Any]:
         return {"mean": torch.from_numpy(self.mean),
                 "components": None if self.components is None else torch.from_numpy(self.components),
-                "scale": None if self.scale is None else torch.from_numpy(self.scale), "l2": self.l2}
+                "scale": None if self.scale is None else torch.from_numpy(self.scale), "l2": self.l2,
+                "blocks": None if self.blocks is None else [list(b) for b in self.blocks], "gain": self.gain}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "InputTransform":
         def arr(t: Any) -> np.ndarray | None:
             return None if t is None else np.asarray(t.numpy() if hasattr(t, "numpy") else t, dtype=np.float32)
 
-        return cls(arr(state["mean"]), arr(state["components"]), arr(state["scale"]), bool(state["l2"]))  # type: ignore[arg-type]
+        blocks = state.get("blocks")
+        return cls(arr(state["mean"]), arr(state["components"]), arr(state["scale"]), bool(state["l2"]),  # type: ignore[arg-type]
+                   None if blocks is None else tuple((int(a), int(b)) for a, b in blocks), float(state.get("gain", 1.0)))
+
+
+def principal_axes(Xc: np.ndarray, pca_dim: int, whiten: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``pca_dim`` principal axes (d, p) float32 of centred rows ``Xc`` (m, d), and the
+    scale (p,) each is divided by: the square root of its variance when ``whiten``, else 1."""
+    p = min(int(pca_dim), Xc.shape[1], Xc.shape[0])
+    cov = Xc.T @ Xc / max(1, Xc.shape[0] - 1)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1][:p]
+    scale = np.sqrt(np.maximum(evals[order], 1e-12 * max(float(evals.max()), 1e-30)))
+    if not whiten:
+        scale = np.ones_like(scale)
+    return evecs[:, order].astype(np.float32), scale.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -346,6 +382,9 @@ class HeadResult:
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     temperature: float = 1.0
+    #: ``model`` holds one head per representation space and a row's probabilities are the mean
+    #: of theirs (TURTLE); otherwise ``model`` is one head.
+    mean_of_heads: bool = False
 
     def save(self, path: str | Path) -> Path:
         """Write the kept head (weights, input transform, k, dim, settings) atomically to ``path``."""
@@ -354,7 +393,7 @@ class HeadResult:
         doc = {"format": HEAD_FORMAT, "algorithm": self.algorithm, "k": self.model.k, "dim": self.transform.in_dim,
                "arch": self.model.arch(), "state_dict": self.model.state_dict(), "transform": self.transform.state(),
                "temperature": self.temperature, "kept_head": self.kept_head, "objectives": self.objectives,
-               "config": self.config}
+               "config": self.config, "mean_of_heads": self.mean_of_heads}
         with atomic_path(Path(path)) as tmp:
             torch.save(doc, tmp)
         return Path(path)
@@ -372,6 +411,7 @@ class LoadedHead:
         self.temperature = float(doc.get("temperature", 1.0))
         self.objectives = list(doc.get("objectives", []))
         self.kept_head = int(doc.get("kept_head", 0))
+        self.mean_of_heads = bool(doc.get("mean_of_heads", False))
         self.model = MultiHead(**doc["arch"])
         self.model.load_state_dict(doc["state_dict"])
         self.model.eval()
@@ -385,7 +425,8 @@ class LoadedHead:
         out = []
         for start in range(0, X.shape[0], PREDICT_BATCH_ROWS):
             z = torch.from_numpy(self.transform(X[start:start + PREDICT_BATCH_ROWS]))
-            out.append(torch.softmax(self.model(z)[0] / self.temperature, dim=-1).numpy())
+            probs = torch.softmax(self.model(z) / self.temperature, dim=-1)
+            out.append((probs.mean(dim=0) if self.mean_of_heads else probs[0]).numpy())
         return np.concatenate(out) if out else np.empty((0, self.k), np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -394,10 +435,10 @@ class LoadedHead:
 
 
 def load_head(path: str | Path) -> LoadedHead:
-    """Load a head saved by a ``scan`` or ``temi`` run (``model-<algorithm>.pt`` in the run directory)."""
+    """Load a head saved by a ``scan``, ``temi`` or ``turtle`` run (``model-<algorithm>.pt`` in the run directory)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no saved head there (a scan or temi run writes model-<algorithm>.pt)")
+        raise InputError(f"{path}: no saved head there (a scan, temi or turtle run writes model-<algorithm>.pt)")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error

@@ -524,6 +524,15 @@ def _pair_figure(figs: FigureWriter, images: D.ImageSource, a: str, b: str, name
     return figs.figure(name, caption, "montage")
 
 
+def neighbours_note(inputs: D.RunInputs, what: str) -> Text | None:
+    """A note when the explore stage searched neighbours within cells, not among all images."""
+    how = ((inputs.metrics or {}).get("explore") or {}).get("neighbours")
+    if not how or how == "exact":
+        return None
+    return Text(f"Approximate: the store was larger than the run's memory budget, so {what} were searched "
+                f"{how} (k-means cells), not among all images.", "note")
+
+
 def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSource | None) -> list[Section]:
     """Exact and near duplicates: counts, the pairs side by side with their kind and similarity, a table."""
     pairs = D.read_explore_table(RunDir(figs.run_dir).duplicates, ("group", "image_id_a", "image_id_b", "kind",
@@ -533,8 +542,9 @@ def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageS
     info = (inputs.metrics or {}).get("explore") or {}
     thresholds = info.get("thresholds") or {}
     sec = Section("duplicates", "Duplicates")
+    note = neighbours_note(inputs, "near duplicates by embedding")
     if pairs.empty:
-        sec.blocks.append(Text("No exact or near duplicates found."))
+        sec.blocks += [Text("No exact or near duplicates found."), *filter(None, [note])]
         return [sec]
     counts = pairs["kind"].value_counts()
     groups = int(pairs["group"].nunique())
@@ -545,6 +555,7 @@ def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageS
         + ". exact: identical content; phash: perceptual hashes at most "
         f"{int(thresholds.get('phash_max_bits', 8))} of 64 bits apart (comparing with each one's mirror image and centre crops too); embedding: cosine "
         f"similarity of the centred embeddings at least {thresholds.get('min_cosine', 0.95):g}."))
+    sec.blocks += filter(None, [note])
     shown = D.duplicate_pairs_shown(pairs, figs.per_row)
     if images is not None:
         cells = []
@@ -580,6 +591,7 @@ def outliers_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageSou
         "Score: the mean of each image's percentile by mean distance to its 10 nearest neighbours and by "
         "distance to its cluster's centre relative to the cluster's spread"
         + (f" ({algorithm})" if algorithm else "") + "; 1 is the most unusual.", "note"))
+    sec.blocks += filter(None, [neighbours_note(inputs, "the 10 nearest neighbours")])
     top = D.most_unusual(scores, figs.per_row * 3)
     if images is not None and not top.empty:
         tiles = [t for i in top["image_id"] if (t := images.tile(i, figs.tile_px)) is not None]

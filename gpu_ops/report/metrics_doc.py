@@ -64,7 +64,8 @@ class BackendRow(_Part):
 class ExploreInfo(_Part):
     """The explore stage (:class:`gpu_ops.explore.stage.ExploreResult`): ``ran`` false when the run
     skipped it (``explore: false``, ``--no-explore``); otherwise the files it wrote, duplicate pairs
-    by kind, groups, images per quality flag, the thresholds it used and the knn backends."""
+    by kind, groups, images per quality flag, the thresholds it used, the knn backends and how
+    the neighbours were searched."""
 
     ran: bool
     duplicates: str | None = None
@@ -78,6 +79,9 @@ class ExploreInfo(_Part):
     algorithm: str | None = None
     thresholds: dict[str, float] = Field(default_factory=dict)
     backends: list[str] = Field(default_factory=list)
+    #: "exact", or "within N cells" for a store beyond ``memory_mb`` (:mod:`gpu_ops.explore.cells`)
+    neighbours: str | None = None
+    cells: dict[str, int] | None = None
 
 
 class KSelectionInfo(_Part):
