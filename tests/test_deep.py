@@ -235,6 +235,9 @@ def test_schedules_scale_with_the_data_size():
     assert [cfg.resolved_dec_max_iter(n) for n in (1_000, 10_000, 70_000)] == [640, 6000, 10940]
     assert [cfg.resolved_update_interval(n) for n in (10_000, 70_000)] == [140, 546]
     assert DeepConfig(dec_max_iter=50, update_interval=7).resolved_dec_max_iter(70_000) == 50
+    # augmentation keeps a few labels flipping after accuracy settles: a looser rule, held twice
+    assert (cfg.resolved_tol(augmented=True), cfg.resolved_tol(augmented=False)) == ((0.005, 2), (0.001, 1))
+    assert DeepConfig(tol=0.01, tol_patience=3).resolved_tol(augmented=True) == (0.01, 3)
 
 
 @pytest.mark.parametrize("method", ["dec", "idec"])
@@ -251,3 +254,17 @@ def test_dec_and_idec_run_and_log_each_target_refresh(method):
     assert all({"delta_label", "acc", "nmi", "ari"} <= set(h) for h in refreshes)
     assert refreshes[-1]["kl"] is not None and (refreshes[-1]["rec"] is not None) == (method == "idec")
     assert res.labels.shape == (400,) and res.centroids.shape == (10, 10)
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_idec_stops_after_patience_calm_refreshes_in_a_row(patience):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images[:400] * (255 / 16)).astype(np.uint8)
+    res = fit_deep("idec", images, 10, seed=0, device="cpu", arch="dense", augment=False, pretrain_epochs=3,
+                   batch_size=32, dec_max_iter=200, update_interval=10, tol=0.9, tol_patience=patience, progress=False)
+    refreshes = [h for h in res.history if h["phase"] == "idec"]
+    # the first refresh (iteration 0) counts every label as changed; each later one changes < 90 %
+    assert [h["iteration"] for h in refreshes] == [10 * i for i in range(patience + 1)]
+    assert all(h["delta_label"] < 0.9 for h in refreshes[1:])

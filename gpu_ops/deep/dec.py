@@ -43,7 +43,7 @@ def target_distribution(q: torch.Tensor) -> torch.Tensor:
 
 
 def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: torch.device, *,
-              improved: bool, max_iter: int = 20000, update_interval: int = 140, tol: float = 0.001,
+              improved: bool, max_iter: int = 20000, update_interval: int = 140, tol: float = 0.001, patience: int = 1,
               batch_size: int = 256, gamma: float = 0.1, lr: float | None = None, optimizer: str | None = None,
               alpha: float = 1.0, augment: bool = False, seed: int = 0, labels: np.ndarray | None = None,
               progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
@@ -53,6 +53,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     Default optimisers follow the papers: DEC SGD(lr 0.01, momentum 0.9), IDEC Adam(lr 0.001).
     With ``augment`` (images only), each batch is randomly warped before the network sees it while
     the targets stay those of the clean images (DEC-DA, Guo et al. 2018).
+    Stops when fewer than ``tol`` of the labels changed at ``patience`` target refreshes in a row.
     """
     from tqdm.auto import tqdm
 
@@ -82,6 +83,7 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
     s_kl = s_rec = 0.0
     s_n = 0
     it = 0
+    calm = 0  # target refreshes in a row with fewer than tol of the labels changed
     while True:
         if it % update_interval == 0 or it >= max_iter:
             z_all = torch.from_numpy(encode_tensor(model, X, device=device))
@@ -99,9 +101,11 @@ def train_dec(model: nn.Module, X: torch.Tensor, centroids: np.ndarray, device: 
             s_kl = s_rec = 0.0
             s_n = 0
             t0 = time.perf_counter()
-            if (it > 0 and delta < tol) or it >= max_iter:
+            calm = calm + 1 if it > 0 and delta < tol else 0
+            if calm >= patience or it >= max_iter:
                 if it < max_iter:
-                    log.info("%s: %.5f < tol %.5f of labels changed: stopping at iteration %d", name, delta, tol, it)
+                    log.info("%s: under tol %.5f of labels changed at %d refreshes in a row: stopping at "
+                             "iteration %d", name, tol, calm, it)
                 break
             p_all = target_distribution(q_all).to(device)
             model.train()
