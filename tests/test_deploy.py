@@ -110,6 +110,14 @@ def live(tmp_path_factory: pytest.TempPathFactory):
         assert time.monotonic() < deadline, "prefect server did not become healthy in 180 s"
         time.sleep(0.5)
     yield server
+    # In-process flows (test_gpu_tag_limit_...) sent logs and events to this server: deliver them
+    # while it still answers. Left pointing at a stopped server, Prefect's log and event workers
+    # would hold up the next test harness's teardown, which drains every one of them, for good.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=60)
+    EventsWorker.drain_all(timeout=60)
     for p in reversed(server.procs):  # the server last
         _stop(p)
     time.sleep(0.5)
