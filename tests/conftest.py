@@ -216,6 +216,44 @@ FILE_SECONDS = {
 DEFAULT_FILE_SECONDS = 30
 
 
+_PIP_RESOLUTION_TESTS = REPO / "tests" / "test_install_routes.py"
+_PIP_RESOLUTION_VAR = "GPUCLUST_TEST_PIP_RESOLUTION"  # test_install_routes.RESOLUTION_VAR
+
+
+def _selects_pip_resolution(config: pytest.Config) -> bool:
+    """Whether the command line's paths include tests/test_install_routes.py (a file or a folder above it)."""
+    for arg in config.args or [str(config.rootpath)]:
+        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if path == _PIP_RESOLUTION_TESTS or path in _PIP_RESOLUTION_TESTS.parents:
+            return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, the controller starts the GPU extras' pip resolution (about 1-3 minutes, nearly all
+    of it waiting on the package index) in the background, so the test process that runs
+    tests/test_install_routes.py finds it done instead of waiting for it."""
+    xdist_controller = (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+                        and not config.option.collectonly)
+    if not xdist_controller or _PIP_RESOLUTION_VAR in os.environ or not _selects_pip_resolution(config):
+        return
+    directory = Path(tempfile.mkdtemp(prefix="pip-resolution-", dir=_SESSION_DIR))
+    with open(directory / "resolve.log", "w") as log:
+        _LAUNCHED.append(subprocess.Popen([sys.executable, str(_PIP_RESOLUTION_TESTS), str(directory)],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_pytest()))
+    os.environ[_PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop a background pip resolution the session did not wait for (deselected or interrupted)."""
+    directory = os.environ.pop(_PIP_RESOLUTION_VAR, None)
+    for proc in _LAUNCHED:
+        if directory and proc.args[-1] == directory and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Heaviest files first (see FILE_SECONDS; the order within a file is kept); boot the shared
     server while the first tests run when any collected test may use it."""

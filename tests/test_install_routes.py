@@ -40,6 +40,11 @@ RAPIDS = ("cuml", "libcuml", "cudf", "libcudf", "pylibcudf", "dask-cudf", "raft-
           "librmm", "dask-cuda", "rapids-dask-dependency", "cuvs", "libcuvs")
 
 
+#: tests/conftest.py starts this file as a script in the background and names its directory here
+RESOLUTION_VAR = "GPUCLUST_TEST_PIP_RESOLUTION"
+RESULT_FILE = "resolved.json"
+
+
 def _pip(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})})
@@ -88,18 +93,43 @@ def _dry_run(extra: str, workdir: Path) -> dict:
             "install": json.loads(report.read_text())["install"] if out.returncode == 0 else []}
 
 
-@pytest.fixture(scope="module")
-def resolved(tmp_path_factory) -> dict[str, dict]:
-    """Every gpu-cu* extra resolved by pip (the dry runs run side by side)."""
+def resolve_extras(workdir: Path) -> dict:
+    """Every gpu-cu* extra resolved by pip, the dry runs side by side: {"runs": {extra: run}}, or
+    {"skip": why} where no package index answers."""
     problem = _index_problem()
     if problem:
-        pytest.skip(problem)
-    workdir = tmp_path_factory.mktemp("pip-dry-run")
+        return {"skip": problem}
     with ThreadPoolExecutor(len(GPU_EXTRAS)) as pool:
         runs = list(pool.map(lambda e: _dry_run(e, workdir), GPU_EXTRAS))
-    for run in runs:
+    return {"runs": {run["extra"]: run for run in runs}}
+
+
+def _prefetched(directory: Path, timeout: float = 1200) -> dict:
+    """The resolution tests/conftest.py started in the background when the session began (pip
+    mostly waits on the index, so the other tests run meanwhile)."""
+    result = directory / RESULT_FILE
+    deadline = time.monotonic() + timeout
+    while not result.is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the background pip resolution wrote no {result} in {timeout:.0f} s: "
+                               f"{(directory / 'resolve.log').read_text()[-2000:]}")
+        time.sleep(1)
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict[str, dict]:
+    """Every gpu-cu* extra resolved by pip: read from the resolution started with the session
+    (GPUCLUST_TEST_PIP_RESOLUTION), else run here."""
+    started = os.environ.get(RESOLUTION_VAR)
+    outcome = _prefetched(Path(started)) if started else resolve_extras(tmp_path_factory.mktemp("pip-dry-run"))
+    if "error" in outcome:
+        raise RuntimeError(f"the pip resolution failed: {outcome['error']}")
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
+    for run in outcome["runs"].values():
         print(f"{run['extra']}: {len(run['install'])} distributions in {run['seconds']:.0f} s")
-    return {run["extra"]: run for run in runs}
+    return outcome["runs"]
 
 
 def _versions(run: dict) -> dict[str, str]:
@@ -237,3 +267,15 @@ def test_gpuclust_works_beside_dask_cuda_without_cuda_libraries(tmp_path):
     assert backends.returncode == 0, backends.stderr[-3000:]
     assert "CUDA available: False" in backends.stdout
     assert "kmeans: auto -> faiss-cpu on cpu" in backends.stdout
+
+
+if __name__ == "__main__":
+    # python tests/test_install_routes.py DIR: resolve every extra into DIR/resolved.json (atomically)
+    out_dir = Path(sys.argv[1])
+    try:
+        outcome = resolve_extras(out_dir)
+    except Exception as exc:  # the waiting fixture reports it
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    partial = out_dir / (RESULT_FILE + ".partial")
+    partial.write_text(json.dumps(outcome))
+    partial.replace(out_dir / RESULT_FILE)
