@@ -218,6 +218,39 @@ def test_backbones_joined_by_plus_concatenate_unit_norm_slices(photos, tmp_path)
         np.testing.assert_allclose(part, alone / np.linalg.norm(alone, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_one_backbone_at_two_sizes_is_two_slices_of_its_own_features(photos, tmp_path):
+    """`efficientnet_lite0@32+efficientnet_lite0@48`: the same network at two input sizes side by
+    side; each slice is that size's own features, the sizes are in the store metadata, and a part
+    without a size takes --image-size."""
+    ds = load_dataset(f"folder:{photos}")
+    spec = "efficientnet_lite0@32+efficientnet_lite0@48+efficientnet_lite2"
+    summary = extract_to_store(ds, create_extractor(spec, image_size=40), tmp_path, progress=False, batch_size=16)
+    store = read_embeddings(Path(summary.directory))
+    assert store.embeddings.shape == (30, 3 * 1280) and store.metadata["extractor"] == spec
+    backbones = json.loads(store.metadata["backbones"])
+    assert [(b["extractor"], b["preprocessing"]["size"], b["start"]) for b in backbones] == [
+        ("efficientnet_lite0", 32, 0), ("efficientnet_lite0", 48, 1280), ("efficientnet_lite2", 40, 2560)]
+    _, images = _images(photos)
+    for b in backbones:
+        alone = _embed(create_extractor(b["extractor"], image_size=b["preprocessing"]["size"]), images)
+        np.testing.assert_allclose(store.embeddings[:, b["start"]:b["stop"]],
+                                   alone / np.linalg.norm(alone, axis=1, keepdims=True), atol=1e-5)
+    assert not np.allclose(store.embeddings[:, :1280], store.embeddings[:, 1280:2560], atol=1e-2)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("efficientnet_lite0@big", "extractor part 'efficientnet_lite0@big': the size after @ must be an integer >= 16 "
+                               "(pixels), e.g. efficientnet_lite0@192"),
+    ("raw@32", "extractor 'raw@32': a size after @ is for pretrained image backbones, not raw (use --image-size)"),
+    ("efficientnet_lite0@64+efficientnet_lite0@64", "extractor 'efficientnet_lite0@64+efficientnet_lite0@64' names "
+                                                    "a backbone twice"),
+])
+def test_a_bad_size_after_at_is_one_line_before_any_work(spec, message):
+    with pytest.raises(InputError) as info:
+        make_config(extractor=spec)
+    assert str(info.value) == message
+
+
 def test_a_combination_takes_no_single_state_dict_and_no_raw_pixels():
     with pytest.raises(InputError) as info:
         make_config(extractor="raw+efficientnet_lite0")

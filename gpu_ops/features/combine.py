@@ -67,13 +67,16 @@ class Concatenated(Extractor):
     ----------
     parts : list of extractors
         Image extractors (pretrained networks, optionally :class:`FlipAveraged`), at least two.
+    name : str, optional
+        The combination's name (the spec it was built from, e.g. with ``@SIZE`` parts); default: the
+        parts' names joined by ``+``.
     """
 
-    def __init__(self, parts: list[Extractor]) -> None:
+    def __init__(self, parts: list[Extractor], name: str | None = None) -> None:
         if len(parts) < 2:
             raise InputError("combining backbones needs at least two extractors")
         self.parts = parts
-        self.name = "+".join(p.name for p in parts)
+        self.name = name or "+".join(p.name for p in parts)
         self.device = parts[0].device
         self.device_decoding = all(p.device_decoding for p in parts)
         self.shapes = [(3, p.image_size, p.image_size) for p in parts]  # type: ignore[attr-defined]
