@@ -150,5 +150,5 @@ def test_the_photos_preset_loads_and_takes_the_acceptance_flags(tmp_path):
                                       "--k", "auto", "--seed", "2"])
     cfg = run_config_from_args(args)
     assert (cfg.extractor, cfg.image_size, cfg.algorithms, cfg.k, cfg.seed) == (
-        "efficientnet_lite0+efficientnet_lite2", 128, ["scan", "kmeans"], "auto", 2)
+        "efficientnet_lite0+efficientnet_lite2", 192, ["scan", "kmeans"], "auto", 2)
     assert cfg.weights is None  # the packaged ImageNet weights: nothing to download
