@@ -238,6 +238,20 @@ def test_one_backbone_at_two_sizes_is_two_slices_of_its_own_features(photos, tmp
     assert not np.allclose(store.embeddings[:, :1280], store.embeddings[:, 1280:2560], atol=1e-2)
 
 
+def test_cpu_chunks_give_the_rows_of_one_whole_batch_pass(photos):
+    """On the CPU a loader batch goes through the network CPU_CHUNK_ROWS images at a time (faster:
+    bench/cpu_chunks.py); the rows are those of one pass over the whole batch, in order."""
+    from gpu_ops.features.base import CPU_CHUNK_ROWS
+
+    extractor = create_extractor("efficientnet_lite0", image_size=40)
+    _, images = _images(photos)
+    batch = torch.stack([extractor.preprocess(im) for im in images])
+    assert len(batch) > 2 * CPU_CHUNK_ROWS
+    with torch.inference_mode():
+        whole = extractor.model(batch).numpy()
+    np.testing.assert_allclose(extractor.embed(batch), whole, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("efficientnet_lite0@big", "extractor part 'efficientnet_lite0@big': the size after @ must be an integer >= 16 "
                                "(pixels), e.g. efficientnet_lite0@192"),
