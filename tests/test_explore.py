@@ -311,3 +311,34 @@ def test_parquet_rows_are_hashed_by_content_with_many_threads(tmp_path):
         scan = scan_items(dataset, [f"r{i}" for i in order], threads=8)
         assert np.array_equal(scan.content, np.array([digests[i] for i in order], dtype=scan.content.dtype))
     assert scan.content[list(shuffled).index(2999)] == scan.content[list(shuffled).index(5)]
+
+
+def test_scanned_hashes_are_imagehash_phashes_of_each_image_and_view(cifar_folder, data_dir, tmp_path):
+    """The scan's vectorised hashes are bit for bit ``imagehash.phash`` of each image and of each of
+    its views: 200 CIFAR-10 JPEGs, 300 MNIST digits and two 1600 x 1200 photos (shrunk once first)."""
+    import imagehash
+
+    from gpu_ops.data import load_dataset
+    from gpu_ops.explore.scan import MEASURE_MAX_SIDE, VIEWS, scan_items, scan_threads, view
+
+    big = tmp_path / "photos"
+    big.mkdir()
+    for i, path in enumerate(sorted(cifar_folder.rglob("*.jpg"))[:2]):
+        Image.open(path).resize((1600, 1200), Image.BICUBIC).save(big / f"{i}.jpg", quality=95)
+    checked = 0
+    for spec, split, limit in ((f"folder:{cifar_folder}", "all", None), (f"idx:{data_dir / 'mnist'}", "test", 300),
+                               (f"folder:{big}", "all", None)):
+        dataset = load_dataset(spec, split, limit)
+        scan = scan_items(dataset, dataset.image_ids)
+        for i in range(len(dataset)):
+            image = Image.fromarray(np.asarray(dataset.load(i), np.uint8)).convert("RGB")
+            image.thumbnail((MEASURE_MAX_SIDE, MEASURE_MAX_SIDE), Image.BILINEAR)
+            expected = [imagehash.phash(image)] + [imagehash.phash(view(image, name, cut)) for name, cut in VIEWS]
+            got = [scan.phash[i]] + [scan.phash_views[i, v] for v in range(len(VIEWS))]
+            assert [h.hash.reshape(-1).astype(np.uint8).tolist() for h in expected] == [g.tolist() for g in got], spec
+            checked += 1
+    assert checked == 502
+    # small files and in-memory items: one thread (the per-item work holds the GIL); photos: several
+    assert scan_threads(load_dataset(f"folder:{cifar_folder}", "all")) == 1
+    assert scan_threads(load_dataset("digits", "all")) == 1
+    assert scan_threads(load_dataset(f"folder:{big}", "all")) == min(8, os.cpu_count() or 1)

@@ -22,6 +22,8 @@ from gpu_ops.data.base import BadImageError
 MEASURE_MAX_SIDE = 256
 #: A perceptual hash has this many bits (imagehash's phash with hash_size=8).
 HASH_BITS = 64
+#: imagehash's phash sees a grey thumbnail of this side (hash_size 8 x highfreq_factor 4).
+PHASH_SIDE = 32
 #: The views of each image that are hashed besides the image itself: its mirror image, and its
 #: centre with 5, 10 and 15 % of each side cut away. A copy that was flipped or cropped that much
 #: hashes close to the original's view, where its own hash is far (a 10 % crop moves 18-30 bits).
@@ -30,6 +32,10 @@ VIEWS: tuple[tuple[str, float], ...] = (("mirror", 0.0), ("crop5", 0.05), ("crop
 DIGEST_BYTES = 32
 #: Items scanned (submitted to the thread pool) at a time.
 SCAN_CHUNK = 4096
+#: Image files of at least this median size (of the first :data:`SIZE_SAMPLE_FILES`) are scanned
+#: by several threads: decoding them, which releases the GIL, outweighs the per-item Python work.
+PHOTO_FILE_BYTES = 32 * 1024
+SIZE_SAMPLE_FILES = 64
 
 
 @dataclass
@@ -61,11 +67,23 @@ class ItemScan:
         return self.phash is not None
 
 
-def phash_bits(image: Any) -> np.ndarray:
-    """imagehash's DCT perceptual hash of a PIL image as 64 uint8 bits."""
-    import imagehash
+def phash_thumbnail(image: Any) -> np.ndarray:
+    """The grey :data:`PHASH_SIDE` x :data:`PHASH_SIDE` thumbnail (uint8) imagehash's ``phash`` hashes."""
+    from PIL import Image
 
-    return np.asarray(imagehash.phash(image).hash, dtype=np.uint8).reshape(-1)
+    return np.asarray(image.convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.LANCZOS), dtype=np.uint8)
+
+
+def phash_of_thumbnails(thumbs: np.ndarray) -> np.ndarray:
+    """imagehash's ``phash`` bits (..., 64) uint8 of grey thumbnails (..., 32, 32) from
+    :func:`phash_thumbnail`: the same bits as ``imagehash.phash(image).hash`` of each image, its
+    low-frequency 8 x 8 block of the 2-D DCT-II (scipy's unnormalised) computed for all of them
+    as two small matrix products instead of one FFT call per image."""
+    side = int(np.sqrt(HASH_BITS))
+    k, n = np.arange(side)[:, None], np.arange(PHASH_SIDE)[None, :]
+    basis = 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * PHASH_SIDE))  # (8, 32) rows of DCT-II
+    low = (basis @ np.asarray(thumbs, dtype=np.float64) @ basis.T).reshape(*np.shape(thumbs)[:-2], HASH_BITS)
+    return (low > np.median(low, axis=-1, keepdims=True)).astype(np.uint8)
 
 
 def grey_measures(rgb: np.ndarray) -> tuple[float, float, float]:
@@ -102,14 +120,16 @@ def view(image: Any, name: str, cut: float) -> Any:
     return image.crop((dx, dy, image.width - dx, image.height - dy))
 
 
-def _scan_image(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+def _scan_image(rgb: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """The phash thumbnails (1 + len(VIEWS), 32, 32) of the image and its views, then its grey measures."""
     from PIL import Image
 
     im = Image.fromarray(rgb)
     if max(im.size) > MEASURE_MAX_SIDE:  # the hashes see 32 x 32 pixels: shrink a big photo once, not per view
         im.thumbnail((MEASURE_MAX_SIDE, MEASURE_MAX_SIDE), Image.BILINEAR)
-    views = np.stack([phash_bits(view(im, name, cut)) for name, cut in VIEWS])
-    return (phash_bits(im), views, *grey_measures(rgb))
+    grey = im.convert("L")  # a view of the grey image is the grey image of the view
+    thumbs = np.stack([phash_thumbnail(grey)] + [phash_thumbnail(view(grey, name, cut)) for name, cut in VIEWS])
+    return (thumbs, *grey_measures(rgb))
 
 
 def _content_hash(arr: np.ndarray) -> bytes:
@@ -157,6 +177,18 @@ def _vector_contents(dataset: Any, n: int) -> np.ndarray:
     return out
 
 
+def scan_threads(dataset: Any) -> int:
+    """Threads that scan ``dataset`` fastest: one per core (up to 8) for files of photos, whose
+    decoding releases the GIL; one for thumbnails and in-memory items, where the per-item Python
+    work holds it and more threads only contend (3,000 CIFAR-10 JPEGs on 2 cores: 1.4 s with one
+    thread, 2.6 s with two; 1600 x 1200 photos: 3.3 s with one, 1.5 s with two)."""
+    paths = getattr(dataset, "paths", None)
+    if paths is None or len(paths) == 0:
+        return 1
+    sizes = [p.stat().st_size for p in paths[:SIZE_SAMPLE_FILES] if p.exists()]
+    return min(8, os.cpu_count() or 1) if sizes and np.median(sizes) >= PHOTO_FILE_BYTES else 1
+
+
 def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = None) -> ItemScan:
     """Scan the items ``image_ids`` (in that order) of ``dataset`` (:class:`~gpu_ops.data.base.Dataset`).
 
@@ -187,17 +219,25 @@ def scan_items(dataset: Any, image_ids: Sequence[str], threads: int | None = Non
         scan.phash = np.zeros((n, HASH_BITS), np.uint8)
         scan.phash_views = np.zeros((n, len(VIEWS), HASH_BITS), np.uint8)
         scan.luma_mean, scan.luma_std, scan.laplacian_var = (np.zeros(n, np.float32) for _ in range(3))
-    threads = threads or min(8, os.cpu_count() or 1)  # decoding and resizing release the GIL
+    threads = threads or scan_threads(dataset)
     if not is_image:
         threads = 1  # vectors are only hashed; a Parquet dataset reads them as one forward stream, not thread-safe
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        each = pool.map if threads > 1 else map  # one thread: no future and no hand-over per item
         for start in range(0, n, SCAN_CHUNK):  # a chunk at a time: no future or result per item piles up
-            for j, (content, facts) in enumerate(pool.map(one, index[start:start + SCAN_CHUNK]), start):
+            read: list[int] = []
+            thumbs: list[np.ndarray] = []
+            for j, (content, facts) in enumerate(each(one, index[start:start + SCAN_CHUNK]), start):
                 scan.content[j] = content
                 if facts is not None:
-                    scan.readable[j] = True  # type: ignore[index]
-                    scan.width[j], scan.height[j], scan.phash[j], scan.phash_views[j] = facts[:4]  # type: ignore[index]
-                    scan.luma_mean[j], scan.luma_std[j], scan.laplacian_var[j] = facts[4:]  # type: ignore[index]
+                    read.append(j)
+                    thumbs.append(facts[2])
+                    scan.width[j], scan.height[j] = facts[:2]  # type: ignore[index]
+                    scan.luma_mean[j], scan.luma_std[j], scan.laplacian_var[j] = facts[3:]  # type: ignore[index]
+            if read:
+                bits = phash_of_thumbnails(np.stack(thumbs))  # (m, 1 + len(VIEWS), 64)
+                scan.readable[read] = True  # type: ignore[index]
+                scan.phash[read], scan.phash_views[read] = bits[:, 0], bits[:, 1:]  # type: ignore[index]
     if is_image:
         _neutral_unreadable(scan)
     return scan
