@@ -188,6 +188,13 @@ def test_fit_deep_reuses_the_pretrained_autoencoder(mnist_small, tmp_path):
     assert not first.pretrained_from_checkpoint and second.pretrained_from_checkpoint
     assert [h for h in second.history if h["phase"] == "pretrain"] == []
     np.testing.assert_array_equal(first.labels, second.labels)
+    # the UMAP starts of the same embedding are made once and kept beside the checkpoint
+    assert "starts_reused_from" not in first.info["init"]
+    kept = Path(second.info["init"]["starts_reused_from"])
+    assert kept.parent == tmp_path and kept.name.startswith("n2d-starts-")
+    assert [h for h in first.history if h["phase"] == "n2d-start"] == [h for h in second.history if h["phase"] == "n2d-start"]
+    other_k = fit_deep("dkm", images, 9, **{**kw, "dkm_epochs": 1})
+    assert "starts_reused_from" not in other_k.info["init"] and len(list(tmp_path.glob("n2d-starts-*.npz"))) == 2
     assert first.labels.shape == (600,) and first.labels.dtype == np.int64
     assert first.embedding.shape == (600, 10) and first.embedding.dtype == np.float32
     assert first.info["init"]["method"] == "manifold"

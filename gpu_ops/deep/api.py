@@ -266,12 +266,12 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
     z = encode_tensor(model, X, device=dev)
     centroids = manifold = None
     if method == "n2d":
-        pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history)
+        pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history, checkpoint_dir)
         info.update(extra)
         history.append({"phase": "n2d", "epoch": 1, "loss": None, **evaluate_labels(labels, pred)})
     else:
         if method != "ae-kmeans" and cfg.cluster_init == "manifold":
-            pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history)
+            pred, manifold, extra = _manifold_partition(z, k, cfg, seed, backend, labels, history, checkpoint_dir)
             centroids = cluster_means(z, pred, k)
             info["init"] = {"method": "manifold", **extra}
         else:
@@ -323,16 +323,18 @@ def _fit(method: str, X_np: np.ndarray, k: int, cfg: DeepConfig, seed: int, devi
 
 
 def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int, backend: str,
-                        labels: np.ndarray | None,
-                        history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                        labels: np.ndarray | None, history: list[dict[str, Any]],
+                        checkpoint_dir: Path | str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """N2D's partition of the embedding ``z`` (n, d), the best of ``cfg.n2d_starts`` starts by a
     label-free score: (labels (n,), manifold (n, umap_dim), info). Each start is appended to
-    ``history`` (``n2d-start`` records; ACC/NMI/ARI only when ``labels`` are given)."""
-    from gpu_ops.deep.n2d import best_manifold_partition
+    ``history`` (``n2d-start`` records; ACC/NMI/ARI only when ``labels`` are given). The starts
+    are kept in ``checkpoint_dir`` and reused for the same embedding (``info["starts_reused_from"]``)."""
+    from gpu_ops.deep.n2d import reused_manifold_partition
 
-    chosen, starts = best_manifold_partition(z, k, starts=cfg.n2d_starts, seed=seed, n_components=cfg.umap_dim,
-                                             n_neighbors=cfg.umap_neighbors, min_dist=cfg.umap_min_dist,
-                                             clusterer=cfg.n2d_clusterer, backend=backend, gmm_n_init=cfg.gmm_n_init)
+    chosen, starts, reused = reused_manifold_partition(
+        z, k, checkpoint_dir, starts=cfg.n2d_starts, seed=seed, n_components=cfg.umap_dim,
+        n_neighbors=cfg.umap_neighbors, min_dist=cfg.umap_min_dist, clusterer=cfg.n2d_clusterer, backend=backend,
+        gmm_n_init=cfg.gmm_n_init)
     for i, start in enumerate(starts):
         scores = evaluate_labels(labels, start.labels)
         history.append({"phase": "n2d-start", "epoch": i + 1, "loss": None, **start.record(), "chosen": i == chosen,
@@ -342,7 +344,8 @@ def _manifold_partition(z: np.ndarray, k: int, cfg: DeepConfig, seed: int, backe
                      start.silhouette, scores["acc"], scores["nmi"], " (kept)" if i == chosen else "")
     best = starts[chosen]
     info = {**best.info, "starts": [s.record() for s in starts], "chosen_start": chosen,
-            "start_score": "silhouette on the start's UMAP manifold"}
+            "start_score": "silhouette on the start's UMAP manifold",
+            **({"starts_reused_from": str(reused)} if reused is not None else {})}
     return best.labels, best.manifold, info
 
 

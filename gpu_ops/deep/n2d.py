@@ -12,13 +12,18 @@ keeps the one with the best label-free score: the silhouette of its partition on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from gpu_ops.deep._common import quick_kmeans, torch_threads_kept
+from gpu_ops.fsutil import atomic_path
 
 log = logging.getLogger("gpu_ops.deep")
 
@@ -90,6 +95,41 @@ def best_manifold_partition(z: np.ndarray, n_clusters: int, *, starts: int = 1, 
         log.info("N2D: %d starts, silhouettes %s; keeping start %d (seed %d)", len(made),
                  ", ".join(f"{m.silhouette:.4f}" for m in made), chosen + 1, made[chosen].seed)
     return chosen, made
+
+
+def reused_manifold_partition(z: np.ndarray, n_clusters: int, cache_dir: Path | str | None, *, starts: int = 1,
+                              seed: int = 0, **options: Any) -> tuple[int, list[Start], Path | None]:
+    """:func:`best_manifold_partition`, kept in ``cache_dir`` (beside the autoencoder checkpoints)
+    and reused when the same embedding ``z`` (n, d), k, seed and options come again: a run of
+    ``n2d`` and ``idec`` on one autoencoder makes the UMAP starts once, and so does a rerun.
+    Returns (chosen, starts, the file reused or None). Without ``cache_dir`` nothing is kept."""
+    if cache_dir is None:
+        return (*best_manifold_partition(z, n_clusters, starts=starts, seed=seed, **options), None)
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    key = hashlib.sha256(z.tobytes() + json.dumps([list(z.shape), int(n_clusters), int(starts), int(seed), options],
+                                                   sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"n2d-starts-{key}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock")), thread_local=False):  # a concurrent task waits, then reuses
+        return _reuse_or_make(path, z, n_clusters, starts, seed, options)
+
+
+def _reuse_or_make(path: Path, z: np.ndarray, n_clusters: int, starts: int, seed: int,
+                   options: dict[str, Any]) -> tuple[int, list[Start], Path | None]:
+    if path.exists():
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            made = [Start(seed=m["seed"], labels=saved[f"labels{i}"], manifold=saved[f"manifold{i}"],
+                          silhouette=m["silhouette"], info=m["info"], agreement=m["agreement"])
+                    for i, m in enumerate(meta["starts"])]
+        log.info("N2D: the %d start(s) of this embedding reused from %s", len(made), path)
+        return int(meta["chosen"]), made, path
+    chosen, made = best_manifold_partition(z, n_clusters, starts=starts, seed=seed, **options)
+    meta = {"chosen": chosen, "starts": [{**m.record(), "info": m.info} for m in made]}
+    arrays = {f"{kind}{i}": getattr(m, kind) for i, m in enumerate(made) for kind in ("labels", "manifold")}
+    with atomic_path(path) as tmp:
+        np.savez(tmp, meta=np.asarray(json.dumps(meta, default=str)), **arrays)
+    return chosen, made, None
 
 
 def manifold_cluster(z: np.ndarray, n_clusters: int, *, seed: int = 0, n_components: int = 10,
