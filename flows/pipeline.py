@@ -17,7 +17,7 @@ from flows.scaleout import cluster_store, extract_store, scale_out
 from flows.tasks import build_report, configured, evaluate, explore, reduce_to_2d, uses_gpu, write_run
 from gpu_ops.config import RunConfig
 from gpu_ops.pipeline import record_stage_time
-from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, start_run
+from gpu_ops.rundir import check_out_dir, commit_run, default_run_dir, release_run_dir, start_run
 from gpu_ops.store_lock import StoreReaders
 
 
@@ -25,8 +25,14 @@ from gpu_ops.store_lock import StoreReaders
 def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     """Cluster a dataset and write ``config.out`` (metrics.json's content is returned)."""
     stopping.reclaim_sigterm()
-    out = check_out_dir(config.out or default_run_dir(config.dataset), config.dataset, config.cache_root())
-    staging = start_run(out)
+    out = config.out or default_run_dir(config.dataset)
+    try:
+        out = check_out_dir(out, config.dataset, config.cache_root())
+        staging = start_run(out)
+    except BaseException:
+        if config.out is None:
+            release_run_dir(out)
+        raise
     try:
         with ExitStack() as reading:
             with scale_out(config) as dask_address:  # None: every stage in this process
@@ -55,6 +61,8 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
             doc = record_stage_time(str(staging), "report", report["seconds"])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if config.out is None:
+            release_run_dir(out)
         raise
     commit_run(staging, out)
     stopping.ignore_from_now()  # the run is whole on disk: a late Ctrl-C must not report it as stopped

@@ -12,6 +12,7 @@ PID and host of the run writing it, so a later run removes only the leftovers of
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -199,8 +200,26 @@ _NAME_MAX = 255 - len(".partial-00000000.")
 
 
 def default_run_dir(dataset: str) -> Path:
-    """``runs/<timestamp>-<dataset kind>``."""
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset.split(':', 1)[0]}"
+    """``runs/<timestamp>-<dataset kind>``, created empty here (``-2``, ``-3``, ... when taken), so that
+    two runs started in the same second never commit to one folder, the later replacing the other."""
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset.split(':', 1)[0]}"
+    Path("runs").mkdir(exist_ok=True)
+    for n in itertools.count(1):
+        path = Path("runs") / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()  # exclusive: a concurrent run gets FileExistsError and takes the next name
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
+def release_run_dir(out: Path) -> None:
+    """Remove ``out`` when it is still the empty folder :func:`default_run_dir` made (a run that failed)."""
+    try:
+        Path(out).rmdir()
+    except OSError:
+        pass  # not empty (an earlier run) or already gone
 
 
 def is_run_dir(path: Path) -> bool:

@@ -24,6 +24,7 @@ from gpu_ops.rundir import (
     STAGING_MARKER,
     check_out_dir,
     commit_run,
+    default_run_dir,
     is_run_dir,
     remove_leftovers,
     start_run,
@@ -208,6 +209,25 @@ def test_the_flow_checks_out_too(scratch, monkeypatch):
         cluster_images.fn(cfg)
     assert str(exc.value).startswith(f"{scratch['work'] / 'thesis'}: is a directory that gpuclust did not write")
     assert snapshot(scratch["tmp"]) == before
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path, monkeypatch):
+    """Without ``--out`` the run folder is named by the second it started: a second run in that
+    second takes ``-2`` (the folder is made at once, so the later commit cannot replace the earlier
+    run), and a run that fails before committing leaves no empty folder behind."""
+    from flows.pipeline import cluster_images
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261130-120000")
+    first, second = default_run_dir("digits"), default_run_dir("idx:/data/mnist")
+    third = default_run_dir("digits")
+    assert [first, second, third] == [Path("runs/20261130-120000-digits"), Path("runs/20261130-120000-idx"),
+                                      Path("runs/20261130-120000-digits-2")]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in (first, second, third))
+    with pytest.raises(InputError):  # fails after its folder was made: a store path that is a file
+        (tmp_path / "cache").write_text("a file")
+        cluster_images.fn(make_config(dataset="digits", cache_dir=tmp_path / "cache"))
+    assert sorted(p.name for p in Path("runs").iterdir()) == sorted([first.name, second.name, third.name])
 
 
 # ---------------------------------------------------------------- staging, commit, leftovers
