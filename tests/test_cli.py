@@ -37,8 +37,8 @@ def mnist_sklearn_reference(data_dir) -> float:
 def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mnist_sklearn_reference, backend, expected):
     out = tmp_path / "run"
     result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--extractor", "raw",
-                      "--algorithm", "kmeans", "--k", "10", "--reducer", "none", "--backend", backend,
-                      "--out", str(out)], api_url=prefect_server["url"])
+                      "--algorithm", "kmeans", "--k", "10", "--reducer", "none", "--backend", backend, "--no-explore",
+                      "--out", str(out)], api_url=prefect_server["url"])  # explore: tests/test_explore.py
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     km = metrics["algorithms"]["kmeans"]

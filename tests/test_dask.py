@@ -161,7 +161,7 @@ def test_mnist_on_a_two_worker_local_cluster_matches_the_single_process_run(pref
     from flows.pipeline import cluster_images
 
     common = dict(dataset=f"idx:{data_dir / 'mnist'}", split="test", extractor="raw", algorithms=["kmeans"], k=10,
-                  n_init=1, reducer="none", backend="cpu")
+                  n_init=1, reducer="none", backend="cpu", explore=False)  # explore: tests/test_explore.py
     on_dask = cluster_images(make_config(**common, out=tmp_path / "dask", cache_dir=tmp_path / "c-dask",
                                          task_runner={"kind": "dask", "n_workers": 2}))
     single = cluster_images(make_config(**common, out=tmp_path / "single", cache_dir=tmp_path / "c-single"))
