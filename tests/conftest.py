@@ -242,6 +242,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _LAUNCHED.append(subprocess.Popen([sys.executable, str(_PIP_RESOLUTION_TESTS), str(directory)],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_pytest()))
+    (directory / "pid").write_text(str(_LAUNCHED[-1].pid))  # test_install_routes.PID_FILE: the fixture sees it end
     os.environ[_PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
 
 

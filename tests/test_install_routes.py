@@ -43,6 +43,7 @@ RAPIDS = ("cuml", "libcuml", "cudf", "libcudf", "pylibcudf", "dask-cudf", "raft-
 #: tests/conftest.py starts this file as a script in the background and names its directory here
 RESOLUTION_VAR = "GPUCLUST_TEST_PIP_RESOLUTION"
 RESULT_FILE = "resolved.json"
+PID_FILE = "pid"  #: the background resolution's process id, written by its launcher
 
 
 def _pip(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -107,14 +108,37 @@ def resolve_extras(workdir: Path) -> dict:
 def _prefetched(directory: Path, timeout: float = 1200) -> dict:
     """The resolution tests/conftest.py started in the background when the session began (pip
     mostly waits on the index, so the other tests run meanwhile)."""
-    result = directory / RESULT_FILE
+    import psutil
+
+    result, pid_file = directory / RESULT_FILE, directory / PID_FILE
     deadline = time.monotonic() + timeout
     while not result.is_file():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the background pip resolution wrote no {result} in {timeout:.0f} s: "
+        gone = pid_file.is_file() and _ended(int(pid_file.read_text()), psutil)
+        if (gone and not result.is_file()) or time.monotonic() > deadline:
+            why = "ended" if gone else f"ran {timeout:.0f} s"
+            raise RuntimeError(f"the background pip resolution {why} without writing {result}: "
                                f"{(directory / 'resolve.log').read_text()[-2000:]}")
         time.sleep(1)
     return json.loads(result.read_text())
+
+
+def _ended(pid: int, psutil) -> bool:
+    """Whether process ``pid`` is gone or a zombie (ended, not yet reaped by its launcher)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_background_resolution_that_ends_without_a_result_fails_at_once(tmp_path):
+    """A resolution process that ended (here: exited at once, left unreaped as under pytest) without
+    writing its result fails the waiting fixture within seconds, with its log, not after 20 minutes."""
+    (tmp_path / "resolve.log").write_text("pip: killed")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    (tmp_path / PID_FILE).write_text(str(proc.pid))
+    with pytest.raises(RuntimeError, match=r"the background pip resolution ended without writing .*pip: killed"):
+        _prefetched(tmp_path, timeout=1200)  # "ended", not "ran 1200 s": it saw the process end
+    proc.wait()
 
 
 @pytest.fixture(scope="module")
