@@ -342,3 +342,26 @@ def test_scanned_hashes_are_imagehash_phashes_of_each_image_and_view(cifar_folde
     assert scan_threads(load_dataset(f"folder:{cifar_folder}", "all")) == 1
     assert scan_threads(load_dataset("digits", "all")) == 1
     assert scan_threads(load_dataset(f"folder:{big}", "all")) == min(8, os.cpu_count() or 1)
+
+
+def test_perceptual_hashes_that_match_by_chance_are_not_used(cifar_folder, data_dir):
+    """MNIST digits' perceptual hashes match by chance (the median of 2,000 digits is within 8 bits of
+    2 others): no pair is called a phash duplicate and the run says why; CIFAR-10 photos' do not."""
+    from gpu_ops.data import load_dataset
+    from gpu_ops.explore.duplicates import PHASH_CHANCE_MATCHES, embedding_neighbours, find_duplicates, phash_chance_matches
+    from gpu_ops.explore.scan import scan_items
+
+    digits = load_dataset(f"idx:{data_dir / 'mnist'}", "test", 2000)
+    scan = scan_items(digits, digits.image_ids)
+    assert phash_chance_matches(scan, 8) >= PHASH_CHANCE_MATCHES
+    X = digits.items.reshape(len(digits), -1).astype(np.float32)
+    found = find_duplicates(digits.image_ids, scan, X, embedding_neighbours(X, 10, "cpu"), backend="cpu")
+    assert found.pairs_by_kind["phash"] == 0
+    assert found.phash_off is not None and found.phash_off.startswith(
+        "perceptual hashes not used: the median image's hash is within 8 bits of ")
+
+    photos = load_dataset(f"folder:{cifar_folder}", "all")
+    scan = scan_items(photos, photos.image_ids)
+    assert phash_chance_matches(scan, 8) == 0
+    X = np.stack([np.asarray(photos.load(i), np.float32).reshape(-1) for i in range(len(photos))])
+    assert find_duplicates(photos.image_ids, scan, X, embedding_neighbours(X, 10, "cpu"), backend="cpu").phash_off is None

@@ -34,6 +34,7 @@ image (most pixels), the first in dataset order on a tie.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -42,11 +43,22 @@ import pyarrow as pa
 
 from gpu_ops.explore.scan import HASH_BITS, ItemScan
 
+log = logging.getLogger("gpu_ops.explore")
+
 #: The defaults; :class:`DuplicateSettings` carries the values a run used into metrics.json.
 PHASH_MAX_BITS = 8
 MIN_COSINE = 0.97
 NEIGHBOURS = 10
 KINDS = ("exact", "phash", "embedding")
+#: Perceptual hashes are not used where the median image's own hash is within ``phash_max_bits`` of
+#: at least this many other images (identical files aside) and of at least
+#: :data:`PHASH_CHANCE_SHARE` of them: matches that grow with the collection are chance, not copies.
+#: MNIST digits: 2 of 1,999 others, 12.5 of 9,999 (92,000 "duplicate" pairs among 10,000 digits);
+#: CIFAR-10 photos: 0. Real duplicates do not reach it unless most images have near copies.
+PHASH_CHANCE_MATCHES = 2
+PHASH_CHANCE_SHARE = 1e-4
+#: Images whose matches are counted (a seeded sample).
+PHASH_SAMPLE_IMAGES = 100
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,23 @@ def phash_pairs(scan: ItemScan, max_bits: int, k: int, backend: str = "auto") ->
     return _pairs(rows[r[near]], rows[c[near]]), res.backend
 
 
+def phash_chance_matches(scan: ItemScan, max_bits: int, sample: int = PHASH_SAMPLE_IMAGES, seed: int = 0) -> float:
+    """The median, over a seeded sample of readable images, of how many other readable images
+    (not identical files) have their own perceptual hash within ``max_bits``; 0.0 below 2 images."""
+    assert scan.phash is not None and scan.readable is not None
+    rows = np.flatnonzero(scan.readable)
+    if rows.size < 2:
+        return 0.0
+    packed = np.packbits(scan.phash[rows], axis=1)  # (m, 8) bytes
+    ones = np.array([bin(v).count("1") for v in range(256)], np.uint8)
+    counts = []
+    for i in np.random.default_rng(seed).choice(rows.size, min(sample, rows.size), replace=False):
+        bits = ones[packed ^ packed[i]].sum(axis=1, dtype=np.int32)
+        same_file = scan.content[rows] == scan.content[rows[i]]  # itself and identical copies
+        counts.append(int(np.count_nonzero((bits <= max_bits) & ~same_file)))
+    return float(np.median(counts))
+
+
 def embedding_pairs(neighbours: Neighbours, min_cosine: float) -> np.ndarray:
     """Pairs whose centred cosine similarity (1 - distance) is at least ``min_cosine``."""
     n, k = neighbours.indices.shape
@@ -179,6 +208,8 @@ class DuplicateGroups:
     images_in_groups: int = 0
     redundant: int = 0  #: images a user could drop keeping one per group
     backends: list[str] = field(default_factory=list)
+    phash_chance_matches: float | None = None  #: median other images within the phash threshold (images only)
+    phash_off: str | None = None  #: why perceptual hashes were not used, when they were not
 
 
 SCHEMA = pa.schema([
@@ -230,7 +261,13 @@ def group_duplicates(image_ids: Sequence[str], scan: ItemScan, near: np.ndarray,
     n = len(image_ids)
     found = {"exact": exact_pairs(scan.content)}
     used_backends = list(backends)
-    if scan.has_images:
+    chance = phash_chance_matches(scan, settings.phash_max_bits) if scan.has_images else None
+    phash_off = None
+    if chance is not None and chance >= PHASH_CHANCE_MATCHES and chance >= PHASH_CHANCE_SHARE * (len(image_ids) - 1):
+        phash_off = (f"perceptual hashes not used: the median image's hash is within {settings.phash_max_bits} "
+                     f"bits of {chance:g} others, so a match would be chance")
+        log.warning("duplicates: %s", phash_off)
+    if scan.has_images and phash_off is None:
         found["phash"], used = phash_pairs(scan, settings.phash_max_bits, settings.neighbours, backend)
         used_backends += [used] if used else []
     else:
@@ -238,13 +275,14 @@ def group_duplicates(image_ids: Sequence[str], scan: ItemScan, near: np.ndarray,
     found["embedding"] = near
     pairs = _pairs(*np.concatenate([p for p in found.values()]).T) if n else np.zeros((0, 2), np.int64)
     if pairs.size == 0:
-        return DuplicateGroups(SCHEMA.empty_table(), {k: 0 for k in KINDS}, backends=sorted(set(used_backends)))
+        return DuplicateGroups(SCHEMA.empty_table(), {k: 0 for k in KINDS}, backends=sorted(set(used_backends)),
+                               phash_chance_matches=chance, phash_off=phash_off)
     same = scan.content[pairs[:, 0]] == scan.content[pairs[:, 1]]
     bits = phash_distance(scan, pairs) if scan.has_images else None
     if bits is not None and scan.readable is not None:
         bits = np.where(scan.readable[pairs[:, 0]] & scan.readable[pairs[:, 1]], bits, HASH_BITS).astype(np.int16)
     cosine = cosine_of(pairs)
-    by_phash = bits is not None and bits <= settings.phash_max_bits
+    by_phash = bits is not None and phash_off is None and bits <= settings.phash_max_bits
     kind = np.where(same, "exact", np.where(by_phash, "phash", "embedding"))
     similarity = np.where(same, 1.0, np.where(by_phash, 1.0 - (bits if bits is not None else 0) / HASH_BITS, cosine))
 
@@ -280,4 +318,5 @@ def group_duplicates(image_ids: Sequence[str], scan: ItemScan, near: np.ndarray,
     }, schema=SCHEMA)
     counts = {k: int((kind == k).sum()) for k in KINDS}
     return DuplicateGroups(table, counts, groups=len(group_of), images_in_groups=int(members.size),
-                           redundant=int(members.size) - len(group_of), backends=sorted(set(used_backends)))
+                           redundant=int(members.size) - len(group_of), backends=sorted(set(used_backends)),
+                           phash_chance_matches=chance, phash_off=phash_off)

@@ -59,6 +59,8 @@ class ExploreResult(StageModel):
     thresholds: dict[str, float]
     backends: list[str]  #: the knn backends that ran
     seconds: float
+    phash_chance_matches: float | None = None  #: median other images within the phash threshold
+    phash_off: str | None = None  #: why perceptual hashes were not used (they match by chance on this data)
     #: how each item's neighbours were searched: "exact" (among all items), or "within N cells"
     #: (a store beyond ``memory_mb``: within its k-means cell, see :mod:`gpu_ops.explore.cells`)
     neighbours: str = "exact"
@@ -159,4 +161,5 @@ def _result(run: RunDir, scan: ItemScan, dups: DuplicateGroups, flagged: dict[st
                          redundant=dups.redundant, flagged=flagged,
                          algorithm=clusters[0].algorithm if clusters else None, thresholds=thresholds,
                          backends=dups.backends, neighbours=neighbours, cells=cells,
+                         phash_chance_matches=dups.phash_chance_matches, phash_off=dups.phash_off,
                          seconds=round(time.perf_counter() - t0, 3))

@@ -543,6 +543,8 @@ def duplicates_section(figs: FigureWriter, inputs: D.RunInputs, images: D.ImageS
     thresholds = info.get("thresholds") or {}
     sec = Section("duplicates", "Duplicates")
     note = neighbours_note(inputs, "near duplicates by embedding")
+    if info.get("phash_off"):
+        sec.blocks.append(Text(f"{info['phash_off'][:1].upper()}{info['phash_off'][1:]}."))
     if pairs.empty:
         sec.blocks += [Text("No exact or near duplicates found."), *filter(None, [note])]
         return [sec]

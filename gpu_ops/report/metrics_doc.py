@@ -82,6 +82,8 @@ class ExploreInfo(_Part):
     #: "exact", or "within N cells" for a store beyond ``memory_mb`` (:mod:`gpu_ops.explore.cells`)
     neighbours: str | None = None
     cells: dict[str, int] | None = None
+    phash_chance_matches: float | None = None  #: median other images within the phash threshold
+    phash_off: str | None = None  #: why perceptual hashes were not used
 
 
 class KSelectionInfo(_Part):
