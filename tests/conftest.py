@@ -9,9 +9,11 @@ flows called in this process."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 # imported twice (as ``conftest`` and as ``tests.conftest``): the second import keeps the first's.
 _owner, _, _dir = os.environ.get("GPUCLUST_TEST_SESSION_DIR", "").partition(":")
 _SESSION_DIR = Path(_dir) if _owner == str(os.getpid()) else Path(tempfile.mkdtemp(prefix="gpuclust-tests-"))
+if _owner != str(os.getpid()):  # made here: removed when this process exits (the shared server stopped before)
+    atexit.register(shutil.rmtree, _SESSION_DIR, True)
 os.environ["GPUCLUST_TEST_SESSION_DIR"] = f"{os.getpid()}:{_SESSION_DIR}"
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

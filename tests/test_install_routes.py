@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -82,10 +83,16 @@ def _requirements(extra: str) -> list[str]:
 def _dry_run(extra: str, workdir: Path) -> dict:
     report = workdir / f"{extra}.json"
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    scratch = workdir / f"tmp-{extra}"  # pip unpacks whole wheels (up to 0.9 GB) here, and may leave them
+    scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    out = _pip("install", "--dry-run", "--use-feature=fast-deps", "--ignore-installed", "--only-binary=:all:",
-               "--python-version", "3.12", *platforms, "--target", str(workdir / f"target-{extra}"),
-               "--report", str(report), "--progress-bar", "off", *_requirements(extra), timeout=900)
+    try:
+        out = _pip("install", "--dry-run", "--use-feature=fast-deps", "--ignore-installed", "--only-binary=:all:",
+                   "--python-version", "3.12", *platforms, "--target", str(workdir / f"target-{extra}"),
+                   "--report", str(report), "--progress-bar", "off", *_requirements(extra), timeout=900,
+                   env={"TMPDIR": str(scratch)})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
     # "Downloading x.whl (554.6 MB)" is a whole wheel; "x.whl.metadata" and range reads are not
     wheels = re.findall(r"Downloading (\S+\.whl) \(([^)]*)\)", out.stdout)
