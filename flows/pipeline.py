@@ -26,14 +26,10 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
     """Cluster a dataset and write ``config.out`` (metrics.json's content is returned)."""
     stopping.reclaim_sigterm()
     out = config.out or default_run_dir(config.dataset)
+    staging = None
     try:
         out = check_out_dir(out, config.dataset, config.cache_root())
         staging = start_run(out)
-    except BaseException:
-        if config.out is None:
-            release_run_dir(out)
-        raise
-    try:
         with ExitStack() as reading:
             with scale_out(config) as dask_address:  # None: every stage in this process
                 t0 = time.perf_counter()
@@ -60,7 +56,8 @@ def cluster_images(config: RunConfig = RunConfig()) -> dict[str, Any]:
             report = configured(build_report, config, "report")(str(staging), str(out))
             doc = record_stage_time(str(staging), "report", report["seconds"])
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if config.out is None:
             release_run_dir(out)
         raise

@@ -174,14 +174,10 @@ def phash_chance_matches(scan: ItemScan, max_bits: int, sample: int = PHASH_SAMP
     rows = np.flatnonzero(scan.readable)
     if rows.size < 2:
         return 0.0
-    packed = np.packbits(scan.phash[rows], axis=1)  # (m, 8) bytes
-    ones = np.array([bin(v).count("1") for v in range(256)], np.uint8)
-    counts = []
-    for i in np.random.default_rng(seed).choice(rows.size, min(sample, rows.size), replace=False):
-        bits = ones[packed ^ packed[i]].sum(axis=1, dtype=np.int32)
-        same_file = scan.content[rows] == scan.content[rows[i]]  # itself and identical copies
-        counts.append(int(np.count_nonzero((bits <= max_bits) & ~same_file)))
-    return float(np.median(counts))
+    hashes, content = scan.phash[rows], scan.content[rows]
+    counts = [int(np.count_nonzero((hamming(hashes, hashes[i][None]) <= max_bits) & (content != content[i])))
+              for i in np.random.default_rng(seed).choice(rows.size, min(sample, rows.size), replace=False)]
+    return float(np.median(counts))  # identical files (itself among them) are not counted
 
 
 def embedding_pairs(neighbours: Neighbours, min_cosine: float) -> np.ndarray:
