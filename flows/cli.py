@@ -66,6 +66,22 @@ def _backend_arg(raw: str) -> dict[str, Any]:
     return out
 
 
+def _algorithm_option(raw: str) -> tuple[str, str, Any]:
+    """``scan.n_heads=20`` as ``("scan", "n_heads", 20)``; the value is read as YAML (numbers,
+    true/false, null, [lists])."""
+    import yaml
+
+    target, sep, text = raw.partition("=")
+    algorithm, dot, name = target.strip().partition(".")
+    if not (sep and dot and algorithm and name.strip()):
+        raise argparse.ArgumentTypeError(f"expected ALGORITHM.NAME=VALUE (e.g. scan.n_heads=20); got {raw!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return algorithm, name.strip(), value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="gpuclust", description="Cluster image collections without labels.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and gpuclust's info logs")
@@ -95,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--algorithm", dest="algorithms",
                      help="comma-separated: umap-graph, umap-kmeans, kmeans, agglomerative, hdbscan, gmm, n2d, dkm, dec, idec, "
                           "scan, temi, turtle")
+    run.add_argument("--algorithm-option", dest="algorithm_option", action="append", type=_algorithm_option,
+                     metavar="ALGORITHM.NAME=VALUE", help="a setting of a deep method or clustering head, e.g. "
+                     "scan.n_heads=20 or idec.dec_max_iter=2000 (repeatable; YAML: algorithm_options)")
     run.add_argument("--k", help="number of clusters, or auto")
     run.add_argument("--k-range", dest="k_range", help="k=auto: the smallest and largest k tried, LOW,HIGH (default 2,20)")
     run.add_argument("--linkage", help="ward | average | complete | single (agglomerative)")
@@ -201,6 +220,15 @@ def run_config_from_args(args: argparse.Namespace) -> "Any":
     if args.k_range is not None:
         values["k_range"] = _int_pair(args.k_range)
         flags["k_range"] = "--k-range"
+    if args.algorithm_option:
+        merged_options = {alg: dict(opts) if isinstance(opts, dict) else opts
+                          for alg, opts in (values.get("algorithm_options") or {}).items()}
+        for algorithm, name, value in args.algorithm_option:
+            if not isinstance(merged_options.setdefault(algorithm, {}), dict):
+                merged_options[algorithm] = {}
+            merged_options[algorithm][name] = value
+        values["algorithm_options"] = merged_options
+        flags["algorithm_options"] = "--algorithm-option"
     if args.backend:
         values.update(args.backend)
         flags.update({key: "--backend" for key in args.backend})

@@ -20,6 +20,8 @@ UMAP_ALGORITHMS = ("umap-graph", "umap-kmeans")
 #: Clustering heads trained in torch on the store's embeddings (:mod:`gpu_ops.heads`).
 HEAD_ALGORITHMS = ("scan", "temi", "turtle")
 ALGORITHMS = (*UMAP_ALGORITHMS, "kmeans", "agglomerative", "hdbscan", "gmm", *DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
+#: Algorithms with settings of their own that ``algorithm_options`` may change.
+TUNABLE_ALGORITHMS = (*DEEP_ALGORITHMS, *HEAD_ALGORITHMS)
 #: numpy's seeding range (``np.random.RandomState`` and FAISS take a 32-bit unsigned seed).
 SEED_MAX = 2**32 - 1
 
@@ -125,6 +127,10 @@ class RunConfig(BaseModel):
     wait_for_store: bool = Field(True, description="another run writing the same embedding store: wait for it "
                                  "(false: fail at once, naming it)")
     algorithms: list[str] = Field(default_factory=lambda: ["umap-graph"])
+    algorithm_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings of the deep methods and clustering heads, by algorithm, e.g. "
+        "{scan: {n_heads: 20}, idec: {dec_max_iter: 2000}} (fields of gpu_ops.deep.DeepConfig and of "
+        "gpu_ops.heads' ScanConfig, TemiConfig, TurtleConfig)")
     k: int | Literal["auto"] = 10
     k_range: tuple[int, int] = Field((2, 20), description="k=auto: the smallest and largest k tried")
     linkage: Literal["ward", "average", "complete", "single"] = "ward"
@@ -192,6 +198,20 @@ class RunConfig(BaseModel):
                              f"expected one of: {', '.join(ALGORITHMS)}")
         return list(dict.fromkeys(value))
 
+    @field_validator("algorithm_options")
+    @classmethod
+    def _known_algorithm_options(cls, value: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+        where = _name(info, "algorithm_options")
+        for algorithm, options in value.items():
+            if algorithm not in TUNABLE_ALGORITHMS:
+                raise _error(info, "algorithm_options", f"{where}: {algorithm!r} has no options to set; the "
+                             f"algorithms that do: {', '.join(TUNABLE_ALGORITHMS)}")
+            try:
+                check_algorithm_options(algorithm, options)
+            except InputError as exc:
+                raise _error(info, "algorithm_options", f"{where} {algorithm}: {exc}") from None
+        return value
+
     @field_validator("k", mode="before")
     @classmethod
     def _positive_k(cls, value: object, info: ValidationInfo) -> object:
@@ -247,7 +267,15 @@ class RunConfig(BaseModel):
             if rule.field in self.model_fields_set and not rule.applies(self) and not _is_default(self, rule.field):
                 raise _error(info, rule.field, f"{_name(info, rule.field)} does not apply to {rule.context(self)}; "
                              f"it is for {rule.target}")
+        for algorithm in self.algorithm_options:
+            if algorithm not in self.algorithms:
+                raise _error(info, "algorithm_options", f"{_name(info, 'algorithm_options')} {algorithm} does not "
+                             f"apply to {_algorithms_context(self)}; it is for runs of {algorithm}")
         return self
+
+    def options_for(self, algorithm: str) -> dict[str, Any]:
+        """The settings ``algorithm_options`` gives ``algorithm`` (empty when none)."""
+        return dict(self.algorithm_options.get(algorithm, {}))
 
     def backend_for(self, op: str) -> str:
         """The backend setting for ``op`` (per-op override, else the global one)."""
@@ -255,6 +283,24 @@ class RunConfig(BaseModel):
 
     def cache_root(self) -> Path:
         return self.cache_dir or default_cache_root()
+
+
+def check_algorithm_options(algorithm: str, options: object) -> None:
+    """Refuse options that ``algorithm`` does not have, or values it cannot use (InputError, one
+    line naming the algorithm, the option and the value). The deep methods' and heads' own config
+    classes do the checking, imported only when options are given (they import torch)."""
+    if algorithm not in TUNABLE_ALGORITHMS:
+        raise choice_error("algorithm with options", algorithm, TUNABLE_ALGORITHMS)
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise InputError(f"expected a mapping of option names to values; got {options!r}")
+    if algorithm in HEAD_ALGORITHMS:
+        from gpu_ops.heads import head_config
+
+        head_config(algorithm, **options)
+    else:
+        from gpu_ops.deep import DeepConfig
+
+        DeepConfig.from_overrides(None, **options)
 
 
 # ---------------------------------------------------------------- options that apply only sometimes

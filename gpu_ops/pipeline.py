@@ -150,6 +150,7 @@ def _deep_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
     overrides: dict[str, Any] = {"latent_dim": cfg.latent_dim}
     if cfg.deep_epochs is not None:
         overrides["pretrain_epochs"] = cfg.deep_epochs
+    overrides.update(cfg.options_for(algorithm))
     result = fit_deep(algorithm, images, k, seed=cfg.seed, device=placed.torch_device, labels=table.labels,  # type: ignore[arg-type]
                       checkpoint_dir=dataset_directory(Path(cfg.cache_root()) / "stores", dataset) / "deep",
                       backend=cfg.backend_for("kmeans"), **overrides)
@@ -173,7 +174,8 @@ def _head_cluster(store: str, cfg: RunConfig, algorithm: str, run: RunDir, t0: f
         raise InputError(f"k={k} is larger than the number of images ({source.count()})")
     placed = placement_for(cfg, algorithm)
     result = fit_head(algorithm, store, k, seed=cfg.seed, device=placed.torch_device, labels=store_labels(store),
-                      knn_backend=cfg.backend_for("knn"), memory_mb=cfg.memory_mb, scratch=run.path / ".head-scratch")
+                      knn_backend=cfg.backend_for("knn"), memory_mb=cfg.memory_mb, scratch=run.path / ".head-scratch",
+                      **cfg.options_for(algorithm))
     shutil.rmtree(run.path / ".head-scratch", ignore_errors=True)
     result.save(run.head(algorithm))
     atomic_write_json(run.history(algorithm), result.history, sort_keys=False)

@@ -49,12 +49,15 @@ def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mn
 
 
 def test_deep_clustering_from_the_cli(data_dir, tmp_path):
-    """`--algorithm n2d,idec`: the run directory holds both, in the store's order."""
+    """`--algorithm n2d,idec`: the run directory holds both, in the store's order; the methods' own
+    settings (one N2D start, a short IDEC phase) reach them through --algorithm-option."""
     import pandas as pd
 
     out = tmp_path / "deep"
+    options = ["--algorithm-option", "n2d.n2d_starts=1", "--algorithm-option", "idec.n2d_starts=1",
+               "--algorithm-option", "idec.dec_max_iter=150"]
     result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--limit", "1000",
-                      "--extractor", "raw", "--algorithm", "n2d,idec", "--k", "10", "--deep-epochs", "3",
+                      "--extractor", "raw", "--algorithm", "n2d,idec", "--k", "10", "--deep-epochs", "3", *options,
                       "--reducer", "none", "--backend", "cpu", "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -70,8 +73,10 @@ def test_deep_clustering_from_the_cli(data_dir, tmp_path):
         assert history[-1]["acc"] == pytest.approx(entry["acc"], abs=1e-4)
     # one algorithm pretrains the autoencoder, the other reuses its checkpoint
     assert sorted(pretrained) == [[], [1, 2, 3]]
-    idec_phases = [h["phase"] for h in json.loads(RunDir(out).history("idec").read_text())]
+    idec_history = json.loads(RunDir(out).history("idec").read_text())
+    idec_phases = [h["phase"] for h in idec_history]
     assert "manifold-init" in idec_phases and idec_phases[-1] == "idec"
+    assert [h["phase"] for h in idec_history].count("n2d-start") == 1 and idec_history[-1]["iteration"] <= 150
 
 
 def _unreadable_folder(tmp_path):

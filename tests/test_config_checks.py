@@ -199,6 +199,56 @@ def test_options_that_apply_or_keep_their_defaults_are_fine_and_yaml_names_the_f
                                "(the others have no train/test split)")
 
 
+# ---------------------------------------------------------------- the algorithms' own settings
+
+
+BAD_ALGORITHM_OPTIONS = [
+    (["--algorithm", "scan", "--algorithm-option", "scan.n_head=20"],
+     "--algorithm-option scan: unknown scan option(s) 'n_head'; expected some of: batch_size, class_balance, confidence, "
+     "entropy_weight, epochs, hidden, l2_normalize, lr, n_heads, neighbors, pca_dim, progress, selflabel_epochs, "
+     "weight_decay, whiten"),
+    (["--algorithm", "temi", "--algorithm-option", "temi.beta=0"], "--algorithm-option temi: temi beta must be a number in (0, 1]; got 0"),
+    (["--algorithm", "idec", "--algorithm-option", "idec.dec_max_iter=many"],
+     "--algorithm-option idec: deep clustering option dec_max_iter must be an integer; got 'many'"),
+    (["--algorithm", "idec", "--algorithm-option", "idec.arch=resnet"],
+     "--algorithm-option idec: deep clustering option arch must be one of dense, conv; got 'resnet'"),
+    (["--algorithm", "kmeans", "--algorithm-option", "kmeans.n_init=3"],
+     "--algorithm-option: 'kmeans' has no options to set; the algorithms that do: n2d, dkm, dec, idec, scan, temi, turtle"),
+    (["--algorithm", "kmeans", "--algorithm-option", "scan.n_heads=3"],
+     "--algorithm-option scan does not apply to algorithms kmeans; it is for runs of scan"),
+    (["--algorithm", "scan", "--algorithm-option", "scan"],
+     "argument --algorithm-option: expected ALGORITHM.NAME=VALUE (e.g. scan.n_heads=20); got 'scan'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ALGORITHM_OPTIONS, ids=[a[-1] for a, _ in BAD_ALGORITHM_OPTIONS])
+def test_a_bad_algorithm_option_is_one_line_before_any_work(args, message, capsys, tmp_path):
+    try:
+        code = main(["run", *args, "--out", str(tmp_path / "run")])
+    except SystemExit as exc:  # argparse's own check
+        code = exc.code
+    assert code == 2
+    assert _error_line(capsys) == f"gpuclust: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_algorithm_options_from_a_file_and_the_command_line_merge(tmp_path):
+    from flows.cli import build_parser, run_config_from_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithms: [scan, idec]\nalgorithm_options:\n  scan: {n_heads: 4, hidden: 64}\n  idec: {augment: false}\n")
+    args = build_parser().parse_args(["run", "--config", str(path), "--algorithm-option", "scan.n_heads=8",
+                                      "--algorithm-option", "idec.hidden=[256, 256, 1024]"])
+    cfg = run_config_from_args(args)
+    assert cfg.options_for("scan") == {"n_heads": 8, "hidden": 64}
+    assert cfg.options_for("idec") == {"augment": False, "hidden": [256, 256, 1024]}
+    assert cfg.options_for("kmeans") == {}
+    path.write_text("algorithms: [scan]\nalgorithm_options:\n  scan: {epochs: -1}\n")
+    with pytest.raises(InputError) as info:
+        validate_config(load_config_file(path), file=path)
+    assert str(info.value) == f"{path}: algorithm_options scan: scan epochs must be an integer >= 0; got -1"
+
+
 # ---------------------------------------------------------------- the command line
 
 

@@ -192,11 +192,13 @@ DEEP_N = 600  # MNIST test images in the deep run
 
 @pytest.fixture(scope="module")
 def deep_run(prefect_server, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """IDEC (2 pretraining epochs) beside k-means and agglomerative on 600 raw MNIST test images."""
+    """IDEC (2 pretraining epochs, one N2D start, 150 iterations) beside k-means and agglomerative on
+    600 raw MNIST test images."""
     out = tmp_path_factory.mktemp("similar-deep") / "run"
     res = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--limit", str(DEEP_N),
                    "--extractor", "raw", "--algorithm", "idec,kmeans,agglomerative", "--k", "10", "--reducer", "pca",
-                   "--deep-epochs", "2", "--out", str(out)], api_url=prefect_server["url"])
+                   "--deep-epochs", "2", "--algorithm-option", "idec.n2d_starts=1", "--algorithm-option",
+                   "idec.dec_max_iter=150", "--out", str(out)], api_url=prefect_server["url"])
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

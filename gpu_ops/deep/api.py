@@ -123,10 +123,37 @@ class DeepConfig:
         if unknown:
             raise InputError(f"unknown deep clustering option(s) {', '.join(map(repr, unknown))}; "
                              f"expected some of: {', '.join(sorted(names))}")
+        for name, value in overrides.items():
+            check_field_value(cls, name, value)
         cfg = dataclasses.replace(base or cls(), **overrides)
         for tup in ("hidden", "filters"):
             setattr(cfg, tup, tuple(getattr(cfg, tup)))
         return cfg
+
+
+def check_field_value(cls: type, name: str, value: object) -> None:
+    """Refuse a value of the wrong kind for field ``name`` of dataclass ``cls``, read from its
+    annotation (``int``, ``float``, ``bool``, ``tuple[int, ...]``, ``Literal[...]``, ``| None``)."""
+    annotation = str(next(f.type for f in fields(cls) if f.name == name))
+    if value is None:
+        if "None" not in annotation:
+            raise InputError(f"deep clustering option {name} must not be None")
+        return
+    if annotation.startswith("Literal["):
+        allowed = tuple(part.strip().strip("'\"") for part in annotation[len("Literal["):-1].split(","))
+        if value not in allowed:
+            raise InputError(f"deep clustering option {name} must be one of {', '.join(allowed)}; got {value!r}")
+        return
+    kind = annotation.split("|")[0].strip()
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(
+              isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)}.get(kind)
+    if ok is not None and not ok(value):
+        what = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "tuple[int, ...]": "a list of positive integers"}[kind]
+        raise InputError(f"deep clustering option {name} must be {what}; got {value!r}")
 
 
 @dataclass
