@@ -3,12 +3,8 @@ ephemeral mode (no server at all)."""
 
 import json
 
-import numpy as np
 import pytest
-from sklearn.cluster import KMeans
 
-from gpu_ops.data import load_dataset
-from gpu_ops.metrics import evaluate
 from gpu_ops.rundir import RunDir
 
 from conftest import run_cli
@@ -23,29 +19,6 @@ def test_demo_default_in_ephemeral_mode(tmp_path):
     assert metrics["dataset"] == "digits" and metrics["n"] == 1797
     assert metrics["algorithms"]["umap-graph"]["acc"] >= 0.95
     assert "umap-graph" in result.stdout and "ACC" in result.stdout
-
-
-@pytest.fixture(scope="module")
-def mnist_sklearn_reference(data_dir) -> float:
-    ds = load_dataset(f"idx:{data_dir / 'mnist'}", "test")
-    X = ds.items.reshape(len(ds), -1).astype(np.float32) / 255
-    labels = KMeans(n_clusters=10, n_init=10, random_state=0).fit_predict(X)
-    return evaluate(ds.labels, labels)["acc"]
-
-
-@pytest.mark.parametrize("backend, expected", [("cpu", "faiss-cpu"), ("cpu,kmeans=sklearn", "sklearn")])
-def test_mnist_raw_kmeans_matches_sklearn(prefect_server, data_dir, tmp_path, mnist_sklearn_reference, backend, expected):
-    out = tmp_path / "run"
-    result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--extractor", "raw",
-                      "--algorithm", "kmeans", "--k", "10", "--reducer", "none", "--backend", backend, "--no-explore",
-                      "--out", str(out)], api_url=prefect_server["url"])  # explore: tests/test_explore.py
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    km = metrics["algorithms"]["kmeans"]
-    assert km["backend"] == expected
-    assert abs(km["acc"] - mnist_sklearn_reference) <= 0.02, (km["acc"], mnist_sklearn_reference)
-    assert set(km) >= {"acc", "nmi", "ari", "k", "backend"} and km["k"] == 10
-    assert set(metrics["timings_s"]) >= {"extract", "cluster:kmeans", "evaluate", "report"}
 
 
 def test_deep_clustering_from_the_cli(data_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""CPU parity: FAISS k-means (the default CPU backend) against scikit-learn on MNIST test pixels.
+"""CPU parity: FAISS k-means (the default CPU backend) against scikit-learn on MNIST test pixels, in
+this process and through `gpuclust run` (both backends), against one scikit-learn reference.
 
 Quality, never bits: the k-means objective within 1% and Hungarian ACC within 0.01. Single runs of
 k-means on MNIST differ by about +-0.01 in ACC from seed to seed (scikit-learn, seeds 0-4:
@@ -10,9 +11,12 @@ faster on a shared 2-core machine (27 s vs 39 s).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from gpu_ops.metrics import evaluate
 
 
@@ -63,6 +67,23 @@ def test_streaming_kmeans_on_a_sample_matches_in_memory_quality(mnist_test, skle
     acc, acc_sk = evaluate(y, est.labels_)["acc"], evaluate(y, sklearn_ref.labels_)["acc"]
     # a sampled fit may land in another basin of (nearly) the same objective: ACC must not be worse
     assert acc >= acc_sk - 0.02, (acc, acc_sk)
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "faiss-cpu"), ("cpu,kmeans=sklearn", "sklearn")])
+def test_mnist_raw_kmeans_from_the_cli_matches_sklearn(prefect_server, data_dir, tmp_path, mnist_test, sklearn_ref,
+                                                       backend, expected):
+    out = tmp_path / "run"
+    result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--extractor", "raw",
+                      "--algorithm", "kmeans", "--k", "10", "--reducer", "none", "--backend", backend, "--no-explore",
+                      "--out", str(out)], api_url=prefect_server["url"])  # explore: tests/test_explore.py
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    km = metrics["algorithms"]["kmeans"]
+    assert km["backend"] == expected
+    reference = evaluate(mnist_test[1], sklearn_ref.labels_)["acc"]
+    assert abs(km["acc"] - reference) <= 0.02, (km["acc"], reference)
+    assert set(km) >= {"acc", "nmi", "ari", "k", "backend"} and km["k"] == 10
+    assert set(metrics["timings_s"]) >= {"extract", "cluster:kmeans", "evaluate", "report"}
 
 
 def _has_faiss() -> bool:
