@@ -218,7 +218,8 @@ def raw_kmeans_acc(mnist_small):
 def test_deep_clustering_beats_kmeans_on_raw_pixels(mnist_small, raw_kmeans_acc):
     """N2D (conv AE, 10 short epochs -> UMAP -> GMM) on 2,000 digits vs k-means on the pixels."""
     images, labels = mnist_small
-    res = fit_deep("n2d", images, 10, seed=0, device="cpu", labels=labels, pretrain_epochs=10, progress=False)
+    res = fit_deep("n2d", images, 10, seed=0, device="cpu", labels=labels, pretrain_epochs=10, n2d_starts=1,
+                   progress=False)  # one manifold start: the choice among starts is tested elsewhere
     pre = [h["loss"] for h in res.history if h["phase"] == "pretrain"]
     assert len(pre) == 10 and pre[-1] < pre[0]  # the pretraining loss falls
     assert res.manifold is not None and res.manifold.shape == (len(images), 10)
