@@ -31,9 +31,14 @@ from gpu_ops.store import read_embeddings
 
 
 def parse_setting(text: str) -> tuple[str, int | None, bool]:
-    """``SPEC[@SIZE][+flip]`` -> (extractor spec, image size or None, flip averaging)."""
+    """``SPEC[@SIZE][+flip]`` -> (extractor spec, image size or None, flip averaging). ``@SIZE`` at
+    the end is every backbone's size (``lite0+lite2@128``), unless each backbone names its own
+    (``lite2@128+lite2@192``): then the spec is passed on whole."""
     flip = text.endswith("+flip")
     text = text.removesuffix("+flip")
+    parts = text.split("+")
+    if len(parts) > 1 and all("@" in part for part in parts):
+        return text, None, flip
     spec, _, size = text.partition("@")
     return spec, int(size) if size else None, flip
 
