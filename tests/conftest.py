@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
+from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 # One scratch directory per pytest process (each xdist worker has its own). This file may be
@@ -221,7 +222,6 @@ DEFAULT_FILE_SECONDS = 30
 
 
 _PIP_RESOLUTION_TESTS = REPO / "tests" / "test_install_routes.py"
-_PIP_RESOLUTION_VAR = "GPUCLUST_TEST_PIP_RESOLUTION"  # test_install_routes.RESOLUTION_VAR
 
 
 def _selects_pip_resolution(config: pytest.Config) -> bool:
@@ -239,20 +239,20 @@ def pytest_configure(config: pytest.Config) -> None:
     tests/test_install_routes.py finds it done instead of waiting for it."""
     xdist_controller = (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
                         and not config.option.collectonly)
-    if not xdist_controller or _PIP_RESOLUTION_VAR in os.environ or not _selects_pip_resolution(config):
+    if not xdist_controller or PIP_RESOLUTION_VAR in os.environ or not _selects_pip_resolution(config):
         return
     directory = Path(tempfile.mkdtemp(prefix="pip-resolution-", dir=_SESSION_DIR))
     with open(directory / "resolve.log", "w") as log:
         _LAUNCHED.append(subprocess.Popen([sys.executable, str(_PIP_RESOLUTION_TESTS), str(directory)],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_pytest()))
-    (directory / "pid").write_text(str(_LAUNCHED[-1].pid))  # test_install_routes.PID_FILE: the fixture sees it end
-    os.environ[_PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
+    (directory / PIP_PID_FILE).write_text(str(_LAUNCHED[-1].pid))  # the fixture sees it end
+    os.environ[PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Stop a background pip resolution the session did not wait for (deselected or interrupted)."""
-    directory = os.environ.pop(_PIP_RESOLUTION_VAR, None)
+    directory = os.environ.pop(PIP_RESOLUTION_VAR, None)
     for proc in _LAUNCHED:
         if directory and proc.args[-1] == directory and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
