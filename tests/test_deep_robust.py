@@ -158,7 +158,8 @@ def test_degenerate_result_reaches_metrics_json(data_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli(["run", "--dataset", f"idx:{data_dir / 'mnist'}", "--split", "test", "--limit", "300",
                       "--extractor", "raw", "--algorithm", "n2d,kmeans", "--k", "10", "--deep-epochs", "1",
-                      "--reducer", "none", "--backend", "cpu", "--out", str(out)])
+                      "--algorithm-option", "n2d.n2d_starts=1", "--reducer", "none", "--backend", "cpu",
+                      "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     flagged = metrics["algorithms"]["n2d"]["degenerate"]
