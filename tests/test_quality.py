@@ -141,7 +141,7 @@ def test_the_handwriting_preset_loads_and_takes_the_acceptance_flags(data_dir):
 
 
 def test_the_photos_preset_loads_and_takes_the_acceptance_flags(tmp_path):
-    """configs/photos.yaml: two packaged ImageNet backbones and a SCAN head beside k-means; the
+    """configs/photos.yaml: two packaged ImageNet backbones and a SCAN head (one hidden layer) beside k-means; the
     acceptance runs add only --dataset, --k and --seed."""
     from flows.cli import build_parser, run_config_from_args
 
@@ -152,3 +152,4 @@ def test_the_photos_preset_loads_and_takes_the_acceptance_flags(tmp_path):
     assert (cfg.extractor, cfg.image_size, cfg.algorithms, cfg.k, cfg.seed) == (
         "efficientnet_lite0+efficientnet_lite2", 192, ["scan", "kmeans"], "auto", 2)
     assert cfg.weights is None  # the packaged ImageNet weights: nothing to download
+    assert cfg.options_for("scan") == {"hidden": 256}  # heads with one hidden layer (BENCHMARKS.md)
