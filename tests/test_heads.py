@@ -95,6 +95,33 @@ def test_a_seed_repeats(mnist_2k, algorithm) -> None:
     assert [h["loss"] for h in other.history] != [h["loss"] for h in first.history]
 
 
+def test_heads_that_are_relabellings_of_each_other_are_matched_back():
+    """Three heads giving the same clusters under other names: their orders undo the renaming."""
+    from gpu_ops.heads.scan import matched_orders
+
+    rng = np.random.default_rng(0)
+    base = rng.dirichlet(np.ones(4) * 0.3, size=200).astype(np.float32)  # (n, k) probabilities
+    renamings = [np.arange(4), np.array([2, 0, 3, 1]), np.array([3, 2, 1, 0])]
+    probs = np.stack([base[:, np.argsort(r)] for r in renamings])  # head h's cluster r[j] is cluster j
+    orders = matched_orders(probs, reference=0)
+    assert [list(o) for o in orders] == [list(r) for r in renamings]
+
+
+def test_a_consensus_of_heads_is_saved_whole_and_assigns_its_own_labels(mnist_2k, tmp_path):
+    X, y = mnist_2k
+    res = fit_head("scan", X, 10, seed=1, device="cpu", labels=y, consensus=True, epochs=4, n_heads=3, hidden=32)
+    assert res.history[-1]["phase"] == "consensus" and res.history[-1]["heads"] == 3
+    assert res.history[-1]["acc"] == pytest.approx(res.metrics["acc"])
+    head = load_head(res.save(tmp_path / "model-scan.pt"))
+    assert head.mean_of_heads and head.model.n_heads == 3
+    assert np.array_equal(head.predict(X), res.labels)
+    # the consensus does about as well as the lowest-objective head alone, or better
+    kept_alone = [h["acc"] for h in res.history if h["phase"] == "scan"][-1]
+    assert res.metrics["acc"] >= kept_alone - 0.02, (res.metrics["acc"], kept_alone)
+    with pytest.raises(InputError, match="^scan consensus keeps every head and self-labelling tunes one"):
+        head_config("scan", consensus=True, selflabel_epochs=1)
+
+
 def test_a_store_streamed_through_a_memory_map_trains_the_same_head(mnist_2k, tmp_path) -> None:
     """Rows that exceed the memory budget are memory-mapped; the head is the one trained in memory."""
     X, y = mnist_2k

@@ -106,7 +106,7 @@ def fit_head(algorithm: str, data: Any, k: int, *, seed: int = 0, device: str = 
                       timings={"prepare": round(t_prep - started, 3), "knn": round(t_knn - t_prep, 3),
                                "train": round(t_end - t_knn, 3), "total": round(t_end - started, 3)},
                       metrics=scores(labels, out["labels"]), temperature=temperature,
-                      mean_of_heads=isinstance(cfg, TurtleConfig))
+                      mean_of_heads=isinstance(cfg, TurtleConfig) or bool(out.get("mean_of_heads")))
 
 
 def feature_spaces(data: Any, dim: int) -> list[tuple[int, int]]:

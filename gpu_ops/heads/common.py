@@ -9,6 +9,7 @@ rows live in memory when they fit the budget, else in a memory-mapped scratch fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -239,6 +240,18 @@ class MultiHead(nn.Module):
             v = self.last_v / self.last_v.norm(dim=1, keepdim=True).clamp_min(1e-12)
             h = torch.bmm(h, v) * self.last_g
         return h
+
+    @torch.no_grad()
+    def reorder_outputs(self, orders: np.ndarray) -> "MultiHead":
+        """A copy whose head ``h`` gives, as output ``j``, this model's output ``orders[h, j]``
+        (``orders`` (n_heads, k), each row a permutation of 0..k-1)."""
+        out = copy.deepcopy(self)
+        index = torch.as_tensor(np.asarray(orders, dtype=np.int64))
+        last = [out.last_v, out.last_g] if self.bottleneck else [out.weights[-1], out.biases[-1]]
+        for param in last:
+            for h in range(self.n_heads):
+                param[h] = param[h][..., index[h]]
+        return out
 
     def single(self, head: int) -> "MultiHead":
         """A one-head copy of head ``head``."""
