@@ -152,4 +152,4 @@ def test_the_photos_preset_loads_and_takes_the_acceptance_flags(tmp_path):
     assert (cfg.extractor, cfg.image_size, cfg.algorithms, cfg.k, cfg.seed) == (
         "efficientnet_lite0+efficientnet_lite2", 192, ["scan", "kmeans"], "auto", 2)
     assert cfg.weights is None  # the packaged ImageNet weights: nothing to download
-    assert cfg.options_for("scan") == {"hidden": 256}  # heads with one hidden layer (BENCHMARKS.md)
+    assert cfg.options_for("scan") == {"hidden": 256, "consensus": True}  # BENCHMARKS.md, "A consensus of heads"
