@@ -250,7 +250,7 @@ class MultiHead(nn.Module):
         last = [out.last_v, out.last_g] if self.bottleneck else [out.weights[-1], out.biases[-1]]
         for param in last:
             for h in range(self.n_heads):
-                param[h] = param[h][..., index[h]]
+                param[h] = param[h][..., index[h].to(param.device)]
         return out
 
     def single(self, head: int) -> "MultiHead":
