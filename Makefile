@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e ".[cpu,dev]"  # modules compile on first import: a third off the install
+	$(PY) -m pip install -q -e ".[cpu,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

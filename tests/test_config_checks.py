@@ -205,7 +205,7 @@ def test_options_that_apply_or_keep_their_defaults_are_fine_and_yaml_names_the_f
 BAD_ALGORITHM_OPTIONS = [
     (["--algorithm", "scan", "--algorithm-option", "scan.n_head=20"],
      "--algorithm-option scan: unknown scan option(s) 'n_head'; expected some of: batch_size, class_balance, confidence, "
-     "entropy_weight, epochs, hidden, l2_normalize, lr, n_heads, neighbors, pca_dim, progress, selflabel_epochs, "
+     "consensus, entropy_weight, epochs, hidden, l2_normalize, lr, n_heads, neighbors, pca_dim, progress, selflabel_epochs, "
      "weight_decay, whiten"),
     (["--algorithm", "temi", "--algorithm-option", "temi.beta=0"], "--algorithm-option temi: temi beta must be a number in (0, 1]; got 0"),
     (["--algorithm", "idec", "--algorithm-option", "idec.dec_max_iter=many"],

@@ -26,6 +26,7 @@ from torch import nn
 
 from gpu_ops.errors import InputError
 from gpu_ops.heads.common import HeadConfig, MultiHead, Rows, predict_all, scores
+from gpu_ops.metrics import hungarian_accuracy
 
 log = logging.getLogger("gpu_ops.heads")
 
@@ -173,18 +174,17 @@ def matched_orders(probs: np.ndarray, reference: int, rounds: int = 3) -> np.nda
     ``probs`` (n_heads, n, k). Returns (n_heads, k): head ``h``'s cluster ``orders[h, j]`` is
     consensus cluster ``j`` (Hungarian matching on the overlap of their labels).
     """
-    from scipy.optimize import linear_sum_assignment
-
     n_heads, _, k = probs.shape
     head_labels = probs.argmax(axis=2)
     consensus = head_labels[reference]
     orders = np.tile(np.arange(k), (n_heads, 1))
     for _ in range(rounds + 1):
         for h in range(n_heads):
-            overlap = np.zeros((k, k), np.int64)
-            np.add.at(overlap, (consensus, head_labels[h]), 1)
-            rows, cols = linear_sum_assignment(overlap, maximize=True)
-            orders[h, rows] = cols
+            to_consensus = hungarian_accuracy(consensus, head_labels[h]).mapping  # head cluster -> consensus cluster
+            order = np.full(k, -1)
+            order[list(to_consensus.values())] = list(to_consensus.keys())
+            order[order < 0] = [c for c in range(k) if c not in to_consensus]  # clusters no row of the head is in
+            orders[h] = order
         consensus = np.mean([probs[h][:, orders[h]] for h in range(n_heads)], axis=0).argmax(axis=1)
     return orders
 
