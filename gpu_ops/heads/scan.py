@@ -154,7 +154,8 @@ def train_scan(rows: Rows, neighbors: np.ndarray, k: int, cfg: ScanConfig, rng: 
     if cfg.consensus:
         orders = matched_orders(probs.numpy(), kept)
         model = model.reorder_outputs(orders)
-        pred = predict_all(model, rows).mean(dim=0).argmax(dim=1).numpy()
+        # the heads' probabilities are at hand: matched here, not predicted again over every row
+        pred = torch.stack([probs[h][:, orders[h]] for h in range(cfg.n_heads)]).mean(dim=0).argmax(dim=1).numpy()
         history.append({"phase": "consensus", "epoch": cfg.epochs, "loss": float(objectives[kept]), "head": kept,
                         "heads": cfg.n_heads, **scores(labels, pred)})
         return {"model": model.cpu(), "kept_head": kept, "objectives": [float(v) for v in objectives],
