@@ -59,9 +59,9 @@ _EXTRACT_SCRIPT = textwrap.dedent("""
     from gpu_ops.data import load_dataset
     from gpu_ops.features import create_extractor
     from gpu_ops.features.extract import extract_to_store
-    ds = load_dataset(sys.argv[1], "test", limit=2000)
+    ds = load_dataset(sys.argv[1], "test", limit=1000)
     extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), Path(sys.argv[2]),
-                     batch_size=50, shard_rows=100, progress=False)
+                     batch_size=50, shard_rows=50, progress=False)
 """)
 
 
@@ -93,7 +93,7 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_image(data_dir, tmp_path):
     subprocess.run([sys.executable, str(script), spec, str(clean_root)], check=True)
     resumed = read_embeddings(store_dir)
     clean = read_embeddings(next(clean_root.glob("*/*")))
-    assert len(resumed.image_ids) == len(set(resumed.image_ids)) == 2000
+    assert len(resumed.image_ids) == len(set(resumed.image_ids)) == 1000
     assert resumed.image_ids == clean.image_ids
     np.testing.assert_allclose(resumed.embeddings, clean.embeddings, rtol=1e-5, atol=1e-6)
     assert not list(store_dir.glob(".*tmp*"))
