@@ -25,6 +25,11 @@ import pytest
 OUT_VAR = "SUITE_PROFILE_DIR"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get(OUT_VAR):
+        raise pytest.UsageError(f"bench.suite_profile: set {OUT_VAR} to the folder the records go to")
+
+
 def _cpu_seconds() -> float:
     """User + system seconds of this process and of its waited-for children."""
     t = os.times()
@@ -36,7 +41,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     cpu0, wall0 = _cpu_seconds(), time.monotonic()
     yield
     record = {"id": item.nodeid, "cpu": _cpu_seconds() - cpu0, "wall": time.monotonic() - wall0}
-    out = Path(os.environ.get(OUT_VAR, "suite-profile"))
+    out = Path(os.environ[OUT_VAR])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{os.getpid()}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
