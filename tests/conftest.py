@@ -26,6 +26,14 @@ from pathlib import Path
 
 import pytest
 
+# As many xdist workers as cores (`make test`): each worker, and every process it starts, computes
+# on one thread. Native libraries otherwise start a thread per core in every worker, and the
+# threads of one worker wait on each other while the other worker holds a core. Set here, before
+# numpy, torch or FAISS load.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+    for _threads_var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_threads_var, "1")
+
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 

@@ -249,7 +249,8 @@ def test_cpu_chunks_give_the_rows_of_one_whole_batch_pass(photos):
     assert len(batch) > 2 * CPU_CHUNK_ROWS
     with torch.inference_mode():
         whole = extractor.model(batch).numpy()
-    np.testing.assert_allclose(extractor.embed(batch), whole, atol=1e-5)
+    # float32 kernels differ with the batch size (about 1e-4 relative); a row out of order differs by O(1)
+    np.testing.assert_allclose(extractor.embed(batch), whole, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -1,14 +1,14 @@
 """Stopping `gpuclust run`: SIGINT to the process or to its whole process group (a terminal's
-Ctrl-C) and SIGTERM (how Slurm and Kubernetes stop jobs), each during extraction, clustering and
-the report, in ephemeral Prefect mode.
+Ctrl-C) and SIGTERM (how Slurm and Kubernetes stop jobs), during extraction, clustering and the
+report, in ephemeral Prefect mode: each stage and each way of stopping at least once.
 
 Every stop must: exit 130 / 143 within 10 s; print exactly one line on stderr (besides the
 progress bars drawn before the signal), also when a second Ctrl-C comes while it stops; leave no
 process the run started alive (the process tree, recorded just before the signal, not names); and
 leave a store that the next run completes to exactly one row per image.
 
-The nine cases share one feature store, in order: each run is the rerun of the case before it
-(three runs interrupted during extraction, the next resumes it before it is interrupted during
+The cases share one feature store, in order: each run is the rerun of the case before it
+(two runs interrupted during extraction, the next resumes it before it is interrupted during
 clustering), and :func:`test_rerun_after_stops_completes_the_store` is the rerun of the last one.
 """
 
@@ -200,7 +200,12 @@ def _only_the_line(stderr: str, expected: str) -> None:
         assert frames and all(PROGRESS_BAR.match(f) for f in frames), f"unexpected stderr line {line!r}\n{stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("stage, how", [(s, h) for s in STAGES for h in HOW], ids=lambda v: v)
+#: Each stage and each way of stopping at least once; extraction, where the loader's worker
+#: processes run, both as a terminal's Ctrl-C (the whole group) and as a scheduler's SIGTERM.
+CASES = [("extract", "sigint-group"), ("extract", "sigterm-pid"), ("cluster", "sigint-pid"), ("report", "sigterm-pid")]
+
+
+@pytest.mark.parametrize("stage, how", CASES, ids=lambda v: v)
 def test_signal_stops_the_run_cleanly(chain: Chain, stage: str, how: str) -> None:
     signum, to_group = HOW[how]
     line, code = EXPECTED[signum]
