@@ -219,8 +219,9 @@ def test_an_image_folder_is_extracted_on_daemonic_worker_processes(cifar_folder,
     """Dask worker processes are daemonic: the loader must not start processes of its own there."""
     from distributed import LocalCluster
 
+    # batches of 10 in parts of 25: by default a loader would start worker processes for each part
     common = dict(dataset=f"folder:{cifar_folder}", limit=100, extractor="resnet18", weights="none", image_size=32,
-                  shard_rows=25)
+                  shard_rows=25, batch_size=10)
     local = pipeline.extract_stage(_params(tmp_path / "local", **common), progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         store = _extract_on_cluster(cluster.scheduler_address, _params(tmp_path / "dask", **common))

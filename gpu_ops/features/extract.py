@@ -189,9 +189,11 @@ def worker_start_method() -> str:
     return "spawn"
 
 
-def default_workers(dataset: Dataset) -> int:
-    """Decode files in worker processes; in-memory arrays need none."""
-    if not hasattr(dataset, "paths"):
+def default_workers(dataset: Dataset, items: int, batch_size: int) -> int:
+    """Decode files in worker processes when ``items`` make more than one batch; in-memory arrays
+    need none. A single batch has no other batch to overlap its decoding with, and a worker
+    process costs seconds of start-up (it imports torch)."""
+    if not hasattr(dataset, "paths") or items <= batch_size:
         return 0
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
@@ -201,10 +203,10 @@ def _note_daemonic() -> None:
     log.info("this is a daemonic process (a Dask worker): images are decoded in it, without loader worker processes")
 
 
-def loader_workers(dataset: Dataset, requested: int | None = None) -> int:
-    """Loader worker processes for ``dataset``: ``requested`` (the default when None), but none in a
-    daemonic process (a Dask worker), which multiprocessing forbids to start children."""
-    workers = default_workers(dataset) if requested is None else requested
+def loader_workers(dataset: Dataset, items: int, batch_size: int, requested: int | None = None) -> int:
+    """Loader worker processes for ``items`` of ``dataset``: ``requested`` (the default when None),
+    but none in a daemonic process (a Dask worker), which multiprocessing forbids to start children."""
+    workers = default_workers(dataset, items, batch_size) if requested is None else requested
     if workers and multiprocessing.current_process().daemon:
         _note_daemonic()
         return 0
@@ -237,9 +239,9 @@ def batch_loader(dataset: Dataset, extractor: Extractor, indices: list[int], *, 
     files of a numpy extractor decoded by ``num_workers`` threads instead of processes)."""
     items = _Items(dataset, extractor, indices, raw_bytes=decode_on_device)
     if extractor.numpy_batches and not decode_on_device:
-        threads = default_workers(dataset) if num_workers is None else num_workers
+        threads = default_workers(dataset, len(indices), batch_size) if num_workers is None else num_workers
         return _in_process_batches(items, batch_size, threads)
-    workers = loader_workers(dataset, num_workers)
+    workers = loader_workers(dataset, len(indices), batch_size, num_workers)
     if not workers and extractor.device == "cpu" and not decode_on_device:
         return _in_process_batches(items, batch_size)
     from torch.utils.data import DataLoader
