@@ -1,5 +1,6 @@
 """Extraction paths: batched JPEG decoding (the GPU path, run here with torchvision on the CPU),
-EfficientNet-Lite0's packaged ImageNet weights, and batch halving on CUDA out-of-memory."""
+EfficientNet-Lite0's packaged ImageNet weights, batch halving on CUDA out-of-memory, and when loader
+worker processes start."""
 
 from pathlib import Path
 
@@ -99,3 +100,16 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_row(caplog):
     assert embed.max_batch == 16
     assert "CUDA out of memory at batch size 64: halving to 32" in caplog.text
     assert "halving to 16" in caplog.text
+
+
+def test_loader_worker_processes_start_only_for_more_than_one_batch(cifar_folder):
+    """A worker process costs seconds to start: images that fit in one batch are decoded in this
+    process; more get workers (at least one); arrays never do; an explicit count is kept."""
+    from gpu_ops.features.extract import loader_workers
+
+    folder = load_dataset(f"folder:{cifar_folder}")
+    arrays = load_dataset("digits")
+    assert loader_workers(folder, 16, batch_size=16) == 0
+    assert loader_workers(folder, 17, batch_size=16) >= 1
+    assert loader_workers(arrays, 1000, batch_size=16) == 0
+    assert loader_workers(folder, 5, batch_size=16, requested=2) == 2
