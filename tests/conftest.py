@@ -4,8 +4,10 @@
 Starting a Prefect server costs 10-20 s on a busy 2-core machine, so every test in a process
 shares one: `run_cli` points the flow commands at it and the `prefect_server` fixture hands it
 out. A test about ephemeral mode (no server configured) says so with
-``run_cli(..., shared_server=False)``. `prefect_harness` stays Prefect's own test harness, for
-flows called in this process."""
+``run_cli(..., shared_server=False)``. Each flow command against the shared server is forked from
+a process that has imported its modules once (tests/forked_cli.py): a small run then costs about
+2.5 s instead of 5. `prefect_harness` stays Prefect's own test harness, for flows called in this
+process."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +37,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
     for _threads_var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_threads_var, "1")
 
+from forked_cli import CommandForker
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 
@@ -226,7 +230,8 @@ FILE_SECONDS = {
     "test_parity.py": 45, "test_overhead.py": 45, "test_deploy.py": 45, "test_backbones.py": 45, "test_dask.py": 40,
     "test_report.py": 35, "test_store.py": 30, "test_report_map.py": 25, "test_rundir.py": 25,
     "test_deep_robust.py": 25, "test_store_integrity.py": 17, "test_flow.py": 16, "test_explore.py": 15,
-    "test_quality.py": 14, "test_slurm.py": 13, "test_config_checks.py": 12, "test_stages.py": 11,
+    "test_quality.py": 14, "test_slurm.py": 13, "test_config_checks.py": 12, "test_forked_cli.py": 12,
+    "test_stages.py": 11,
     # last: it reads the GPU extras' pip resolution, started in the background when the session began
     "test_install_routes.py": 0,
 }
@@ -273,16 +278,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Heaviest files first (see FILE_SECONDS; the order within a file is kept); boot the shared
-    server while the first tests run when any collected test may use it."""
+    server and the command forker while the first tests run when any collected test may use them."""
     weight = {item: FILE_SECONDS.get(item.path.name, DEFAULT_FILE_SECONDS) for item in items}
     items.sort(key=lambda item: -weight[item])  # a stable sort: files stay contiguous and in order
     if not config.option.collectonly and any(_needs_server(item) for item in items):
         launch_prefect_server()
+        command_forker()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_prefect_server_stops():
     yield
+    for forker in _FORKERS:
+        forker.close()
     _stop_shared_prefect_server()
 
 
@@ -312,7 +320,8 @@ def run_cli(args: list[str], *, api_url: str | None = None, shared_server: bool 
     ``env``), else against this process's shared Prefect server. ``shared_server=False``: no
     PREFECT_API_URL at all, what a user who configured none gets (ephemeral mode: the command
     starts a server of its own). ``env``: variables set on top of this process's environment
-    (e.g. a scratch ``HOME``)."""
+    (e.g. a scratch ``HOME``). A flow command against the shared server is forked from
+    :func:`command_forker` where its environment allows (see tests/forked_cli.py)."""
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **(env or {})}
     if not shared_server:
         assert api_url is None and "PREFECT_API_URL" not in env, "shared_server=False with an API URL"
@@ -320,8 +329,42 @@ def run_cli(args: list[str], *, api_url: str | None = None, shared_server: bool 
         env["PREFECT_API_URL"] = api_url
     elif args and args[0] in FLOW_COMMANDS and "PREFECT_API_URL" not in env:
         env["PREFECT_API_URL"] = shared_prefect_server()["url"]
+    if args and args[0] in FLOW_COMMANDS and (forked := _run_forked(args, env, cwd or REPO, timeout)):
+        return forked
     exe = Path(sys.executable).parent / "gpuclust"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)
+
+
+_FORKERS: list[CommandForker] = []
+_FORKER_LOCK = threading.Lock()
+
+
+def _run_forked(args: list[str], env: dict[str, str], cwd: Path, timeout: int) -> subprocess.CompletedProcess | None:
+    """The command forked from this process's forker; None where it cannot be: another server,
+    another environment, the forker busy in another thread or refusing to fork."""
+    record = _server_record()
+    if not record or env.get("PREFECT_API_URL") != record["url"]:
+        return None
+    forker = command_forker()
+    if not (forker.usable() and forker.serves(env) and _FORKER_LOCK.acquire(blocking=False)):
+        return None
+    try:
+        with tempfile.TemporaryDirectory(dir=_SESSION_DIR) as scratch:
+            return forker.run(args, env, cwd, Path(scratch), timeout)
+    finally:
+        _FORKER_LOCK.release()
+
+
+def command_forker() -> CommandForker:
+    """This process's command forker (tests/forked_cli.py), started on first use with the environment a
+    flow command against the shared server gets: the flow commands of `run_cli` that keep that
+    environment fork from it instead of starting a fresh interpreter (seconds of imports each)."""
+    if not _FORKERS or _FORKERS[-1].refused is None and not _FORKERS[-1].usable():
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env["PREFECT_API_URL"] = launch_prefect_server()["url"]  # its imports need no answer from it
+        log = Path(tempfile.mkdtemp(prefix="command-forker-", dir=_SESSION_DIR)) / "forker.log"
+        _FORKERS.append(CommandForker(env, log, preexec_fn=_die_with_pytest()))
+    return _FORKERS[-1]
 
 
 # GPU tests (tests/gpu): skip with the reason where CUDA or the GPU packages are missing.

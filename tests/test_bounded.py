@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from gpu_ops.metrics import evaluate
-from tests.conftest import run_cli
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
