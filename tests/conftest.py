@@ -5,8 +5,8 @@ Starting a Prefect server costs 10-20 s on a busy 2-core machine, so every test 
 shares one: `run_cli` points the flow commands at it and the `prefect_server` fixture hands it
 out. A test about ephemeral mode (no server configured) says so with
 ``run_cli(..., shared_server=False)``. Each flow command against the shared server is forked from
-a process that has imported its modules once (tests/forked_cli.py): a small run then costs about
-2.5 s instead of 5. `prefect_harness` stays Prefect's own test harness, for flows called in this
+a process that has imported its modules once (tests/forked_cli.py): a small run then takes about
+3 s instead of 5 (bench/forked_cli.py). `prefect_harness` stays Prefect's own test harness, for flows called in this
 process."""
 
 from __future__ import annotations
