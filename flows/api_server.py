@@ -150,8 +150,9 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def _drain_prefect_queues() -> None:
-    """Send the logs and events Prefect still holds before the server goes away (else its exit
-    hooks retry against a closed port and print connection errors)."""
+    """Send the logs and events Prefect still holds: before an ephemeral server goes away (else
+    its exit hooks retry against a closed port and print connection errors), and before the
+    command's last line (else Prefect's exit hooks may print after it)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -160,6 +161,16 @@ def _drain_prefect_queues() -> None:
             worker.drain_all(timeout=10)
         except Exception:  # noqa: BLE001 - best effort: a worker that never started, a closed loop
             pass
+
+
+@contextlib.contextmanager
+def _drained_when_done() -> Iterator[None]:
+    """Prefect's queues drained when the block ends, however it ends, unless the run is stopping."""
+    try:
+        yield
+    finally:
+        if stopping.requested() is None:
+            _drain_prefect_queues()
 
 
 @contextlib.contextmanager
@@ -198,7 +209,8 @@ def prefect_api() -> Iterator[PrefectServer | None]:
     if settings.api.url:
         servers.check_configured(str(settings.api.url))
         announce(f"Prefect: server at {settings.api.url}")
-        yield None
+        with _drained_when_done():
+            yield None
         return
     record, note = servers.recorded_server()
     if note:
@@ -209,7 +221,7 @@ def prefect_api() -> Iterator[PrefectServer | None]:
             raise InputError(f"the Prefect server recorded in {servers.state_file()} (pid {record.pid}) does not "
                              f"answer at {record.url} ({why}); see {record.log}, or `gpuclust server stop` it")
         announce(f"Prefect: server at {record.url} (started by `gpuclust server start`)")
-        with _api_url(record.url):
+        with _api_url(record.url), _drained_when_done():
             yield None
         return
     if not settings.server.ephemeral.enabled:
