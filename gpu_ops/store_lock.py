@@ -51,6 +51,8 @@ HOLDER_FILE = ".writer.json"
 READERS_FILE = ".readers.db"
 #: Seconds between attempts while waiting for another writer.
 POLL_S = 0.5
+#: Seconds a writer that has just taken the lock gets to write its record before a waiter names it.
+NAMING_GRACE_S = 2.0
 
 
 def new_run_id() -> str:
@@ -135,8 +137,27 @@ class StoreLock:
         self._take_over()
         return self
 
+    def _acquired_while_the_holder_names_itself(self) -> tuple[bool, Holder | None]:
+        """(whether the lock was taken meanwhile, the holder's record).
+
+        A writer records itself just after it takes the lock: a waiter that arrives in between
+        finds no record, or the one a killed writer left. It gives the holder a moment to name itself."""
+        deadline = time.monotonic() + NAMING_GRACE_S
+        while True:
+            holder = read_holder(self.directory)
+            if (holder is not None and holder.running() is not False) or time.monotonic() >= deadline:
+                return False, holder
+            try:
+                self._lock.acquire(timeout=0.05)  # type: ignore[union-attr]
+                return True, None
+            except Timeout:
+                continue
+
     def _wait_for_holder(self) -> None:
-        who = _holder_text(read_holder(self.directory))
+        acquired, holder = self._acquired_while_the_holder_names_itself()
+        if acquired:
+            return
+        who = _holder_text(holder)
         if not self.wait:
             raise InputError(f"store {self.directory} is being written by {who}; run without --no-wait to wait "
                              "for it") from None

@@ -361,6 +361,34 @@ def test_no_wait_fails_in_one_line_naming_the_writer(jpegs, tmp_path):
     assert not (tmp_path / "run").exists() and not (store / "manifest.json").exists()
 
 
+def test_a_writer_that_has_just_taken_the_lock_is_named_by_the_run_that_finds_it(tmp_path):
+    """A writer records itself a moment after it takes the OS lock: a run that arrives in between
+    names it (not "another process"), and one whose holder lets go meanwhile takes the store."""
+    import threading
+
+    from filelock import FileLock
+
+    from gpu_ops.errors import InputError
+    from gpu_ops.fsutil import atomic_write_json
+    from gpu_ops.store_lock import HOLDER_FILE, LOCK_FILE
+
+    store = tmp_path / "store"
+    store.mkdir()
+    just_taken = FileLock(str(store / LOCK_FILE), thread_local=False)
+    just_taken.acquire()
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "run": "just-started", "since": "2026-12-01T00:00:00+00:00"}
+    naming = threading.Timer(0.5, atomic_write_json, (store / HOLDER_FILE, record))
+    naming.start()
+    with pytest.raises(InputError, match=r"is being written by run just-started \(pid "):
+        with StoreLock(store, "second", wait=False):
+            pass
+    naming.join()
+    (store / HOLDER_FILE).unlink()
+    threading.Timer(0.5, just_taken.release).start()
+    with StoreLock(store, "third", wait=False) as lock:  # released before it named itself: no error
+        assert json.loads((store / HOLDER_FILE).read_text())["run"] == "third" and lock.waited_s == 0.0
+
+
 def test_two_runs_started_together_embed_each_image_once_and_one_waits(prefect_server, jpegs, tmp_path):
     folder = _folder(tmp_path / "photos", jpegs, 30)
     env = {**os.environ, "GPUCLUST_CACHE": str(tmp_path / "cache"), "PREFECT_API_URL": prefect_server["url"]}
