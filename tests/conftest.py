@@ -294,6 +294,24 @@ def _shared_prefect_server_stops():
     _stop_shared_prefect_server()
 
 
+#: Variables the harness itself sets while tests run (pytest's own, the shared server's record).
+_HARNESS_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", _SERVER_VAR, PIP_RESOLUTION_VAR})
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves ``os.environ`` as it found it. A process-based Dask cluster leaves variables
+    in the process that starts it (its Nanny sets PYTHONHASHSEED and MALLOC_TRIM_THRESHOLD_ there
+    for good): later commands would inherit them, and could not fork from the command forker."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before) - _HARNESS_VARIABLES:
+        del os.environ[name]
+    for name, value in before.items():
+        if os.environ.get(name) != value and name not in _HARNESS_VARIABLES:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> dict:
     """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME (this process's

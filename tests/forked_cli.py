@@ -42,9 +42,11 @@ PRELOAD = ("flows.cli", "flows.pipeline", "flows.assign", "gpu_ops.report.build"
 
 #: Variables a command may have other values of than the forker: no module the forker imports reads
 #: them when it is imported (numba, which reads NUMBA_CACHE_DIR, is not among them), and the child
-#: sets them before the command starts.
+#: sets them before the command starts. HOME: gpuclust reads it where it expands a path; of the
+#: imported libraries only matplotlib read it (for the folder of its font cache), and PREFECT_HOME
+#: is set for the whole session.
 RUN_TIME_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", "GPUCLUST_CACHE", "GPUCLUST_TEST_PREFECT_SERVER",
-                                "NUMBA_CACHE_DIR"})
+                                "NUMBA_CACHE_DIR", "HOME"})
 
 #: Threads that may run beside the forker's main thread: the library that starts them makes a fork
 #: safe itself (jemalloc, which pyarrow loads, stops its background thread in the child).

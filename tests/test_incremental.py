@@ -200,7 +200,8 @@ def test_sigkill_during_a_refresh_then_rerun_gives_the_same_store(jpegs, tmp_pat
     script.write_text(_REFRESH_SCRIPT)
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(script), str(folder), str(cache)], check=True, env=env)
+    refresh = functools.partial(_extract, image_size=96, shard_rows=5, batch_size=5)  # what the script runs
+    refresh(folder, cache)
     store = next(cache.glob("*/*"))
     before = _rows(store)
     run1 = _manifest(store)["runs"][-1]["run_id"]
@@ -225,7 +226,7 @@ def test_sigkill_during_a_refresh_then_rerun_gives_the_same_store(jpegs, tmp_pat
     killed = _manifest(store)
     assert not killed["complete"] and killed["runs"][-1]["finished"] is None
 
-    subprocess.run([sys.executable, str(script), str(folder), str(cache)], check=True, env=env)
+    refresh(folder, cache)  # the rerun
     after = _rows(store)
     manifest = _manifest(store)
     assert sorted(after) == _current_ids(folder) and len(after) == 120 + 100 - 3
@@ -240,7 +241,7 @@ def test_sigkill_during_a_refresh_then_rerun_gives_the_same_store(jpegs, tmp_pat
     assert not list(store.glob(".*tmp*")) and sorted(p.name for p in store.glob("part-*")) == sorted(manifest["files"])
     # ... and the same as a run that was never killed
     clean = tmp_path / "clean"
-    subprocess.run([sys.executable, str(script), str(folder), str(clean)], check=True, env=env)
+    refresh(folder, clean)
     fresh = read_embeddings(next(clean.glob("*/*")))
     order = {i: n for n, i in enumerate(fresh.image_ids)}
     ids = sorted(after)

@@ -53,15 +53,18 @@ def test_rerun_of_a_complete_store_writes_nothing(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in Path(first.directory).glob("part-*.parquet")} == mtimes
 
 
+def extract_1000_digits(spec: str, root: Path) -> None:
+    ds = load_dataset(spec, "test", limit=1000)
+    extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), root,
+                     batch_size=50, shard_rows=50, progress=False)
+
+
 _EXTRACT_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from gpu_ops.data import load_dataset
-    from gpu_ops.features import create_extractor
-    from gpu_ops.features.extract import extract_to_store
-    ds = load_dataset(sys.argv[1], "test", limit=1000)
-    extract_to_store(ds, create_extractor("resnet18", weights="none", image_size=32), Path(sys.argv[2]),
-                     batch_size=50, shard_rows=50, progress=False)
+    sys.path.insert(0, sys.argv[3])
+    from test_store import extract_1000_digits
+    extract_1000_digits(sys.argv[1], Path(sys.argv[2]))
 """)
 
 
@@ -70,7 +73,7 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_image(data_dir, tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(_EXTRACT_SCRIPT)
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, str(script), spec, str(killed_root)])
+    proc = subprocess.Popen([sys.executable, str(script), spec, str(killed_root), str(Path(__file__).parent)])
     deadline = time.monotonic() + 120
     shards_at_kill = 0
     while time.monotonic() < deadline and proc.poll() is None:
@@ -89,8 +92,8 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_image(data_dir, tmp_path):
     store_dir = next(killed_root.glob("*/*"))
     assert not summarize(store_dir).complete and 3 <= shards_at_kill < 20
 
-    subprocess.run([sys.executable, str(script), spec, str(killed_root)], check=True)
-    subprocess.run([sys.executable, str(script), spec, str(clean_root)], check=True)
+    extract_1000_digits(spec, killed_root)  # the rerun, and a run never killed
+    extract_1000_digits(spec, clean_root)
     resumed = read_embeddings(store_dir)
     clean = read_embeddings(next(clean_root.glob("*/*")))
     assert len(resumed.image_ids) == len(set(resumed.image_ids)) == 1000
