@@ -234,12 +234,8 @@ def prefect_api() -> Iterator[PrefectServer | None]:
     stopping.add_cleanup(server.kill)
     try:
         server.start()
-        with _api_url(server.api_url):  # Dask workers inherit it too
-            try:
-                yield server
-            finally:
-                if server.process is not None and stopping.requested() is None:
-                    _drain_prefect_queues()
+        with _api_url(server.api_url), _drained_when_done():  # Dask workers inherit the URL too
+            yield server
     finally:
         server.stop(grace=5.0 if stopping.requested() is None else 1.5)
         stopping.remove_cleanup(server.kill)
