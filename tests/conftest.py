@@ -38,6 +38,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
         os.environ.setdefault(_threads_var, "1")
 
 from forked_cli import CommandForker
+import prefect_home
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 
@@ -118,6 +119,8 @@ _LAUNCHED: list[subprocess.Popen] = []
 IDLE_SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
     "SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP", "FOREMAN", "REPOSSESSOR", "TRIGGERS",
     "DB_VACUUM")}
+#: The session's migrated Prefect home (tests/prefect_home.py), built by the first pytest process.
+PREFECT_TEMPLATE_VAR = "GPUCLUST_TEST_PREFECT_TEMPLATE"
 #: Commands that run a Prefect flow (the others never need an API).
 FLOW_COMMANDS = ("run", "assign")
 
@@ -161,9 +164,12 @@ def launch_prefect_server() -> dict:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false", **IDLE_SERVICES_OFF}
     env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    template = prefect_home_template()
+    if template:  # seeded from the template by the server's own process, which then becomes the server
+        command = [sys.executable, str(Path(prefect_home.__file__)), "seed", str(template), str(home), *command]
     with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                 "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen(command,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_pytest())
     _LAUNCHED.append(proc)  # keeps the Popen (and its exit status) alive
@@ -251,11 +257,14 @@ def _selects_pip_resolution(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist, the controller starts the GPU extras' pip resolution (about 1-3 minutes, nearly all
-    of it waiting on the package index) in the background, so the test process that runs
-    tests/test_install_routes.py finds it done instead of waiting for it."""
+    """Under xdist, the controller starts in the background the migrated Prefect home that fresh homes
+    are seeded from, and the GPU extras' pip resolution (about 1-3 minutes, nearly all of it waiting
+    on the package index), so the test process that runs tests/test_install_routes.py finds it done
+    instead of waiting for it."""
     xdist_controller = (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
                         and not config.option.collectonly)
+    if xdist_controller and PREFECT_TEMPLATE_VAR not in os.environ:
+        _start_prefect_home_template()
     if not xdist_controller or PIP_RESOLUTION_VAR in os.environ or not _selects_pip_resolution(config):
         return
     directory = Path(tempfile.mkdtemp(prefix="pip-resolution-", dir=_SESSION_DIR))
@@ -265,6 +274,28 @@ def pytest_configure(config: pytest.Config) -> None:
                                           preexec_fn=_die_with_pytest()))
     (directory / PIP_PID_FILE).write_text(str(_LAUNCHED[-1].pid))  # the fixture sees it end
     os.environ[PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
+
+
+def _start_prefect_home_template() -> None:
+    """Build the migrated Prefect home that fresh homes are seeded from (tests/prefect_home.py), in
+    the background; the test processes inherit where."""
+    directory = Path(tempfile.mkdtemp(prefix="prefect-home-template-", dir=_SESSION_DIR))
+    with open(directory / "build.log", "w") as log:
+        _LAUNCHED.append(subprocess.Popen([sys.executable, prefect_home.__file__, "build", str(directory)],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_pytest()))
+    os.environ[PREFECT_TEMPLATE_VAR] = str(directory)
+
+
+def prefect_home_template() -> Path | None:
+    """The session's migrated Prefect home (None when the session builds none: without xdist)."""
+    directory = os.environ.get(PREFECT_TEMPLATE_VAR)
+    return Path(directory) if directory else None
+
+
+def seed_prefect_home(home: Path) -> None:
+    """Give a fresh Prefect home (no database yet) the template's migrated database."""
+    prefect_home.seed(home, prefect_home_template())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -295,7 +326,7 @@ def _shared_prefect_server_stops():
 
 
 #: Variables the harness itself sets while tests run (pytest's own, the shared server's record).
-_HARNESS_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", _SERVER_VAR, PIP_RESOLUTION_VAR})
+_HARNESS_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", _SERVER_VAR, PIP_RESOLUTION_VAR, PREFECT_TEMPLATE_VAR})
 
 
 @pytest.fixture(autouse=True)
@@ -347,6 +378,8 @@ def run_cli(args: list[str], *, api_url: str | None = None, shared_server: bool 
         env["PREFECT_API_URL"] = api_url
     elif args and args[0] in FLOW_COMMANDS and "PREFECT_API_URL" not in env:
         env["PREFECT_API_URL"] = shared_prefect_server()["url"]
+    if not shared_server or args[:2] == ["server", "start"]:  # a server of its own, on this home
+        seed_prefect_home(Path(env["PREFECT_HOME"]))
     if args and args[0] in FLOW_COMMANDS and (forked := _run_forked(args, env, cwd or REPO, timeout)):
         return forked
     exe = Path(sys.executable).parent / "gpuclust"

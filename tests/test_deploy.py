@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, seed_prefect_home
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 GPUCLUST = str(Path(sys.executable).parent / "gpuclust")
@@ -96,6 +96,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
     if not Path("/proc/self/environ").exists():
         pytest.skip("needs Linux /proc to account for every process")
     server = Live(tmp_path_factory.mktemp("live-prefect"))
+    seed_prefect_home(server.home)
     proc = server.spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                          str(urllib.request.urlparse(server.url).port)], "server")
     deadline = time.monotonic() + 180

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, seed_prefect_home
 from gpu_ops.rundir import is_run_dir
 
 GPUCLUST = Path(sys.executable).parent / "gpuclust"
@@ -149,6 +149,7 @@ class Chain:
 def chain(tmp_path_factory: pytest.TempPathFactory, cifar_folder: Path) -> Chain:
     root = tmp_path_factory.mktemp("stopping")
     (root / "config.yaml").write_text("shard_rows: 16\n")
+    seed_prefect_home(Path(os.environ["PREFECT_HOME"]))  # the home of the runs' ephemeral servers
     return Chain(root, cifar_folder)
 
 
