@@ -18,6 +18,14 @@ def _figure(figsize: tuple[float, float], dpi: int = 110):
     return Figure(figsize=figsize, dpi=dpi)
 
 
+def _tight_layout(fig: Any, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """``fig.tight_layout()`` without leaving a layout engine on the figure: with one, ``savefig``
+    draws every artist once more before drawing it for real (hundreds of thumbnails, twice)."""
+    from matplotlib.layout_engine import TightLayoutEngine
+
+    TightLayoutEngine(rect=rect).execute(fig)
+
+
 def _cmap(n: int):
     import matplotlib
 
@@ -56,7 +64,7 @@ def scatter_map(xy: np.ndarray, labels: np.ndarray, path: Path, title: str, *,
     ax = fig.subplots()
     _scatter(ax, np.asarray(xy), np.asarray(labels), names, legend_title)
     ax.set_title(title)
-    fig.tight_layout()
+    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
 
@@ -78,6 +86,8 @@ def thumbnail_map(xy: np.ndarray, labels: np.ndarray, placements: Sequence[tuple
     labels = np.asarray(labels)
     _scatter(ax, np.asarray(xy), labels, None, "cluster", alpha=0.5,
              size=max(1.0, min(10.0, 10000.0 / max(len(xy), 1))))
+    ax.set_title(title)
+    _tight_layout(fig)  # before the thumbnails: they sit inside the axes, and measuring each costs
     colors = label_colors(np.unique(labels).tolist())
     drawn: list[tuple[str, float, float]] = []
     for image_id, x, y in placements:
@@ -92,8 +102,6 @@ def thumbnail_map(xy: np.ndarray, labels: np.ndarray, placements: Sequence[tuple
         box.set_gid(image_id)
         ax.add_artist(box)
         drawn.append((image_id, float(box.xy[0]), float(box.xy[1])))
-    ax.set_title(title)
-    fig.tight_layout()
     fig.savefig(path)
     return drawn
 
@@ -129,7 +137,7 @@ def dendrogram_figure(Z: np.ndarray, k: int, cut: float, path: Path, title: str,
     ax.set_ylabel("merge distance")
     ax.set_xlabel(f"leaves: the last {p} merges (counts in parentheses)" if truncate else "images")
     ax.set_title(title)
-    fig.tight_layout()
+    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
 
@@ -152,7 +160,7 @@ def k_selection_figure(sel: dict[str, Any], path: Path) -> Path:
         if sel.get("chosen_k") is not None:
             ax.axvline(sel["chosen_k"], color="tab:red", linestyle="--", label=f"chosen k={sel['chosen_k']}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
 
@@ -191,7 +199,7 @@ def perplexity_sweep_figure(maps: np.ndarray, titles: Sequence[str], labels: np.
                    for c, color in colors.items()]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    _tight_layout(fig, rect=(0, legend_in / fig.get_figheight(), 1, 1))
     fig.savefig(path)
     return Path(path)
 
@@ -226,7 +234,7 @@ def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarr
                     ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
                             color="white" if matrix[i, j] > 0.6 * top else "black")
     ax.set_title(title)
-    fig.tight_layout()
+    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
 
@@ -243,6 +251,6 @@ def timings_figure(rows: Sequence[tuple[str, float]], path: Path) -> Path:
     ax.set_xlabel("seconds")
     ax.set_xlim(0, max(secs + [1e-3]) * 1.25)
     ax.set_title("time per stage")
-    fig.tight_layout()
+    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
