@@ -226,6 +226,8 @@ def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarr
         ax.set_xticks(range(n_clu), [str(c) for c in clusters], fontsize=8)
     ax.set_xlabel("cluster (ordered by matched class)")
     ax.set_ylabel("true class")
+    ax.set_title(title)
+    _tight_layout(fig)  # before the counts: they sit inside the axes, and measuring each costs
     if n_cls * n_clu <= 900:
         top = matrix.max() if matrix.size else 0
         for i in range(n_cls):
@@ -233,8 +235,6 @@ def confusion_figure(matrix: np.ndarray, classes: np.ndarray, clusters: np.ndarr
                 if matrix[i, j]:
                     ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
                             color="white" if matrix[i, j] > 0.6 * top else "black")
-    ax.set_title(title)
-    _tight_layout(fig)
     fig.savefig(path)
     return Path(path)
 
