@@ -222,7 +222,8 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
                             env=env, extra=extra, log_directory=log_directory)
     t0 = time.perf_counter()
     # the settings stay while the cluster lives: a worker restarted later gets them too
-    with dask.config.set(worker_env_config(kind, env)), _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
+    with _nanny_environ_restored(), dask.config.set(worker_env_config(kind, env)), \
+            _jobs_outlive_their_workers(kind), cls(**kwargs) as cluster:
         if kind not in ("slurm", "pbs"):
             log.info("started %s with %d worker(s) in %.1f s: %s", cls.__name__, len(cluster.workers),
                      time.perf_counter() - t0, cluster.scheduler_address)
@@ -233,6 +234,26 @@ def dask_cluster(kind: str, *, address: str | None = None, n_workers: int | None
                  kwargs.get("log_directory") or "the submitting directory", cluster.job_script())
         yield cluster.scheduler_address
         end_batch_jobs(cluster, kind)  # a run that fails or is stopped cancels its jobs at once
+
+
+@contextlib.contextmanager
+def _nanny_environ_restored() -> Iterator[None]:
+    """This process's values of the variables a Dask Nanny sets before it starts its worker, back
+    when the cluster closes. A local cluster's Nannies run in this process and set them here for
+    good (``distributed.nanny.pre-spawn-environ``: MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS, ...,
+    and PYTHONHASHSEED): every process started after the run would inherit them."""
+    import dask
+
+    names = set(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}) | {"PYTHONHASHSEED"}
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 #: Seconds the batch jobs get to end by themselves once their workers are retired.

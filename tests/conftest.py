@@ -331,9 +331,10 @@ _HARNESS_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", _SERVER_VAR, PIP_RESOLUTI
 
 @pytest.fixture(autouse=True)
 def _environment_restored():
-    """Each test leaves ``os.environ`` as it found it. A process-based Dask cluster leaves variables
-    in the process that starts it (its Nanny sets PYTHONHASHSEED and MALLOC_TRIM_THRESHOLD_ there
-    for good): later commands would inherit them, and could not fork from the command forker."""
+    """Each test leaves ``os.environ`` as it found it. A process-based Dask cluster that a test starts
+    itself leaves variables in the process that starts it (its Nanny sets PYTHONHASHSEED and
+    MALLOC_TRIM_THRESHOLD_ there for good; gpuclust's own clusters put them back): later commands
+    would inherit them, and could not fork from the command forker."""
     before = dict(os.environ)
     yield
     for name in set(os.environ) - set(before) - _HARNESS_VARIABLES:

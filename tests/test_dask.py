@@ -5,6 +5,7 @@ the flow on a 2-worker LocalCluster against the single-process run (MNIST test s
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -162,8 +163,11 @@ def test_mnist_on_a_two_worker_local_cluster_matches_the_single_process_run(pref
 
     common = dict(dataset=f"idx:{data_dir / 'mnist'}", split="test", extractor="raw", algorithms=["kmeans"], k=10,
                   n_init=1, reducer="none", backend="cpu", explore=False)  # explore: tests/test_explore.py
+    nanny_variables = ("PYTHONHASHSEED", "MALLOC_TRIM_THRESHOLD_")  # set by each Nanny in the process that starts it
+    before = {name: os.environ.get(name) for name in nanny_variables}
     on_dask = cluster_images(make_config(**common, out=tmp_path / "dask", cache_dir=tmp_path / "c-dask",
                                          task_runner={"kind": "dask", "n_workers": 2}))
+    assert {name: os.environ.get(name) for name in nanny_variables} == before  # back once the cluster closed
     single = cluster_images(make_config(**common, out=tmp_path / "single", cache_dir=tmp_path / "c-single"))
     acc_dask, acc_single = on_dask["algorithms"]["kmeans"]["acc"], single["algorithms"]["kmeans"]["acc"]
     print(f"MNIST test split, raw, k-means k=10: ACC 2-worker Dask {acc_dask:.4f} vs single process {acc_single:.4f}")
