@@ -23,8 +23,6 @@ import sys
 import tarfile
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -184,20 +182,7 @@ def shared_prefect_server() -> dict:
     record = launch_prefect_server()
     if record.get("ready"):
         return record
-    home, url = Path(record["home"]), record["url"]
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if not _alive(record["pid"]):
-            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"prefect server did not become healthy in 180 s: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.25)
+    prefect_home.wait_until_healthy(record["url"], lambda: _alive(record["pid"]), Path(record["home"]) / "server.log")
     record["ready"] = True
     os.environ[_SERVER_VAR] = json.dumps(record)
     return record

@@ -40,6 +40,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(api_url: str, alive: Callable[[], bool], log: Path, timeout: float = 180) -> None:
+    """Return once the Prefect API at ``api_url`` answers ``/health``; RuntimeError with the end of
+    the server's ``log`` when ``alive()`` turns false first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if not alive():
+            raise RuntimeError(f"prefect server exited: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not become healthy in {timeout:.0f} s: {log.read_text()[-2000:]}")
+        time.sleep(0.25)
+
+
 def build(directory: Path, timeout: float = 300) -> None:
     """Start a `prefect server` on ``directory/home``, wait until it answers, stop it; then mark the
     template ready (or failed, with the reason)."""
@@ -54,17 +72,7 @@ def build(directory: Path, timeout: float = 300) -> None:
         proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not answer: {(directory / 'server.log').read_text()[-1000:]}")
-            time.sleep(0.25)
+        wait_until_healthy(f"http://127.0.0.1:{port}/api", lambda: proc.poll() is None, directory / "server.log", timeout)
     except BaseException as exc:
         (directory / FAILED).write_text(str(exc))
         raise

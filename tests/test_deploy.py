@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, seed_prefect_home
+from prefect_home import wait_until_healthy
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 GPUCLUST = str(Path(sys.executable).parent / "gpuclust")
@@ -99,17 +100,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
     seed_prefect_home(server.home)
     proc = server.spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                          str(urllib.request.urlparse(server.url).port)], "server")
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, f"prefect server exited: {server.log('server')}"
-        assert time.monotonic() < deadline, "prefect server did not become healthy in 180 s"
-        time.sleep(0.5)
+    wait_until_healthy(server.url, lambda: proc.poll() is None, server.home / "server.log")
     yield server
     # In-process flows (test_gpu_tag_limit_...) sent logs and events to this server: deliver them
     # while it still answers. Left pointing at a stopped server, Prefect's log and event workers
