@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -37,6 +36,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
 
 from forked_cli import CommandForker
 import prefect_home
+from prefect_home import free_port
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 
@@ -97,12 +97,6 @@ def cifar_folder(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             target.parent.mkdir(exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 #: This test process's shared `prefect server`, as JSON {"owner", "pid", "url", "home"}. Kept in the

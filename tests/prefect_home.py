@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import closing
 import signal
 import socket
 import sqlite3
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 #: The files of a Prefect home that a server start writes: its database and the record of the
@@ -34,7 +35,8 @@ HOME_FILES = ("prefect.db", "memo_store.toml")
 READY, FAILED = "ready", "failed"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,7 +65,7 @@ def build(directory: Path, timeout: float = 300) -> None:
     template ready (or failed, with the reason)."""
     home = directory / "home"
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
