@@ -12,7 +12,6 @@ process."""
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
 
 from forked_cli import CommandForker
 import prefect_home
-from prefect_home import free_port
+from prefect_home import die_with_parent, free_port
 from gpu_ops.device import cuda_available, faiss_has_gpu, package_status
 from test_install_routes import PID_FILE as PIP_PID_FILE, RESOLUTION_VAR as PIP_RESOLUTION_VAR
 
@@ -123,19 +122,6 @@ def _server_record() -> dict | None:
     return record if record and record["owner"] == os.getpid() else None
 
 
-def _die_with_pytest():
-    """A ``preexec_fn``: the server gets SIGKILL when this pytest process dies (Linux), so a
-    killed test run leaves no server behind."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -163,7 +149,7 @@ def launch_prefect_server() -> dict:
     with open(home / "server.log", "w") as log:
         proc = subprocess.Popen(command,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_pytest())
+                                preexec_fn=die_with_parent())
     _LAUNCHED.append(proc)  # keeps the Popen (and its exit status) alive
     record = {"owner": os.getpid(), "pid": proc.pid, "url": f"http://127.0.0.1:{port}/api", "home": str(home)}
     os.environ[_SERVER_VAR] = json.dumps(record)
@@ -250,7 +236,7 @@ def pytest_configure(config: pytest.Config) -> None:
     with open(directory / "resolve.log", "w") as log:
         _LAUNCHED.append(subprocess.Popen([sys.executable, str(_PIP_RESOLUTION_TESTS), str(directory)],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_die_with_pytest()))
+                                          preexec_fn=die_with_parent()))
     (directory / PIP_PID_FILE).write_text(str(_LAUNCHED[-1].pid))  # the fixture sees it end
     os.environ[PIP_RESOLUTION_VAR] = str(directory)  # the workers inherit it
 
@@ -262,7 +248,7 @@ def _start_prefect_home_template() -> None:
     with open(directory / "build.log", "w") as log:
         _LAUNCHED.append(subprocess.Popen([sys.executable, prefect_home.__file__, "build", str(directory)],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_die_with_pytest()))
+                                          preexec_fn=die_with_parent()))
     os.environ[PREFECT_TEMPLATE_VAR] = str(directory)
 
 
@@ -394,7 +380,7 @@ def command_forker() -> CommandForker:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env["PREFECT_API_URL"] = launch_prefect_server()["url"]  # its imports need no answer from it
         log = Path(tempfile.mkdtemp(prefix="command-forker-", dir=_SESSION_DIR)) / "forker.log"
-        _FORKERS.append(CommandForker(env, log, preexec_fn=_die_with_pytest()))
+        _FORKERS.append(CommandForker(env, log, preexec_fn=die_with_parent()))
     return _FORKERS[-1]
 
 

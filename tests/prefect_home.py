@@ -16,6 +16,7 @@ this way does not wait in its launcher for the template).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -33,6 +34,19 @@ from pathlib import Path
 #: block types it registered in it (read at the next start to skip that registration).
 HOME_FILES = ("prefect.db", "memo_store.toml")
 READY, FAILED = "ready", "failed"
+
+
+def die_with_parent():  # noqa: ANN201 - a preexec_fn or None
+    """A ``preexec_fn``: the child gets SIGKILL when the process that starts it dies (Linux), so a
+    killed test run leaves no server behind. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def free_port() -> int:
@@ -72,7 +86,8 @@ def build(directory: Path, timeout: float = 300) -> None:
     prefect = Path(sys.executable).parent / "prefect"
     with open(directory / "server.log", "w") as log:
         proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent())  # an interrupted session leaves no server
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}/api", lambda: proc.poll() is None, directory / "server.log", timeout)
     except BaseException as exc:
