@@ -9,20 +9,28 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 .PHONY: install demo test test-gpu gpu-check bench clean
 
 # uv installs the same packages as pip in a fraction of the time (parallel downloads, and the wheels
-# it downloaded kept for the next install), compiling the bytecode once. uv reads none of
-# pip's configuration: pip's index, find-links and constraint settings (files and PIP_* variables)
-# are handed to it, and `unsafe-best-match` takes the highest version across indexes, as pip does.
+# it downloaded kept for the next install), compiling the bytecode once. uv reads none of pip's
+# configuration: pip's index, find-links and constraint settings (files and PIP_* variables) are
+# handed to it, and `unsafe-best-match` takes the highest version across indexes, as pip does.
 # Where uv cannot install (no uv wheel reachable, an index it cannot read), pip does.
+# `make install INSTALLER=pip` installs with pip alone (bench/install_time.py times both).
+INSTALLER ?= uv
 PIP_SETTINGS_FOR_UV = $(PY) -m pip config list 2>/dev/null \
 	| sed -n "s/^[^.]*\.\(index-url\|extra-index-url\|find-links\|constraint\)='\(.*\)'$$/\1 \2/p" \
 	| awk '{for (i = 2; i <= NF; i++) printf "--%s %s ", $$1, $$i}'
+PIP_INSTALL = $(PY) -m pip install -q -e ".[cpu,dev]"
+ifeq ($(INSTALLER),pip)
+INSTALL_PACKAGES = $(PIP_INSTALL)
+else
+INSTALL_PACKAGES = { $(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode \
+		--index-strategy unsafe-best-match $$($(PIP_SETTINGS_FOR_UV)) -e ".[cpu,dev]"; } \
+	|| { echo "uv could not install the packages: pip installs them"; $(PIP_INSTALL); }
+endif
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	{ $(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode \
-		--index-strategy unsafe-best-match $$($(PIP_SETTINGS_FOR_UV)) -e ".[cpu,dev]"; } \
-	  || { echo "uv could not install the packages: pip installs them"; $(PY) -m pip install -q -e ".[cpu,dev]"; }
+	$(INSTALL_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

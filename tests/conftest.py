@@ -223,13 +223,14 @@ def _selects_pip_resolution(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist, the controller starts in the background the migrated Prefect home that fresh homes
-    are seeded from, and the GPU extras' pip resolution (about 1-3 minutes, nearly all of it waiting
-    on the package index), so the test process that runs tests/test_install_routes.py finds it done
-    instead of waiting for it."""
+    are seeded from, the compilation of umap-learn's kernels (tests/warm_umap.py), and the GPU extras'
+    pip resolution (about 1-3 minutes, nearly all of it waiting on the package index), so the test
+    process that runs tests/test_install_routes.py finds it done instead of waiting for it."""
     xdist_controller = (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
                         and not config.option.collectonly)
     if xdist_controller and PREFECT_TEMPLATE_VAR not in os.environ:
         _start_prefect_home_template()
+        _start_umap_warmup()
     if not xdist_controller or PIP_RESOLUTION_VAR in os.environ or not _selects_pip_resolution(config):
         return
     directory = Path(tempfile.mkdtemp(prefix="pip-resolution-", dir=_SESSION_DIR))
@@ -250,6 +251,14 @@ def _start_prefect_home_template() -> None:
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=die_with_parent()))
     os.environ[PREFECT_TEMPLATE_VAR] = str(directory)
+
+
+def _start_umap_warmup() -> None:
+    """Compile umap-learn's kernels into numba's cache once, in the background (tests/warm_umap.py)."""
+    with open(Path(tempfile.mkdtemp(prefix="umap-warmup-", dir=_SESSION_DIR)) / "warmup.log", "w") as log:
+        _LAUNCHED.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_umap.py")], cwd=REPO,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=die_with_parent()))
 
 
 def prefect_home_template() -> Path | None:
