@@ -45,15 +45,18 @@ def timed_install(installer: str, venv: Path, env: dict[str, str]) -> dict:
     """`make install` into ``venv`` with ``installer``: wall and CPU seconds (the make and everything it ran)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.run(["make", "-B", "install", f"VENV={venv}", f"INSTALLER={installer}"], cwd=REPO, env=env,
+    proc = subprocess.run(["make", "-s", "-B", "install", f"VENV={venv}", f"INSTALLER={installer}"], cwd=REPO, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"make install INSTALLER={installer} failed:\n{proc.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    fell_back = "uv could not install" in proc.stdout
-    return {"installer": installer, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "fell_back_to_pip": fell_back}
+    result = {"installer": installer, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+              "fell_back_to_pip": "uv could not install" in proc.stdout}
+    if result["fell_back_to_pip"]:  # uv's own error lines (pip's warnings left out)
+        result["uv_error"] = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING")][-5:]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
