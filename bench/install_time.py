@@ -24,21 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 REPO = Path(__file__).resolve().parents[1]
 #: Packages that only one of the installers puts into the environment.
 INSTALLER_PACKAGES = frozenset({"uv", "pip", "setuptools", "gpuclust"})
-
-
-def canonical(name: str) -> str:
-    """A distribution name as PEP 503 normalises it (``PyYAML`` -> ``pyyaml``, ``ruamel.yaml`` -> ``ruamel-yaml``)."""
-    return "-".join(name.lower().replace("_", "-").replace(".", "-").split("-"))
 
 
 def package_set(python: Path) -> dict[str, str]:
     """The environment's distributions: canonical name -> version (installer packages left out)."""
     code = "import importlib.metadata as m, json; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
     found = json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
-    return {canonical(name): version for name, version in found.items() if canonical(name) not in INSTALLER_PACKAGES}
+    named = {canonicalize_name(name): version for name, version in found.items()}
+    return {name: version for name, version in named.items() if name not in INSTALLER_PACKAGES}
 
 
 def timed_install(installer: str, venv: Path, env: dict[str, str]) -> dict:
