@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+def atomic_path(path: Path | str, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced (when ``durable``) and renamed
+    onto ``path``.
 
     The parent folder is created when missing. The temporary name keeps ``path``'s suffix, so
     writers that pick a format by suffix (``np.savez``, ``torch.save``) behave as for ``path``.
@@ -31,17 +32,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (``durable``: fsynced first, to survive a power cut)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 

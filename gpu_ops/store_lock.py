@@ -42,7 +42,7 @@ from typing import Any
 from filelock import FileLock, ReadWriteLock, Timeout
 
 from gpu_ops.errors import InputError
-from gpu_ops.fsutil import atomic_write_json
+from gpu_ops.fsutil import atomic_write_bytes, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ HOLDER_FILE = ".writer.json"
 READERS_FILE = ".readers.db"
 #: Seconds between attempts while waiting for another writer.
 POLL_S = 0.5
-#: Seconds a writer that has just taken the lock gets to write its record before a waiter names it.
-NAMING_GRACE_S = 2.0
+#: Seconds a writer that has just taken the lock gets to write its record before a waiter names it
+#: (a loaded machine can stall a process that long; the waiter takes the lock meanwhile if it frees).
+NAMING_GRACE_S = 10.0
 
 
 def new_run_id() -> str:
@@ -177,7 +178,9 @@ class StoreLock:
             log.warning("store %s: stale lock record: %s %s and ended without releasing the store (killed?); "
                         "the OS lock is free: taking the store over", self.directory, previous.describe(), state)
         me = Holder(os.getpid(), socket.gethostname(), self.run, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        atomic_write_json(self.directory / HOLDER_FILE, asdict(me))
+        # not fsynced: the record only names the holder to waiters while this process lives, and a
+        # flush can take seconds on a busy disk while they wait for it
+        atomic_write_bytes(self.directory / HOLDER_FILE, json_bytes(asdict(me)), durable=False)
 
     def __exit__(self, *exc: object) -> None:
         if self._lock is None:
