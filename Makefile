@@ -8,24 +8,24 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install demo test test-gpu gpu-check bench clean
 
-# Python compiles each module on its first import and keeps the bytecode under $(VENV)/pycache, also
-# where PYTHONDONTWRITEBYTECODE is set: nothing is compiled that is never imported (compiling the whole
-# environment at install took a minute on 2 cores), gpuclust's own modules and pytest's rewritten test
-# files included, and nothing is written beside the sources.
+# The install compiles no bytecode: Python compiles each module on its first import and keeps it under
+# $(VENV)/pycache, also where PYTHONDONTWRITEBYTECODE is set. Nothing is compiled that is never imported
+# (compiling the whole environment at install took a minute on 2 cores), gpuclust's own modules and
+# pytest's rewritten test files are compiled once, and nothing is written beside the sources.
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
 # uv installs the same packages as pip in a fraction of the time (parallel downloads, and the wheels
-# it downloaded kept for the next install). uv reads none of pip's
-# configuration: pip's index, find-links and constraint settings (files and PIP_* variables) are
-# handed to it, and `unsafe-best-match` takes the highest version across indexes, as pip does.
-# Where uv cannot install (no uv wheel reachable, an index it cannot read), pip does.
+# it downloaded kept for the next install). uv reads none of pip's configuration: pip's index,
+# find-links and constraint settings (files and PIP_* variables) are handed to it, and
+# `unsafe-best-match` takes the highest version across indexes, as pip does. Where uv cannot install
+# (no uv wheel reachable, an index it cannot read), pip does.
 # `make install INSTALLER=pip` installs with pip alone (bench/install_time.py times both).
 INSTALLER ?= uv
 PIP_SETTINGS_FOR_UV = $(PY) -m pip config list 2>/dev/null \
 	| sed -n "s/^[^.]*\.\(index-url\|extra-index-url\|find-links\|constraint\)='\(.*\)'$$/\1 \2/p" \
 	| awk '{for (i = 2; i <= NF; i++) printf "--%s %s ", $$1, $$i}'
-PIP_INSTALL = $(PY) -m pip install -q -e ".[cpu,dev]"
+PIP_INSTALL = $(PY) -m pip install -q --no-compile -e ".[cpu,dev]"
 ifeq ($(INSTALLER),pip)
 INSTALL_PACKAGES = $(PIP_INSTALL)
 else
