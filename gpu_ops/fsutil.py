@@ -52,9 +52,9 @@ def json_bytes(obj: Any, sort_keys: bool = True) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
-def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_bytes(path, json_bytes(obj, sort_keys))
+def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True, durable: bool = True) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (``durable``: as :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, json_bytes(obj, sort_keys), durable)
 
 
 def file_sha256(path: Path) -> str:

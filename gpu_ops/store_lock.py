@@ -42,7 +42,7 @@ from typing import Any
 from filelock import FileLock, ReadWriteLock, Timeout
 
 from gpu_ops.errors import InputError
-from gpu_ops.fsutil import atomic_write_bytes, json_bytes
+from gpu_ops.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class StoreLock:
         me = Holder(os.getpid(), socket.gethostname(), self.run, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         # not fsynced: the record only names the holder to waiters while this process lives, and a
         # flush can take seconds on a busy disk while they wait for it
-        atomic_write_bytes(self.directory / HOLDER_FILE, json_bytes(asdict(me)), durable=False)
+        atomic_write_json(self.directory / HOLDER_FILE, asdict(me), durable=False)
 
     def __exit__(self, *exc: object) -> None:
         if self._lock is None:
